@@ -1,0 +1,25 @@
+# stabilab: replicate LLM pre-training stability research side by side.
+# corpus -> tokenizer -> token shards -> one training job per run -> tables -> figures (+ HTML report)
+from snakemake.utils import min_version
+
+min_version("8.20")
+
+
+configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/analysis.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{RES}/tables/runs.csv",
+        figure_targets(),

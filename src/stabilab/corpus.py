@@ -1,0 +1,176 @@
+"""Corpus sources (embedded Shakespeare, local text files, Hugging Face datasets) and the split.
+
+Every source yields documents `(doc_id, text)`. The train/validation split is by document and
+deterministic: a document goes to validation when a keyed hash of its id falls below
+`val_fraction`, so the split does not depend on the order documents arrive in (streaming-safe).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+from .errors import UserError
+
+Document = tuple[str, str]
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
+
+
+def embedded_path() -> Path:
+    return Path(str(resources.files("stabilab") / "assets" / "shakespeare.jsonl.gz"))
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _read_file(path: Path, text_field: str) -> Iterator[Document]:
+    name = path.name
+    try:
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if text_field not in table.column_names:
+                raise UserError(f"data file {path} has no column '{text_field}' (columns: {', '.join(table.column_names)})")
+            for i, text in enumerate(table.column(text_field).to_pylist()):
+                yield f"{path.stem}:{i}", text or ""
+        elif name.endswith((".jsonl", ".jsonl.gz")):
+            with _open_text(path) as f:
+                for i, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"data file {path} line {i + 1} is not valid JSON: {e.msg}") from None
+                    if not isinstance(record, dict) or text_field not in record:
+                        raise UserError(f"data file {path} line {i + 1} has no field '{text_field}'")
+                    yield str(record.get("id", f"{path.stem}:{i}")), record[text_field] or ""
+        else:
+            with _open_text(path) as f:
+                yield path.stem, f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"data file {path} is not valid UTF-8 text (byte {e.start})") from None
+    except (OSError, EOFError) as e:  # truncated gzip, unreadable parquet, permissions
+        raise UserError(f"cannot read data file {path}: {e}") from None
+    except UserError:
+        raise
+    except Exception as e:  # pyarrow raises its own types for corrupt files
+        raise UserError(f"cannot read data file {path}: {type(e).__name__}: {e}") from None
+
+
+def text_files(patterns: list[str]) -> list[Path]:
+    """Expand files, folders and glob patterns into the list of supported text files."""
+    files: list[Path] = []
+    for pattern in patterns:
+        p = Path(pattern)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.name.endswith(TEXT_SUFFIXES))
+        else:
+            found = sorted(Path(f) for f in glob.glob(pattern)) if glob.has_magic(pattern) else [p]
+        if not found or not all(f.exists() for f in found):
+            raise UserError(f"data file not found: {pattern}")
+        files += found
+    for f in files:
+        if not f.name.endswith(TEXT_SUFFIXES):
+            raise UserError(f"data file {f} has an unsupported type (supported: {', '.join(TEXT_SUFFIXES)})")
+    return files
+
+
+def read_text_source(patterns: list[str], text_field: str = "text") -> Iterator[Document]:
+    for path in text_files(patterns):
+        n = 0
+        for doc_id, text in _read_file(path, text_field):
+            if text.strip():
+                n += 1
+                yield doc_id, text
+        if n == 0:
+            raise UserError(f"data file {path} contains no text")
+
+
+def read_hf_source(cfg: dict) -> Iterator[Document]:
+    """Documents of a Hugging Face dataset through `datasets.load_dataset`."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise UserError("the 'hf' data source needs the 'datasets' package") from None
+    text_field = cfg.get("text_field", "text")
+    kwargs = {k: cfg[k] for k in ("name", "data_files", "revision") if cfg.get(k) is not None}
+    where = f"hf dataset '{cfg['path']}'" + (f" ({cfg['name']})" if cfg.get("name") else "")
+    try:
+        ds = datasets.load_dataset(cfg["path"], split=cfg.get("split", "train"),
+                                   streaming=cfg.get("streaming", False), **kwargs)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {where}: {first}") from None
+    limit = cfg.get("max_documents")
+    n = 0
+    for i, record in enumerate(ds):
+        if limit is not None and n >= limit:
+            break
+        if text_field not in record:
+            raise UserError(f"{where} has no field '{text_field}' (fields: {', '.join(record)})")
+        text = record[text_field] or ""
+        if text.strip():
+            n += 1
+            yield str(record.get("id", i)), text
+    if n == 0:
+        raise UserError(f"{where} yielded no text")
+
+
+def read_source(cfg: dict) -> Iterator[Document]:
+    source = cfg.get("source", "embedded")
+    if source == "embedded":
+        return read_text_source([str(embedded_path())])
+    if source == "text":
+        return read_text_source(list(cfg.get("paths", [])), cfg.get("text_field", "text"))
+    if source == "hf":
+        return read_hf_source(cfg.get("hf", {}))
+    raise UserError(f"bad value for config key 'data.source': {source!r} (allowed: 'embedded', 'text', 'hf')")
+
+
+def is_validation(doc_id: str, val_fraction: float, seed: int) -> bool:
+    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < val_fraction
+
+
+def write_split(cfg: dict, out_dir: str | Path) -> dict:
+    """Read the source once, write train.jsonl.gz and val.jsonl.gz, return document counts."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fraction, seed = float(cfg.get("val_fraction", 0.05)), int(cfg.get("split_seed", 0))
+    docs = list(read_source(cfg))
+    if not docs:
+        raise UserError("the corpus has no documents")
+    val_ids = {doc_id for doc_id, _ in docs if is_validation(doc_id, fraction, seed)}
+    if not val_ids or len(val_ids) == len(docs):
+        if len(docs) < 2:
+            raise UserError("the corpus needs at least two documents for a train/validation split")
+        # Tiny corpora: keep the split by document; the lowest-hash document is the validation set.
+        ranked = sorted(docs, key=lambda d: hashlib.blake2b(f"{seed}:{d[0]}".encode()).digest())
+        val_ids = {ranked[0][0]}
+    counts = {"train": 0, "val": 0}
+    tmp = {split: out / f"{split}.jsonl.gz.tmp" for split in counts}
+    files = {split: gzip.open(path, "wt", encoding="utf-8") for split, path in tmp.items()}
+    try:
+        for doc_id, text in docs:
+            split = "val" if doc_id in val_ids else "train"
+            files[split].write(json.dumps({"id": doc_id, "text": text}) + "\n")
+            counts[split] += 1
+    finally:
+        for f in files.values():
+            f.close()
+    for split, path in tmp.items():
+        path.replace(out / f"{split}.jsonl.gz")
+    return counts
+
+
+def read_split(path: str | Path) -> Iterator[str]:
+    for _, text in _read_file(Path(path), "text"):
+        yield text

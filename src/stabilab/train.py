@@ -1,0 +1,373 @@
+"""Train one run: from a resolved RunConfig into an output folder.
+
+Outputs: config.json (resolved), metrics.jsonl, ckpt.pt (resumable), summary.json (written
+last and atomically: a folder without it is an unfinished run). On steps that neither log nor
+measure, the loop never waits for the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import metrics as M
+from .config import RunConfig
+from .losses import objective
+from .model import GPT, attention_params_by_hand
+from .optim import build_optimizer, lr_at
+from .shards import eval_batches, open_shards, train_batch
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on SIGTERM, the job may be requeued
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import UserError
+
+        raise UserError("bad value for config key 'train.device': 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, dtype: str):
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _json_value(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path):
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        t = cfg.train
+        self.device = pick_device(t.device)
+        torch.manual_seed(cfg.seed)
+        self.meta, data = open_shards(cfg.data.shards, cfg.data.tokenizer, cfg.data.vocab_size)
+        self.train_tokens, val_tokens = data["train"], data["val"]
+        cfg.model.vocab_size = self.meta["tokenizer"]["vocab_size"]
+        self.model = GPT(cfg.model).to(self.device)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.opt = build_optimizer(self.model, cfg.optim, self.device)
+        self.val = [self._to_device(x, y) for x, y in eval_batches(val_tokens, t.eval_batches, t.batch_size,
+                                                                  cfg.model.block_size)]
+        self.groups = {"embedding": [self.model.wte.weight, self.model.wpe.weight]}
+        for i, block in enumerate(self.model.blocks):
+            self.groups[f"block{i}"] = list(block.parameters())
+        self.groups["head"] = list(self.model.ln_f.parameters()) + (
+            [] if cfg.model.tie_embeddings else [self.model.lm_head.weight])
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # Device-side running statistics, carried in checkpoints.
+        w = t.grad_var_window
+        self.stats = {
+            "loss_sum": torch.zeros((), device=self.device), "loss_n": 0,
+            "gn_hist": torch.zeros(w, device=self.device), "gn_sum": torch.zeros((), device=self.device),
+            "spikes": torch.zeros((), device=self.device),
+        }
+        self.step = 0
+        self.initial_loss: float | None = None
+        self.above_steps = 0
+        self.diverged: dict | None = None
+        self.elapsed = 0.0
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ io
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor):
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "ckpt.pt"
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "step": self.step, "initial_loss": self.initial_loss, "above_steps": self.above_steps,
+            "elapsed": self.elapsed, "stats": self.stats,
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+        }
+        tmp = self.ckpt_path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)
+
+    def load_checkpoint(self) -> bool:
+        if not self.ckpt_path.exists():
+            return False
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.initial_loss = state["step"], state["initial_loss"]
+        self.above_steps, self.elapsed, self.stats = state["above_steps"], state["elapsed"], state["stats"]
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if state["rng_cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
+        # Records after the checkpoint belong to the lost attempt: drop them.
+        log = self.out / "metrics.jsonl"
+        if log.exists():
+            kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            atomic_write(log, "".join(line + "\n" for line in kept))
+        return True
+
+    def prepare_folder(self) -> bool:
+        """Resume from the checkpoint of the same config, else start the folder afresh."""
+        config_path = self.out / "config.json"
+        config = json.dumps(self.cfg.to_dict(), indent=2) + "\n"
+        same = config_path.exists() and config_path.read_text() == config
+        if same and self.load_checkpoint():
+            return True
+        for name in ("ckpt.pt", "metrics.jsonl", "summary.json"):
+            (self.out / name).unlink(missing_ok=True)
+        atomic_write(config_path, config)
+        return False
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self, measure: bool) -> dict[str, torch.Tensor]:
+        cfg, t = self.cfg, self.cfg.train
+        lr = lr_at(self.step, cfg.optim, t.steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        for micro in range(t.grad_accum):
+            x, y = self._to_device(*train_batch(self.train_tokens, cfg.seed, self.step, micro, t.batch_size,
+                                                cfg.model.block_size))
+            with autocast(self.device, t.dtype):
+                logits = self.forward(x)
+            loss, ce = objective(logits, y, cfg.loss, self.model.output_embedding())
+            (loss / t.grad_accum).backward()
+            self.stats["loss_sum"] += ce.detach()
+        self.stats["loss_n"] += t.grad_accum
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True).float()
+        out = {"grad_norm": grad_norm}
+        if measure:
+            out.update(M.grad_group_norms(self.groups))
+            self.opt.count_clipped = True
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if cfg.post_step.mu_centering:
+            with torch.no_grad():
+                E = self.model.output_embedding()
+                E.sub_(E.mean(dim=0, keepdim=True))
+        # Gradient-spike statistics (SPAM paper): GSS = norm / running mean of earlier norms.
+        s, n = self.stats, self.step
+        if n >= 1:
+            s["spikes"] += (grad_norm > t.spike_factor * s["gn_sum"] / n).float()
+        s["gn_sum"] += grad_norm
+        s["gn_hist"][n % t.grad_var_window] = grad_norm
+        if measure:
+            self.opt.count_clipped = False
+            if getattr(self.opt, "clipped_fraction", None) is not None:
+                out["spam_clipped_frac"] = self.opt.clipped_fraction
+        self.lr = lr
+        self.step += 1
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for x, y in self.val:
+            with autocast(self.device, self.cfg.train.dtype):
+                logits = self.forward(x)
+            total += objective(logits, y, self.cfg.loss, self.model.output_embedding())[1]
+        self.model.train()
+        return (total / len(self.val)).item()
+
+    @torch.no_grad()
+    def stability_metrics(self) -> dict[str, torch.Tensor]:
+        """METHODS.md §3 on the first validation batch."""
+        m, cfg = self.model, self.cfg
+        x, y = self.val[0]
+        m.eval()
+        with autocast(self.device, cfg.train.dtype), m.recording_attention_logits():
+            logits = m(x)
+        out = {f"attn_logit_max_l{i}": b.attn.logit_max for i, b in enumerate(m.blocks)}
+        m.train()
+        vocab = cfg.model.vocab_size
+        out["tev_mean"], out["tev_std"] = M.tev(m.wte.weight[:vocab])
+        out["mu_norm"] = M.mu_norm(m.output_embedding())
+        if not cfg.model.tie_embeddings:
+            out["tev_lm_head_mean"], out["tev_lm_head_std"] = M.tev(m.output_embedding())
+            out["mu_norm_wte"] = M.mu_norm(m.wte.weight[:vocab])
+        out.update(M.logit_stats(logits))
+        out.update(M.collapse_fractions(logits, y, cfg.loss.kind))
+        window = min(self.step, cfg.train.grad_var_window)
+        out["grad_norm_var"] = self.stats["gn_hist"][:window].var(correction=0)
+        out["spike_count"] = self.stats["spikes"]
+        return out
+
+    # ------------------------------------------------------------------ loop
+
+    def check_divergence(self, loss: float) -> None:
+        t = self.cfg.train
+        if not math.isfinite(loss):
+            self.diverged = {"step": self.step, "reason": "non-finite loss"}
+            return
+        if self.initial_loss is None:
+            self.initial_loss = loss
+        if loss > self.initial_loss + t.divergence.margin:
+            self.above_steps += t.log_every
+            if self.above_steps >= t.divergence.patience:
+                self.diverged = {"step": self.step, "reason": f"loss above initial + {t.divergence.margin} "
+                                                              f"for {self.above_steps} steps"}
+        else:
+            self.above_steps = 0
+
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        resumed = self.prepare_folder()
+        log = open(self.out / "metrics.jsonl", "a")
+        tb = self._tensorboard()
+        bar = self._progress()
+        tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        tick, tick_step = time.time(), self.step
+        if resumed:
+            print(f"resumed from step {self.step}", flush=True)
+        try:
+            while self.step < t.steps and self.diverged is None:
+                step = self.step + 1  # the step about to complete
+                measure = step % t.metrics_every == 0 or step == t.steps
+                out = self.train_step(measure)
+                logging = step == 1 or step % t.log_every == 0 or step == t.steps
+                evaluating = step % t.eval_every == 0 or step == t.steps
+                if not (logging or evaluating or measure):
+                    if bar is not None:
+                        bar.update(1)
+                    self._maybe_checkpoint()
+                    if self.stop_requested:
+                        break
+                    continue
+                now = time.time()
+                self.elapsed += now - tick
+                rec = {"step": step, "tokens": step * tokens_per_step}
+                s = self.stats
+                rec["train_loss"] = (s["loss_sum"] / max(1, s["loss_n"])).item()
+                s["loss_sum"].zero_()
+                s["loss_n"] = 0
+                rec["lr"] = self.lr
+                rec.update({k: v.item() for k, v in out.items()})
+                if measure:
+                    rec.update({k: v.item() for k, v in self.stability_metrics().items()})
+                if evaluating:
+                    rec["val_loss"] = self.evaluate()
+                rec["tokens_per_s"] = (step - tick_step) * tokens_per_step / max(now - tick, 1e-9)
+                self.check_divergence(rec["train_loss"])
+                log.write(json.dumps({k: _json_value(v) for k, v in rec.items()}) + "\n")
+                log.flush()
+                if tb is not None:
+                    for k, v in rec.items():
+                        if k != "step" and isinstance(v, float) and math.isfinite(v):
+                            tb.add_scalar(k, v, step)
+                self._report(bar, rec)
+                tick, tick_step = time.time(), step
+                self._maybe_checkpoint()
+                if self.stop_requested:
+                    break
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            log.close()
+            if tb is not None:
+                tb.close()
+            if bar is not None:
+                bar.close()
+        if self.stop_requested and self.step < t.steps and self.diverged is None:
+            self.save_checkpoint()
+            print(f"SIGTERM: checkpoint written at step {self.step}; exiting for requeue", flush=True)
+            sys.exit(PREEMPTED_EXIT_CODE)
+        return self.finish()
+
+    def _maybe_checkpoint(self) -> None:
+        if self.step % self.cfg.train.checkpoint_every == 0 and self.step < self.cfg.train.steps:
+            self.save_checkpoint()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def finish(self) -> dict:
+        cfg = self.cfg
+        val_loss = None if self.diverged else self._last_val_loss()
+        summary = {
+            "study": cfg.study, "variant": cfg.variant, "depth": cfg.model.n_layer, "lr": cfg.optim.lr,
+            "seed": cfg.seed, "steps": self.step, "tokens": self.step * cfg.train.batch_size * cfg.train.grad_accum
+            * cfg.model.block_size, "final_val_loss": val_loss,
+            "final_val_ppl": math.exp(val_loss) if val_loss is not None and val_loss < 700 else None,
+            "initial_loss": self.initial_loss, "diverged": self.diverged is not None,
+            "diverged_step": self.diverged["step"] if self.diverged else None,
+            "divergence_reason": self.diverged["reason"] if self.diverged else None,
+            "params": self.model.num_params(), "params_non_embedding": self.model.num_params(non_embedding=True),
+            "attention_params_per_layer": attention_params_by_hand(cfg.model),
+            "wall_time_s": self.elapsed, "device": str(self.device),
+        }
+        atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.ckpt_path.exists() and not self.cfg.train.keep_checkpoint:
+            self.ckpt_path.unlink()
+        return summary
+
+    def _last_val_loss(self) -> float | None:
+        for line in reversed((self.out / "metrics.jsonl").read_text().splitlines()):
+            rec = json.loads(line)
+            if rec.get("val_loss") is not None:
+                return rec["val_loss"]
+        return None
+
+    def _tensorboard(self):
+        if not self.cfg.train.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from .errors import UserError
+
+            raise UserError("train.tensorboard is true but the 'tensorboard' package is not installed "
+                            "(pip install 'stabilab[tensorboard]')") from None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _progress(self):
+        if not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.train.steps, initial=self.step, desc=f"{self.cfg.variant} L{self.cfg.model.n_layer}")
+
+    def _report(self, bar, rec: dict) -> None:
+        if bar is not None:
+            bar.update(rec["step"] - bar.n)
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            return
+        line = (f"step {rec['step']}/{self.cfg.train.steps} loss {rec['train_loss']:.4f} "
+                f"lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.3f} tok/s {rec['tokens_per_s']:.0f}")
+        if "val_loss" in rec:
+            line += f" val {rec['val_loss']:.4f}"
+        if self.diverged:
+            line += f" DIVERGED ({self.diverged['reason']})"
+        print(line, flush=True)
+
+
+def train(cfg: RunConfig, out_dir: str | Path) -> dict:
+    return Trainer(cfg, out_dir).run()

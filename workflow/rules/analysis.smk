@@ -1,0 +1,18 @@
+# Metric extraction: every run's JSONL and summary into tidy CSV tables.
+
+
+rule tables:
+    input:
+        run_summaries(),
+    output:
+        runs=f"{RES}/tables/runs.csv",
+        steps=f"{RES}/tables/steps.csv",
+    params:
+        studies=json.dumps(config["studies"], sort_keys=True),
+        out=f"{RES}/tables",
+    log:
+        f"{RES}/logs/tables.log",
+    benchmark:
+        f"{RES}/benchmarks/tables.tsv"
+    shell:
+        "stabilab tables {input:q} --studies {params.studies:q} --out {params.out} > {log} 2>&1"

@@ -1,0 +1,47 @@
+# Helpers shared by the rules: config validation, the run grid, run folders.
+import json
+import sys
+
+from stabilab.errors import UserError
+from stabilab.experiment import check_runs, run_config, validate
+from stabilab.figures import expected_figures
+
+try:
+    validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+    NAME = config["name"]
+    RES = f"results/{NAME}"
+    FIG = f"figures/{NAME}"
+    SHARDS = f"{RES}/data/shards"
+    RUNS = check_runs(config, SHARDS)
+except UserError as error:
+    sys.exit(f"config error: {error}")
+
+RUN_BY_PATH = {run.path: run for run in RUNS}
+
+
+wildcard_constraints:
+    study=r"[A-Za-z0-9_.-]+",
+    variant=r"[A-Za-z0-9_.+-]+",
+    depth=r"\d+",
+    lr=r"[0-9.e+-]+",
+    seed=r"\d+",
+
+
+def run_path(wildcards):
+    return f"runs/{wildcards.study}/{wildcards.variant}/L{wildcards.depth}_lr{wildcards.lr}_s{wildcards.seed}"
+
+
+def resolved_run(wildcards):
+    """The run's resolved config as JSON (a param: Snakemake re-runs a run whose config changed)."""
+    path = run_path(wildcards)
+    if path not in RUN_BY_PATH:
+        raise ValueError(f"{path} is not a run of the configured grid")
+    return json.dumps(run_config(config, RUN_BY_PATH[path], SHARDS), sort_keys=True)
+
+
+def run_summaries():
+    return [f"{RES}/{run.path}/summary.json" for run in RUNS]
+
+
+def figure_targets():
+    return [f"{FIG}/{name}" for name in expected_figures(config["studies"])]

@@ -1,0 +1,22 @@
+# Figures (PNG and PDF) from the tables alone: re-drawing them never retrains.
+
+
+rule figures:
+    input:
+        rules.tables.output.runs,
+        rules.tables.output.steps,
+    output:
+        [
+            report(f"{FIG}/{png}", caption=f"../report/{caption}", category=category)
+            for png, (caption, category) in expected_figures(config["studies"]).items()
+        ],
+        [f"{FIG}/{png.removesuffix('.png')}.pdf" for png in expected_figures(config["studies"])],
+    params:
+        studies=json.dumps(config["studies"], sort_keys=True),
+        tables=f"{RES}/tables",
+    log:
+        f"{RES}/logs/figures.log",
+    benchmark:
+        f"{RES}/benchmarks/figures.tsv"
+    shell:
+        "stabilab figures --tables {params.tables} --studies {params.studies:q} --out {FIG} > {log} 2>&1"
