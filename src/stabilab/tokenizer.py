@@ -59,6 +59,8 @@ class Tokenizer:
         return self.encode_batch([text])[0]
 
     def decode(self, ids: list[int]) -> str:
+        if self.kind == "bpe":
+            return self.impl.decode(list(ids), skip_special_tokens=False)
         return self.impl.decode(list(ids))
 
     def save(self, path: str | Path) -> None:

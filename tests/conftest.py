@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny corpus, tokenizer and token shards made on the fly (no downloads)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = ("the king queen lord lady sword crown night day love war peace heart blood fair foul "
+         "speak hear see go come stay fly fall rise sing weep laugh").split()
+
+
+def make_documents(n_docs: int = 24, n_words: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(n_words)) + "." for _ in range(n_docs)]
+
+
+def write_text_files(folder: Path, docs: list[str]) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, doc in enumerate(docs):
+        path = folder / f"doc{i:03d}.txt"
+        path.write_text(doc)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """Corpus split, a 300-token BPE and token shards of a small generated corpus."""
+    from stabilab.corpus import write_split
+    from stabilab.shards import write_shards
+    from stabilab.tokenizer import train_bpe
+    from stabilab.corpus import read_split
+
+    root = tmp_path_factory.mktemp("tiny")
+    docs = make_documents()
+    write_text_files(root / "text", docs)
+    write_split({"source": "text", "paths": [str(root / "text")], "val_fraction": 0.2}, root / "corpus")
+    tok = train_bpe(read_split(root / "corpus" / "train.jsonl.gz"), 300)
+    tok.save(root / "tokenizer.json")
+    split_files = {s: root / "corpus" / f"{s}.jsonl.gz" for s in ("train", "val")}
+    meta = write_shards(tok, split_files, root / "shards")
+    return {"root": root, "docs": docs, "tokenizer": tok, "shards": str(root / "shards"), "meta": meta}
+
+
+def tiny_run(shards: str, **sections) -> dict:
+    """A resolved run dict for a tiny model on `shards`; keyword sections overlay it."""
+    from stabilab.config import deep_merge
+
+    run = {
+        "study": "test", "variant": "baseline", "seed": 0,
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
+        "optim": {"lr": 1e-2, "warmup_steps": 5},
+        "train": {"steps": 40, "batch_size": 8, "eval_every": 20, "eval_batches": 2, "log_every": 5,
+                  "metrics_every": 10, "checkpoint_every": 10, "device": "cpu"},
+        "data": {"shards": shards, "tokenizer": "bpe", "vocab_size": 300},
+    }
+    return deep_merge(run, sections)

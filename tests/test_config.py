@@ -1,0 +1,99 @@
+"""Config validation: unknown keys and bad values stop with one line naming the key."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stabilab.config import from_dict, load_run_config, RunConfig, variant_overlay
+from stabilab.errors import UserError
+from stabilab.experiment import check_runs, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def edited(path: str, value) -> dict:
+    cfg = copy.deepcopy(DEFAULT)
+    *parents, last = path.split(".")
+    node = cfg
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return cfg
+
+
+def test_default_config_is_valid():
+    validate(DEFAULT)
+    assert check_runs(DEFAULT)
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("model.n_layers", 4, "unknown config key 'model.n_layers' (allowed: "),
+    ("train.device", "tpu", "bad value for config key 'train.device': 'tpu' (allowed: 'auto', 'cpu', 'cuda')"),
+    ("tokenizer.kind", "sentencepiece", "bad value for config key 'tokenizer.kind': 'sentencepiece' (allowed: 'bpe', 'gpt2')"),
+    ("data.source", "s3", "bad value for config key 'data.source'"),
+    ("optim.lr", -1, "bad value for config key 'optim.lr'"),
+    ("colour", "red", "unknown config key 'colour'"),
+    ("variants.mlra", {"model": {"mlra": {"rnk": 2}}}, "unknown config key 'variants.mlra.model.mlra.rnk'"),
+])
+def test_schema_errors_name_the_key(path, value, message):
+    with pytest.raises(UserError) as err:
+        validate(edited(path, value))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_variant_in_a_study():
+    cfg = edited("studies.depth.variants", ["baseline", "mlra2"])
+    with pytest.raises(UserError, match="unknown variant 'mlra2' \\(defined: "):
+        validate(cfg)
+
+
+def test_composition_and_conflicts():
+    variants = {"a": {"optim": {"name": "spam"}}, "b": {"optim": {"name": "adamw"}}, "c": {"loss": {"z_loss": 1e-4}}}
+    assert variant_overlay("a+c", variants) == {"optim": {"name": "spam"}, "loss": {"z_loss": 1e-4}}
+    with pytest.raises(UserError, match="variants 'a' and 'b' cannot be combined in 'a\\+b': both set optim.name"):
+        variant_overlay("a+b", variants)
+
+
+def test_semantic_errors_of_resolved_runs():
+    cfg = edited("studies.depth.variants", ["stablemax+zloss"])
+    with pytest.raises(UserError, match="stablemax with loss.z_loss"):
+        check_runs(cfg)
+    cfg = edited("model.n_head", 5)  # 64 is not divisible by 5
+    with pytest.raises(UserError, match="divisible"):
+        check_runs(cfg)
+
+
+def test_run_config_rejects_unknown_keys_and_types():
+    with pytest.raises(UserError, match="unknown config key 'train.stepz'"):
+        from_dict(RunConfig, {"train": {"stepz": 3}})
+    with pytest.raises(UserError, match="bad value for config key 'train.steps': 'many'"):
+        from_dict(RunConfig, {"train": {"steps": "many"}})
+    cfg = load_run_config({"optim": {"lr": 1}})  # ints are fine where floats are expected
+    assert isinstance(cfg.optim.lr, float)
+
+
+def test_cli_prints_one_line_and_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(edited("model.n_layers", 4)))
+    proc = subprocess.run([sys.executable, "-m", "stabilab.cli", "check-config", str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown config key 'model.n_layers'")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_snakemake_stops_on_a_bad_config_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(edited("train.device", "tpu")))
+    proc = subprocess.run(["snakemake", "-n", "--configfile", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "config error: bad value for config key 'train.device': 'tpu'" in out
+    assert "Traceback" not in out

@@ -1,0 +1,84 @@
+"""The whole Snakemake pipeline on a tiny config in a temporary directory."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from stabilab.experiment import runs
+from stabilab.figures import expected_figures
+
+from conftest import make_documents, write_text_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_experiment(text_dir: Path) -> dict:
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = copy.deepcopy(cfg)
+    cfg["name"] = "tiny"
+    cfg["data"] = {"source": "text", "paths": [str(text_dir)], "val_fraction": 0.2}
+    cfg["tokenizer"] = {"kind": "bpe", "vocab_size": 300}
+    cfg["model"] = {"block_size": 32, "n_head": 2, "n_embd": 32}
+    cfg["train"] = {"steps": 20, "batch_size": 4, "eval_every": 10, "eval_batches": 1, "log_every": 5,
+                    "metrics_every": 5, "divergence": {"margin": 1.0, "patience": 5}}
+    cfg["studies"] = {
+        "depth": {"kind": "depth", "variants": ["baseline", "mlra"], "depths": [1, 2], "lrs": [1e-2], "seeds": [0, 1]},
+        # lr 1e3 without clipping diverges: it must be recorded, not crash the pipeline
+        "lr": {"kind": "lr", "variants": ["baseline", "oec_center+zloss"], "depths": [1], "lrs": [1e-2, 1e3],
+               "overrides": {"optim": {"grad_clip": None}}},
+        "spikes": {"kind": "spikes", "variants": ["adamw_noclip", "spam"], "depths": [1], "lrs": [1e-2]},
+    }
+    cfg.pop("grokking", None)
+    return cfg
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(tmp_path):
+    write_text_files(tmp_path / "text", make_documents(12, 300))
+    cfg = tiny_experiment(tmp_path / "text")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = ["snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--cores", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    tables = tmp_path / "results" / "tiny" / "tables"
+    runs_csv = pd.read_csv(tables / "runs.csv")
+    expected = runs(cfg)
+    assert len(runs_csv) == len(expected) == 8 + 4 + 2
+    assert set(zip(runs_csv.study, runs_csv.variant, runs_csv.depth, runs_csv.seed)) == \
+        {(r.study, r.variant, r.depth, r.seed) for r in expected}
+    steps = pd.read_csv(tables / "steps.csv")
+    assert len(steps) > len(expected) and steps["train_loss"].notna().any()
+    diverged = runs_csv[runs_csv.diverged]
+    assert set(diverged.lr) == {1e3} and len(diverged) == 2  # both variants at the absurd LR
+    assert runs_csv[~runs_csv.diverged].final_val_loss.notna().all()
+
+    summary = pd.read_csv(tables / "summary_depth.csv")
+    ppl = summary[(summary.metric == "final_val_ppl")]
+    assert len(ppl) == 4 and (ppl["n"] == 2).all() and ppl["ci95"].notna().all()  # two seeds: a CI
+    sens = pd.read_csv(tables / "summary_lr.csv").query("metric == 'lr_sensitivity'")
+    assert set(sens.variant) == {"baseline", "oec_center+zloss"} and (sens["mean"] > 0).all()
+    assert (tables / "summary_spikes.csv").exists()
+
+    figures = tmp_path / "figures" / "tiny"
+    for png in expected_figures(cfg["studies"]):
+        assert (figures / png).stat().st_size > 0
+        assert (figures / png).with_suffix(".pdf").exists()
+
+    # Figures are re-drawn from the tables alone: delete them and the runs' checkpoints do not matter.
+    shutil.rmtree(figures)
+    redraw = subprocess.run(["stabilab", "figures", "--tables", str(tables), "--out", str(figures)],
+                            capture_output=True, text=True)
+    assert redraw.returncode == 0, redraw.stderr
+    assert all((figures / png).exists() for png in expected_figures(cfg["studies"]))
+
+    # Nothing left to do: a second snakemake call is a no-op.
+    again = subprocess.run(cmd + ["-n"], capture_output=True, text=True)
+    assert "Nothing to be done" in again.stdout + again.stderr
