@@ -62,6 +62,8 @@ def cmd_train(args) -> None:
         torch.set_num_threads(args.threads)
     cfg = load_run_config(_json_arg(args.run))
     summary = train(cfg, args.out)
+    if not summary:  # a data-parallel worker other than rank 0
+        return
     state = f"DIVERGED at step {summary['diverged_step']}" if summary["diverged"] else \
         f"val loss {summary['final_val_loss']:.4f}"
     print(f"done: {cfg.study}/{cfg.variant} L{cfg.model.n_layer} lr {cfg.optim.lr:g} seed {cfg.seed}: {state}")

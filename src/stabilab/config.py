@@ -93,7 +93,8 @@ class DivergenceConfig:
 class TrainConfig:
     steps: int = 200
     batch_size: int = 16
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per step; a multiple of `processes`
+    processes: int = 1  # data-parallel processes (torchrun); the global batch stays batch_size * grad_accum
     eval_every: int = 50
     eval_batches: int = 4
     log_every: int = 10
@@ -204,7 +205,7 @@ def check_run_config(cfg: RunConfig) -> None:
     positive = {
         "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
         "model.block_size": m.block_size, "train.steps": t.steps, "train.batch_size": t.batch_size,
-        "train.grad_accum": t.grad_accum, "train.eval_every": t.eval_every,
+        "train.grad_accum": t.grad_accum, "train.processes": t.processes, "train.eval_every": t.eval_every,
         "train.eval_batches": t.eval_batches, "train.log_every": t.log_every,
         "train.metrics_every": t.metrics_every, "train.checkpoint_every": t.checkpoint_every,
         "optim.spam.reset_interval": o.spam.reset_interval,
@@ -212,6 +213,8 @@ def check_run_config(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"bad value for config key '{key}': {value} (expected a positive number)")
+    if t.grad_accum % t.processes:
+        raise UserError(f"train.grad_accum ({t.grad_accum}) must be a multiple of train.processes ({t.processes})")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise UserError(f"bad value for config key 'optim.lr': {o.lr} (expected a positive number)")
     if m.n_embd % m.n_head:

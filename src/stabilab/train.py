@@ -3,6 +3,13 @@
 Outputs: config.json (resolved), metrics.jsonl, ckpt.pt (resumable), summary.json (written
 last and atomically: a folder without it is an unfinished run). On steps that neither log nor
 measure, the loop never waits for the device.
+
+Data parallel: under `torchrun` (WORLD_SIZE > 1) each process takes every WORLD_SIZE-th
+micro-batch of the step's `grad_accum` micro-batches, so the global batch, and the batches
+themselves, are those of a single-process run. Rank 0 alone evaluates and writes files.
+
+Preemption: on SIGTERM the run stops at the next log step (all ranks agree on it), writes a
+checkpoint and exits with PREEMPTED_EXIT_CODE; the next attempt resumes from it.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from . import metrics as M
 from .config import RunConfig
+from .errors import UserError
 from .losses import objective
 from .model import GPT, attention_params_by_hand
 from .optim import build_optimizer, lr_at
@@ -28,13 +37,13 @@ from .shards import eval_batches, open_shards, train_batch
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on SIGTERM, the job may be requeued
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from .errors import UserError
-
-        raise UserError("bad value for config key 'train.device': 'cuda' but no CUDA device is available")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("bad value for config key 'train.device': 'cuda' but no CUDA device is available")
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -60,15 +69,32 @@ def _json_value(x):
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path):
         self.cfg, self.out = cfg, Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         t = cfg.train
-        self.device = pick_device(t.device)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and t.grad_accum % self.world:
+            raise UserError(f"train.grad_accum ({t.grad_accum}) must be a multiple of the process count ({self.world})")
+        self.device = pick_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.meta, data = open_shards(cfg.data.shards, cfg.data.tokenizer, cfg.data.vocab_size)
         self.train_tokens, val_tokens = data["train"], data["val"]
         cfg.model.vocab_size = self.meta["tokenizer"]["vocab_size"]
         self.model = GPT(cfg.model).to(self.device)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.forward = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                   if self.device.type == "cuda" else None)
+        if t.compile:
+            self.forward = torch.compile(self.forward)
         self.opt = build_optimizer(self.model, cfg.optim, self.device)
         self.val = [self._to_device(x, y) for x, y in eval_batches(val_tokens, t.eval_batches, t.batch_size,
                                                                   cfg.model.block_size)]
@@ -86,6 +112,7 @@ class Trainer:
             "spikes": torch.zeros((), device=self.device),
         }
         self.step = 0
+        self.lr = 0.0
         self.initial_loss: float | None = None
         self.above_steps = 0
         self.diverged: dict | None = None
@@ -104,12 +131,14 @@ class Trainer:
         return self.out / "ckpt.pt"
 
     def save_checkpoint(self) -> None:
+        if not self.main:
+            return
         state = {
             "step": self.step, "initial_loss": self.initial_loss, "above_steps": self.above_steps,
             "elapsed": self.elapsed, "stats": self.stats,
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
         tmp = self.ckpt_path.with_suffix(".pt.tmp")
         torch.save(state, tmp)
@@ -125,12 +154,13 @@ class Trainer:
         self.above_steps, self.elapsed, self.stats = state["above_steps"], state["elapsed"], state["stats"]
         torch.set_rng_state(state["rng_cpu"].cpu())
         if state["rng_cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
-        # Records after the checkpoint belong to the lost attempt: drop them.
-        log = self.out / "metrics.jsonl"
-        if log.exists():
-            kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-            atomic_write(log, "".join(line + "\n" for line in kept))
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        if self.main:  # records after the checkpoint belong to the lost attempt: drop them
+            log = self.out / "metrics.jsonl"
+            if log.exists():
+                kept = [line for line in log.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= self.step]
+                atomic_write(log, "".join(line + "\n" for line in kept))
         return True
 
     def prepare_folder(self) -> bool:
@@ -140,27 +170,36 @@ class Trainer:
         same = config_path.exists() and config_path.read_text() == config
         if same and self.load_checkpoint():
             return True
-        for name in ("ckpt.pt", "metrics.jsonl", "summary.json"):
-            (self.out / name).unlink(missing_ok=True)
-        atomic_write(config_path, config)
+        self._barrier()  # no rank may still be reading an old checkpoint
+        if self.main:
+            for name in ("ckpt.pt", "metrics.jsonl", "summary.json"):
+                (self.out / name).unlink(missing_ok=True)
+            atomic_write(config_path, config)
         return False
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
 
     # ------------------------------------------------------------------ steps
 
     def train_step(self, measure: bool) -> dict[str, torch.Tensor]:
         cfg, t = self.cfg, self.cfg.train
-        lr = lr_at(self.step, cfg.optim, t.steps)
+        self.lr = lr_at(self.step, cfg.optim, t.steps)
         for group in self.opt.param_groups:
-            group["lr"] = lr
-        for micro in range(t.grad_accum):
+            group["lr"] = self.lr
+        mine = range(self.rank, t.grad_accum, self.world)  # this process's micro-batches
+        for i, micro in enumerate(mine):
             x, y = self._to_device(*train_batch(self.train_tokens, cfg.seed, self.step, micro, t.batch_size,
                                                 cfg.model.block_size))
-            with autocast(self.device, t.dtype):
+            sync = self.world == 1 or i == len(mine) - 1  # all-reduce gradients once per step
+            with autocast(self.device, t.dtype), (contextlib.nullcontext() if sync else self.forward.no_sync()):
                 logits = self.forward(x)
-            loss, ce = objective(logits, y, cfg.loss, self.model.output_embedding())
-            (loss / t.grad_accum).backward()
+                loss, ce = objective(logits, y, cfg.loss, self.model.output_embedding())
+                # DDP averages over processes: scale so the result is the mean over all micro-batches
+                (loss * self.world / t.grad_accum).backward()
             self.stats["loss_sum"] += ce.detach()
-        self.stats["loss_n"] += t.grad_accum
+        self.stats["loss_n"] += len(mine)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True).float()
         out = {"grad_norm": grad_norm}
@@ -183,7 +222,6 @@ class Trainer:
             self.opt.count_clipped = False
             if getattr(self.opt, "clipped_fraction", None) is not None:
                 out["spam_clipped_frac"] = self.opt.clipped_fraction
-        self.lr = lr
         self.step += 1
         return out
 
@@ -193,7 +231,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for x, y in self.val:
             with autocast(self.device, self.cfg.train.dtype):
-                logits = self.forward(x)
+                logits = self.model(x)
             total += objective(logits, y, self.cfg.loss, self.model.output_embedding())[1]
         self.model.train()
         return (total / len(self.val)).item()
@@ -238,73 +276,84 @@ class Trainer:
         else:
             self.above_steps = 0
 
+    def _log_record(self, step: int, out: dict, measure: bool, evaluating: bool, seconds: float,
+                    steps_done: int) -> dict:
+        """Gather one metrics record (the only place the loop waits for the device)."""
+        s, t = self.stats, self.cfg.train
+        loss = torch.stack([s["loss_sum"], torch.tensor(float(s["loss_n"]), device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(loss)
+        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
+        rec = {"step": step, "tokens": step * tokens_per_step,
+               "train_loss": (loss[0] / loss[1].clamp(min=1)).item(), "lr": self.lr}
+        s["loss_sum"].zero_()
+        s["loss_n"] = 0
+        rec.update({k: v.item() for k, v in out.items()})
+        if self.main and measure:
+            rec.update({k: v.item() for k, v in self.stability_metrics().items()})
+        if self.main and evaluating:
+            rec["val_loss"] = self.evaluate()
+        rec["tokens_per_s"] = steps_done * tokens_per_step / max(seconds, 1e-9)
+        return rec
+
+    def _agree_to_stop(self) -> bool:
+        """All ranks stop together: on divergence (rank 0's verdict) or any rank's SIGTERM."""
+        if self.world == 1:
+            return self.stop_requested or self.diverged is not None
+        flags = torch.tensor([float(self.stop_requested), float(self.diverged is not None)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.stop_requested = bool(flags[0])
+        if flags[1] and self.diverged is None:
+            self.diverged = {"step": self.step, "reason": "diverged (rank 0)"}
+        return bool(flags.max())
+
     def run(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         resumed = self.prepare_folder()
-        log = open(self.out / "metrics.jsonl", "a")
-        tb = self._tensorboard()
-        bar = self._progress()
-        tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
+        log = open(self.out / "metrics.jsonl", "a") if self.main else None
+        tb = self._tensorboard() if self.main else None
+        bar = self._progress() if self.main else None
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         tick, tick_step = time.time(), self.step
-        if resumed:
+        if resumed and self.main:
             print(f"resumed from step {self.step}", flush=True)
         try:
-            while self.step < t.steps and self.diverged is None:
+            while self.step < t.steps:
                 step = self.step + 1  # the step about to complete
                 measure = step % t.metrics_every == 0 or step == t.steps
                 out = self.train_step(measure)
                 logging = step == 1 or step % t.log_every == 0 or step == t.steps
                 evaluating = step % t.eval_every == 0 or step == t.steps
-                if not (logging or evaluating or measure):
-                    if bar is not None:
-                        bar.update(1)
-                    self._maybe_checkpoint()
-                    if self.stop_requested:
+                if logging or evaluating or measure:
+                    now = time.time()
+                    self.elapsed += now - tick
+                    rec = self._log_record(step, out, measure, evaluating, now - tick, step - tick_step)
+                    if self.main:
+                        self.check_divergence(rec["train_loss"])
+                        log.write(json.dumps({k: _json_value(v) for k, v in rec.items()}) + "\n")
+                        log.flush()
+                        self._report(bar, tb, rec)
+                    tick, tick_step = time.time(), step
+                    if self._agree_to_stop():
                         break
-                    continue
-                now = time.time()
-                self.elapsed += now - tick
-                rec = {"step": step, "tokens": step * tokens_per_step}
-                s = self.stats
-                rec["train_loss"] = (s["loss_sum"] / max(1, s["loss_n"])).item()
-                s["loss_sum"].zero_()
-                s["loss_n"] = 0
-                rec["lr"] = self.lr
-                rec.update({k: v.item() for k, v in out.items()})
-                if measure:
-                    rec.update({k: v.item() for k, v in self.stability_metrics().items()})
-                if evaluating:
-                    rec["val_loss"] = self.evaluate()
-                rec["tokens_per_s"] = (step - tick_step) * tokens_per_step / max(now - tick, 1e-9)
-                self.check_divergence(rec["train_loss"])
-                log.write(json.dumps({k: _json_value(v) for k, v in rec.items()}) + "\n")
-                log.flush()
-                if tb is not None:
-                    for k, v in rec.items():
-                        if k != "step" and isinstance(v, float) and math.isfinite(v):
-                            tb.add_scalar(k, v, step)
-                self._report(bar, rec)
-                tick, tick_step = time.time(), step
-                self._maybe_checkpoint()
-                if self.stop_requested:
-                    break
+                elif bar is not None:
+                    bar.update(1)
+                if self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                    self.save_checkpoint()
         finally:
             signal.signal(signal.SIGTERM, previous)
-            log.close()
-            if tb is not None:
-                tb.close()
-            if bar is not None:
-                bar.close()
+            for closable in (log, tb, bar):
+                if closable is not None:
+                    closable.close()
         if self.stop_requested and self.step < t.steps and self.diverged is None:
             self.save_checkpoint()
-            print(f"SIGTERM: checkpoint written at step {self.step}; exiting for requeue", flush=True)
-            sys.exit(PREEMPTED_EXIT_CODE)
-        return self.finish()
-
-    def _maybe_checkpoint(self) -> None:
-        if self.step % self.cfg.train.checkpoint_every == 0 and self.step < self.cfg.train.steps:
-            self.save_checkpoint()
+            self._barrier()
+            if self.main:
+                print(f"SIGTERM: checkpoint written at step {self.step}; exiting for requeue", flush=True)
+            raise SystemExit(PREEMPTED_EXIT_CODE)
+        summary = self.finish() if self.main else {}
+        self._barrier()
+        return summary
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
@@ -322,7 +371,7 @@ class Trainer:
             "divergence_reason": self.diverged["reason"] if self.diverged else None,
             "params": self.model.num_params(), "params_non_embedding": self.model.num_params(non_embedding=True),
             "attention_params_per_layer": attention_params_by_hand(cfg.model),
-            "wall_time_s": self.elapsed, "device": str(self.device),
+            "wall_time_s": self.elapsed, "device": str(self.device), "processes": self.world,
         }
         atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.ckpt_path.exists() and not self.cfg.train.keep_checkpoint:
@@ -342,8 +391,6 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            from .errors import UserError
-
             raise UserError("train.tensorboard is true but the 'tensorboard' package is not installed "
                             "(pip install 'stabilab[tensorboard]')") from None
         return SummaryWriter(str(self.out / "tensorboard"))
@@ -355,7 +402,11 @@ class Trainer:
 
         return tqdm(total=self.cfg.train.steps, initial=self.step, desc=f"{self.cfg.variant} L{self.cfg.model.n_layer}")
 
-    def _report(self, bar, rec: dict) -> None:
+    def _report(self, bar, tb, rec: dict) -> None:
+        if tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, float) and math.isfinite(v):
+                    tb.add_scalar(k, v, rec["step"])
         if bar is not None:
             bar.update(rec["step"] - bar.n)
             bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -370,4 +421,8 @@ class Trainer:
 
 
 def train(cfg: RunConfig, out_dir: str | Path) -> dict:
-    return Trainer(cfg, out_dir).run()
+    try:
+        return Trainer(cfg, out_dir).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -39,6 +39,14 @@ def resolved_run(wildcards):
     return json.dumps(run_config(config, RUN_BY_PATH[path], SHARDS), sort_keys=True)
 
 
+def launcher(wildcards):
+    """`stabilab`, or torchrun over it for a data-parallel run."""
+    processes = json.loads(resolved_run(wildcards))["train"].get("processes", 1)
+    if processes == 1:
+        return "stabilab"
+    return f"torchrun --standalone --nproc_per_node {processes} -m stabilab.cli --"  # -- : torchrun would take --run
+
+
 def run_summaries():
     return [f"{RES}/{run.path}/summary.json" for run in RUNS]
 
