@@ -92,6 +92,17 @@ def cmd_check_config(args) -> None:
     print(f"{args.config}: ok (experiment '{exp['name']}')")
 
 
+def cmd_targets(args) -> None:
+    from .experiment import load_experiment, runs
+
+    exp = load_experiment(args.config)
+    chosen = [r for r in runs(exp) if (not args.study or r.study in args.study)
+              and (not args.variant or r.variant in args.variant)]
+    if not chosen:
+        raise UserError(f"no run matches study {args.study or 'any'} and variant {args.variant or 'any'}")
+    print(" ".join(f"results/{exp['name']}/{r.path}/summary.json" for r in chosen))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabilab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--studies", help="the experiment's `studies` section as JSON (default: from the tables)")
     p.set_defaults(func=cmd_figures)
+
+    p = sub.add_parser("targets", help="print the summary.json targets of some runs, for snakemake")
+    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--study", nargs="*", help="only these studies")
+    p.add_argument("--variant", nargs="*", help="only these variants")
+    p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("check-config", help="validate an experiment config file")
     p.add_argument("config")

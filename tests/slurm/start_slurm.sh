@@ -37,14 +37,30 @@ die() {
 }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (installs packages, starts daemons)"
+export PATH="$PATH:/usr/sbin:/sbin"
 
-# --- 0. already up? -----------------------------------------------------------
+# --- 0. one start at a time; already up? ---------------------------------------
+# Two test sessions on one machine may call this at once: serialise, and never
+# restart a cluster that works (that would kill the other session's jobs).
+mkdir -p "$RUNDIR"
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$RUNDIR/start.lock"
+    flock -w 900 9 || die "timed out waiting for another start_slurm.sh"
+fi
 node_state() {
     sinfo -h -N -n localhost -o '%T' 2>/dev/null | head -n1
 }
-if command -v sinfo >/dev/null 2>&1 && [ "$(node_state)" = "idle" ] \
-        && grep -q "^ClusterName=stabilab" "$ETC/slurm.conf" 2>/dev/null; then
-    echo "slurm already up: node localhost idle"
+cluster_up() {
+    command -v sinfo >/dev/null 2>&1 || return 1
+    grep -q "^ClusterName=stabilab" "$ETC/slurm.conf" 2>/dev/null || return 1
+    scontrol ping 2>/dev/null | grep -q "is UP" || return 1
+    case "$(node_state)" in
+        idle|mixed|allocated|completing) return 0 ;;
+    esac
+    return 1
+}
+if cluster_up; then
+    echo "slurm already up: node localhost $(node_state)"
     exit 0
 fi
 
@@ -58,20 +74,20 @@ if [ ${#need[@]} -gt 0 ]; then
     command -v apt-get >/dev/null 2>&1 || die "apt-get not found, cannot install ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     aptlog=$(mktemp /tmp/start_slurm_apt.XXXXXX.log)
-    # Debian's maintainer scripts try to start the services; on a machine without
-    # an init system that only prints warnings, which we don't need.
+    # (the packages' maintainer scripts try to start the services; without an
+    # init system that only warns, and the daemons are started below anyway)
     apt-get update -qq >"$aptlog" 2>&1 \
         || die "apt-get update failed (no package registry reachable?), see $aptlog"
     apt-get install -y -qq --no-install-recommends \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
         "${need[@]}" >>"$aptlog" 2>&1 \
         || die "apt-get install ${need[*]} failed, see $aptlog"
+    rm -f "$aptlog"
 fi
 for bin in munged slurmctld slurmd sinfo sbatch srun squeue scontrol; do
-    command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] \
+    command -v "$bin" >/dev/null 2>&1 \
         || die "$bin not found after installing packages"
 done
-export PATH="$PATH:/usr/sbin:/sbin"
 
 # --- 2. stop whatever an earlier run of this script left ------------------------
 stop_pidfile() {
@@ -106,7 +122,7 @@ chmod 0400 /etc/munge/munge.key
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     # a stale socket/pid from a killed munged makes it refuse to start
     rm -f /run/munge/munged.pid /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-    runuser -u munge -- munged --force >/dev/null 2>&1 \
+    runuser -u munge -- munged --force >/dev/null 2>&1 9>&- \
         || die "munged failed to start (see /var/log/munge/munged.log)"
     for _ in $(seq 50); do
         munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break
@@ -190,10 +206,11 @@ EOF
 # task/none; leave any existing one alone.
 
 # --- 5. daemons ------------------------------------------------------------------
+# (each started with 9>&-: a daemon must not inherit the start lock)
 : >"$LOGDIR/slurmctld.log"
 : >"$LOGDIR/slurmd.log"
 # -c: start clean (no job state from an earlier run); -i: ignore state file errors
-slurmctld -c -i >/dev/null 2>&1 \
+slurmctld -c -i >/dev/null 2>&1 9>&- \
     || die "slurmctld failed to start: $(tail -n1 "$LOGDIR/slurmctld.log" 2>/dev/null)"
 for _ in $(seq 100); do
     scontrol ping 2>/dev/null | grep -q "is UP" && break
@@ -201,7 +218,7 @@ for _ in $(seq 100); do
 done
 scontrol ping 2>/dev/null | grep -q "is UP" \
     || die "slurmctld not answering: $(tail -n1 "$LOGDIR/slurmctld.log" 2>/dev/null)"
-slurmd -N localhost >/dev/null 2>&1 \
+slurmd -N localhost >/dev/null 2>&1 9>&- \
     || die "slurmd failed to start: $(tail -n1 "$LOGDIR/slurmd.log" 2>/dev/null)"
 
 state=""
