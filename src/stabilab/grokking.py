@@ -5,7 +5,9 @@ trained full-batch with AdamW and no weight decay, in four variants:
 
 - ``softmax_fp32``  softmax cross-entropy, float32 (expected: Softmax Collapse, no grokking)
 - ``softmax_fp64``  the same with the whole model, inputs and loss in float64
-- ``stablemax``     StableMax cross-entropy, float32 (expected: grokking without regularization)
+- ``stablemax``     StableMax cross-entropy of the float32 logits, computed in float32 or, as in the
+                    official code, in float64 (``stablemax_dtype``); expected: grokking without
+                    regularization
 - ``perpgrad``      softmax cross-entropy, float32, with the ⊥Grad projection before each AdamW step
 
 One run = (variant, operation, seed) -> ``metrics.jsonl`` + ``summary.json`` in its own folder;
@@ -71,15 +73,16 @@ class GrokkingConfig:
     variants: list[Literal["softmax_fp32", "softmax_fp64", "stablemax", "perpgrad"]] = field(
         default_factory=lambda: list(VARIANTS))
     seeds: list[int] = field(default_factory=lambda: [0])
-    epochs: int = 300
+    epochs: int = 200
     lr: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-25  # the official code's AdamW epsilon
     hidden: list[int] = field(default_factory=lambda: [200, 200])
     init_scale: float = 1.0  # multiplies PyTorch's default init; the paper's MLP runs use 1
+    # dtype the StableMax loss is computed in (float32 model either way); official code: float64
+    stablemax_dtype: Literal["float32", "float64"] = "float32"
     eval_every: int = 10
-    threads: int = 1  # torch threads per run (Snakemake `threads:`)
     overrides: VariantOverrides = field(default_factory=VariantOverrides)
 
 
@@ -92,7 +95,7 @@ class RunSpec:
     seed: int = 0
     modulus: int = 113
     train_fraction: float = 0.4
-    epochs: int = 300
+    epochs: int = 200
     lr: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.99
@@ -100,10 +103,19 @@ class RunSpec:
     hidden: list[int] = field(default_factory=lambda: [200, 200])
     init_scale: float = 1.0
     eval_every: int = 10
+    stablemax_dtype: Literal["float32", "float64"] = "float32"
 
     @property
     def dtype(self) -> torch.dtype:
+        """dtype of the model and its inputs."""
         return torch.float64 if self.variant == "softmax_fp64" else torch.float32
+
+    @property
+    def loss_dtype(self) -> torch.dtype:
+        """dtype the loss (and the Softmax-Collapse test) is computed in."""
+        if self.variant == "stablemax":
+            return getattr(torch, self.stablemax_dtype)
+        return self.dtype
 
     @property
     def loss_kind(self) -> str:
@@ -141,7 +153,6 @@ def load_config(section: dict | None) -> GrokkingConfig:
     """Strictly parse the ``grokking:`` config section (unknown keys -> UserError)."""
     cfg = from_dict(GrokkingConfig, section or {}, "grokking")
     _check(len(set(cfg.seeds)) == len(cfg.seeds), f"grokking.seeds has duplicates: {cfg.seeds}")
-    _check(cfg.threads >= 1, f"grokking.threads must be >= 1, got {cfg.threads}")
     return cfg
 
 
@@ -150,7 +161,8 @@ def run_specs(section: dict | None) -> list[RunSpec]:
     An empty ``variants`` (or ``operations`` or ``seeds``) list gives no runs: the study is off."""
     cfg = load_config(section)
     shared = {k: getattr(cfg, k) for k in ("modulus", "train_fraction", "epochs", "lr", "beta1",
-                                           "beta2", "eps", "hidden", "init_scale", "eval_every")}
+                                           "beta2", "eps", "hidden", "init_scale", "eval_every",
+                                           "stablemax_dtype")}
     specs = []
     for operation in cfg.operations:
         for variant in cfg.variants:
@@ -163,8 +175,7 @@ def run_specs(section: dict | None) -> list[RunSpec]:
 
 
 def parse_spec(data: dict) -> RunSpec:
-    spec = from_dict(RunSpec, data, "spec")
-    return check_spec(dataclasses.replace(spec, hidden=list(spec.hidden)))
+    return check_spec(from_dict(RunSpec, data, "spec"))
 
 
 def run_subdir(spec: RunSpec) -> str:
@@ -210,10 +221,11 @@ class Split:
     y_test: torch.Tensor  # (n_test,)
 
 
-def make_split(spec: RunSpec) -> Split:
+def make_split(spec: RunSpec, device: torch.device | str = "cpu") -> Split:
     pairs, labels = make_pairs(spec.modulus, spec.operation)
     train_idx, test_idx = split_indices(len(labels), spec.train_fraction, spec.seed)
-    x = one_hot_inputs(pairs, spec.modulus, spec.dtype)
+    x = one_hot_inputs(pairs, spec.modulus, spec.dtype).to(device)
+    labels = labels.to(device)
     return Split(x[train_idx], labels[train_idx], x[test_idx], labels[test_idx])
 
 
@@ -281,11 +293,13 @@ def weight_norm(model: nn.Module) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Split, kind: str, epoch: int) -> dict:
+def evaluate(model: nn.Module, data: Split, spec: RunSpec, epoch: int) -> dict:
     """One metrics record. Collapse fractions are measured on the training set (where the loss
     gradient comes from), as in the official code."""
+    kind = spec.loss_kind
     model.eval()
-    train_logits, test_logits = model(data.x_train), model(data.x_test)  # (n_train, p), (n_test, p)
+    train_logits = model(data.x_train).to(spec.loss_dtype)  # (n_train, p)
+    test_logits = model(data.x_test).to(spec.loss_dtype)  # (n_test, p)
     model.train()
     native = collapse_native(train_logits, data.y_train, kind)
     fp32 = collapse_fractions(train_logits, data.y_train, kind)
@@ -321,7 +335,7 @@ def write_metrics(out: Path, records: list[dict]) -> None:
 
 
 def make_summary(spec: RunSpec, records: list[dict], epochs_run: int, diverged_at: int | None,
-                 wall_s: float) -> dict:
+                 wall_s: float, device: str = "cpu") -> dict:
     final = records[-1]
     return {
         "spec": spec.to_dict(),
@@ -339,34 +353,51 @@ def make_summary(spec: RunSpec, records: list[dict], epochs_run: int, diverged_a
         "wall_s": round(wall_s, 2),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
+        "device": device,
     }
 
 
-def train_run(spec: RunSpec, out_dir: str | Path, threads: int | None = None,
+def pick_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"grok-train: device {name!r} requested but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"grok-train: unknown device {name!r}") from None
+
+
+def train_step(model: nn.Module, optimizer, data: Split, spec: RunSpec) -> None:
+    """One full-batch step (one epoch)."""
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(data.x_train).to(spec.loss_dtype)  # (n_train, p)
+    loss_per_sample(logits, data.y_train, spec.loss_kind).mean().backward()
+    optimizer.step()
+
+
+def train_run(spec: RunSpec, out_dir: str | Path, threads: int | None = None, device: str = "cpu",
               flush_s: float = 30.0, log=print) -> dict:
     """Train one run; writes out/metrics.jsonl (rewritten atomically every `flush_s` seconds and
-    at the end) and then out/summary.json. Returns the summary."""
+    at the end) and then out/summary.json, whose presence marks a finished run. Returns the
+    summary."""
     if threads:
         torch.set_num_threads(threads)
+    dev = pick_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = make_split(spec)
-    model = build_model(spec)
+    (out / "summary.json").unlink(missing_ok=True)  # a stale one would mark this run done
+    data = make_split(spec, dev)
+    model = build_model(spec).to(dev)
     optimizer = build_optimizer(model, spec)
-    kind = spec.loss_kind
     start = last_flush = time.time()
-    records = [evaluate(model, data, kind, 0)]
+    records = [evaluate(model, data, spec, 0)]
     diverged_at = None
     epoch = 0
     for epoch in range(1, spec.epochs + 1):
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_per_sample(model(data.x_train), data.y_train, kind).mean()
-        loss.backward()
-        optimizer.step()
-        if not torch.isfinite(loss):
-            diverged_at = epoch
-        if epoch % spec.eval_every == 0 or epoch == spec.epochs or diverged_at:
-            records.append(evaluate(model, data, kind, epoch))
+        train_step(model, optimizer, data, spec)
+        if epoch % spec.eval_every == 0 or epoch == spec.epochs:
+            records.append(evaluate(model, data, spec, epoch))
+            if not math.isfinite(records[-1]["train_loss"]):  # NaN weights stay NaN
+                diverged_at = epoch
             if time.time() - last_flush > flush_s:
                 write_metrics(out, records)
                 last_flush = time.time()
@@ -378,7 +409,7 @@ def train_run(spec: RunSpec, out_dir: str | Path, threads: int | None = None,
             log(f"[{spec.variant}] non-finite loss at epoch {epoch}: stopped")
             break
     write_metrics(out, records)
-    summary = make_summary(spec, records, epoch, diverged_at, time.time() - start)
+    summary = make_summary(spec, records, epoch, diverged_at, time.time() - start, str(dev))
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # last: marks done
     return summary
 
@@ -411,6 +442,25 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
 
 
 KEYS = ["operation", "variant", "seed"]
+SUMMARY_COLUMNS = ["final_test_acc", "best_test_acc", "final_train_acc", "final_collapse_frac",
+                   "max_collapse_frac", "final_zero_loss_frac", "final_weight_norm", "epochs_run",
+                   "diverged_at", "wall_s", "device"]
+
+
+def _never(epoch) -> int | str:
+    return "never" if epoch is None else int(epoch)
+
+
+def _run_key(spec: RunSpec) -> dict:
+    return {"operation": spec.operation, "variant": spec.variant, "seed": spec.seed,
+            "modulus": spec.modulus, "loss_dtype": str(spec.loss_dtype).removeprefix("torch.")}
+
+
+def _sorted(df):
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    by = KEYS + ["epoch"] if "epoch" in df else KEYS
+    return df.sort_values(by, key=lambda c: c.map(order) if c.name == "variant" else c,
+                          kind="stable").reset_index(drop=True)
 
 
 def build_tables(run_dirs: list[Path]):
@@ -420,35 +470,27 @@ def build_tables(run_dirs: list[Path]):
     steps, rows = [], []
     for run_dir in run_dirs:
         summary, records = load_run(run_dir)
-        spec = summary["spec"]
-        key = {k: spec[k] for k in KEYS}
+        spec = parse_spec(summary["spec"])
+        key = _run_key(spec)
         steps += [{**key, **r} for r in records]
-        e95 = summary["epochs_to_95"]
-        rows.append({**key, "epochs_to_95": "never" if e95 is None else int(e95),
-                     "train_epochs_to_95": summary["train_epochs_to_95"],
-                     "final_test_acc": summary["final_test_acc"],
-                     "best_test_acc": summary["best_test_acc"],
-                     "final_train_acc": summary["final_train_acc"],
-                     "final_collapse_frac": summary["final_collapse_frac"],
-                     "max_collapse_frac": summary["max_collapse_frac"],
-                     "final_weight_norm": summary["final_weight_norm"],
-                     "epochs_run": summary["epochs_run"], "lr": spec["lr"], "beta2": spec["beta2"],
-                     "diverged_at": summary["diverged_at"], "wall_s": summary["wall_s"]})
-    order = {v: i for i, v in enumerate(VARIANTS)}
-    sort = lambda df: df.sort_values(KEYS, key=lambda c: c.map(order) if c.name == "variant" else c)
-    steps_df = sort(pd.DataFrame(steps)).reset_index(drop=True)
-    summary_df = sort(pd.DataFrame(rows)).reset_index(drop=True)
-    summary_df["train_epochs_to_95"] = summary_df["train_epochs_to_95"].map(
-        lambda e: "never" if e is None or e != e else int(e))
-    return steps_df, summary_df
+        rows.append({**key, "epochs_to_95": _never(summary["epochs_to_95"]),
+                     "train_epochs_to_95": _never(summary["train_epochs_to_95"]),
+                     **{c: summary.get(c) for c in SUMMARY_COLUMNS},
+                     "lr": spec.lr, "beta2": spec.beta2})
+    return _sorted(pd.DataFrame(steps)), _sorted(pd.DataFrame(rows))
 
 
 # ============================================================================ figures
 
-PALETTE = {"softmax_fp32": "#d62728", "softmax_fp64": "#ff7f0e", "stablemax": "#1f77b4",
-           "perpgrad": "#2ca02c"}
-LABELS = {"softmax_fp32": "softmax (float32)", "softmax_fp64": "softmax (float64)",
-          "stablemax": "StableMax (float32)", "perpgrad": "⊥AdamW (float32)"}
+OP_SYMBOL = {"add": "+", "mul": "*"}
+# legend label per (variant, loss dtype) and its colour, in legend order
+PALETTE = {
+    ("softmax_fp32", "float32"): ("softmax, float32", "#d62728"),
+    ("softmax_fp64", "float64"): ("softmax, float64", "#ff7f0e"),
+    ("stablemax", "float32"): ("StableMax, float32", "#9467bd"),
+    ("stablemax", "float64"): ("StableMax, float64 loss", "#1f77b4"),
+    ("perpgrad", "float32"): ("⊥AdamW, float32", "#2ca02c"),
+}
 
 
 def _use_log_x(steps) -> bool:
@@ -466,16 +508,18 @@ def _line_figure(steps, y: str, ylabel: str, title: str, path_stem: Path, *, sty
     import seaborn as sns
 
     data = steps.copy()
-    data["variant"] = data["variant"].map(LABELS)
+    data["variant"] = [PALETTE[(v, d)][0] for v, d in zip(data["variant"], data["loss_dtype"])]
+    data["operation"] = [f"(a {OP_SYMBOL[op]} b) mod {p}" for op, p in zip(data["operation"], data["modulus"])]
+    present = set(data["variant"])
     log_x = _use_log_x(data)
     if log_x:
         data = data[data["epoch"] > 0]  # epoch 0 has no place on a log axis
-    operations = list(dict.fromkeys(data["operation"]))
+    operations = sorted(set(data["operation"]))
     sns.set_theme(style="whitegrid", context="talk")
     grid = sns.relplot(data=data, x="epoch", y=y, hue="variant", style=style, col="operation",
                        col_order=operations, kind="line", units="seed", estimator=None,
-                       palette={LABELS[k]: c for k, c in PALETTE.items()},
-                       hue_order=[LABELS[v] for v in VARIANTS if LABELS[v] in set(data["variant"])],
+                       palette={label: c for label, c in PALETTE.values()},
+                       hue_order=[label for label, _ in PALETTE.values() if label in present],
                        height=5.5, aspect=1.35, linewidth=2.2, facet_kws={"sharey": True})
     for ax in grid.axes.flat:
         if log_x:
@@ -485,9 +529,8 @@ def _line_figure(steps, y: str, ylabel: str, title: str, path_stem: Path, *, sty
         if ylim is not None:
             ax.set_ylim(*ylim)
     grid.set_axis_labels("epoch (full-batch step)" + (", log scale" if log_x else ""), ylabel)
-    grid.set_titles(col_template="(a {col_name} b) mod p")
+    grid.set_titles(col_template="{col_name}")
     grid.figure.suptitle(title, y=1.03)
-    sns.move_legend(grid, "center left", bbox_to_anchor=(1.0, 0.5), frameon=True, title=None)
     paths = []
     for ext in ("png", "pdf"):
         path = path_stem.with_suffix(f".{ext}")
@@ -552,7 +595,7 @@ def _parse_spec_arg(text: str) -> RunSpec:
 
 def cmd_train(args: argparse.Namespace) -> int:
     spec = _parse_spec_arg(args.spec)
-    summary = train_run(spec, args.out, threads=args.threads)
+    summary = train_run(spec, args.out, threads=args.threads, device=args.device)
     e95 = summary["epochs_to_95"]
     print(f"{spec.variant} {spec.operation} s{spec.seed}: final test acc "
           f"{summary['final_test_acc']:.4f}, epochs to 95% {'never' if e95 is None else e95}, "
@@ -578,6 +621,7 @@ def register(subparsers) -> None:
                             "or @FILE holding it")
     train.add_argument("--out", required=True, help="run folder to write")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    train.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     train.set_defaults(func=cmd_train)
     rep = subparsers.add_parser(
         "grok-report", help="tables and figures of grokking runs",
