@@ -5,7 +5,11 @@ from snakemake.utils import min_version
 min_version("8.20")
 
 
-configfile: "config.yaml"
+# `--configfile other.yaml` replaces config.yaml (Snakemake would otherwise merge the two, and a
+# preset would inherit the default's studies and overrides).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "workflow/report/workflow.rst"
@@ -16,10 +20,11 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/grokking.smk"
 
 
 rule all:
     default_target: True
     input:
-        f"{RES}/tables/runs.csv",
-        figure_targets(),
+        lm_targets(),
+        grokking_targets(),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from . import grokking
 from .errors import UserError
 
 
@@ -154,12 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.set_defaults(func=cmd_check_config)
 
-    try:
-        from . import grokking
-    except ImportError:
-        grokking = None
-    if grokking is not None and hasattr(grokking, "register"):
-        grokking.register(sub)
+    grokking.register(sub)
     return parser
 
 

@@ -11,6 +11,8 @@ from .config import format_lr, load_run_config, resolve_run, variant_overlay
 from .errors import UserError
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# Sections an experiment may leave out (e.g. a grokking-only config).
+DEFAULTS = {"data": {"source": "embedded"}, "tokenizer": {"kind": "bpe", "vocab_size": 2048}, "studies": {}}
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,13 @@ import json
 import sys
 
 from stabilab.errors import UserError
-from stabilab.experiment import check_runs, run_config, validate
+from stabilab.experiment import DEFAULTS, check_runs, run_config, validate
 from stabilab.figures import expected_figures
 
 try:
     validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+    for section, default in DEFAULTS.items():
+        config.setdefault(section, default)
     NAME = config["name"]
     RES = f"results/{NAME}"
     FIG = f"figures/{NAME}"
@@ -51,5 +53,8 @@ def run_summaries():
     return [f"{RES}/{run.path}/summary.json" for run in RUNS]
 
 
-def figure_targets():
-    return [f"{FIG}/{name}" for name in expected_figures(config["studies"])]
+def lm_targets():
+    """Tables and figures of the language-model studies (none when `studies` is empty)."""
+    if not RUNS:
+        return []
+    return [f"{RES}/tables/runs.csv"] + [f"{FIG}/{name}" for name in expected_figures(config["studies"])]
