@@ -1,0 +1,139 @@
+"""Figures from small synthetic tables (no training): every expected file is written, a missing
+table is a UserError."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stabilab.errors import UserError
+from stabilab.figures import draw_figures, expected_figures
+from stabilab.tables import study_summary
+
+STUDIES = {
+    "depth": {"kind": "depth", "variants": ["baseline", "mlra"], "depths": [1, 2], "lrs": [3e-3], "seeds": [0, 1]},
+    "lr": {"kind": "lr", "variants": ["baseline", "oec_center"], "depths": [1], "lrs": [1e-2, 3.0],
+           "seeds": [0, 1]},
+    "spikes": {"kind": "spikes", "variants": ["adamw_noclip", "spam"], "depths": [1], "lrs": [1e-2], "seeds": [0]},
+    "variants": {"kind": "compare", "variants": ["baseline", "stablemax", "mlra+oec_center"], "depths": [1],
+                 "lrs": [1e-2], "seeds": [0]},
+}
+STEPS, LOG_EVERY, METRICS_EVERY, EVAL_EVERY, TOKENS_PER_STEP = 20, 2, 10, 10, 256
+L0 = math.log(300)
+
+
+def synthetic_run(study, variant, depth, lr, seed, diverge_at=None, spike_at=None):
+    """One run's summary row and its logged steps, in the columns of runs.csv / steps.csv."""
+    rng = np.random.default_rng(zlib.crc32(f"{study}/{variant}/{depth}/{lr}/{seed}".encode()))
+    rows = []
+    for step in [1] + list(range(LOG_EVERY, STEPS + 1, LOG_EVERY)):
+        if diverge_at and step > diverge_at:
+            break
+        loss = L0 - 1.5 * (1 - math.exp(-step / 6)) + 0.05 * rng.standard_normal()
+        if diverge_at and step > diverge_at // 2:
+            loss = L0 + 5.0 * step  # blows up, then the trainer stops it
+        gn = 1.0 + 0.1 * rng.standard_normal()
+        if spike_at == step:
+            gn = 500.0
+        row = {"study": study, "variant": variant, "depth": depth, "lr": lr, "seed": seed, "step": step,
+               "tokens": step * TOKENS_PER_STEP, "train_loss": loss, "lr_now": lr, "grad_norm": gn,
+               "tokens_per_s": 1000.0}
+        if step % METRICS_EVERY == 0:
+            row.update({"tev_mean": 0.02 + 0.001 * step * depth, "tev_std": 0.002 + 0.0002 * step,
+                        "mu_norm": 1e-8 if variant == "oec_center" else 0.1 * lr * step,
+                        "logits_mean": 0.0, "logits_absmax": 3.0 + lr * step, "log_z_sq": 40.0,
+                        "collapse_frac": 0.0, "zero_loss_frac": 0.0, "grad_norm_var": 0.01 * depth,
+                        "spike_count": float(spike_at is not None and spike_at <= step),
+                        "attn_logit_max_l0": 2.0 * lr * step})
+            if variant == "spam":
+                row["spam_clipped_frac"] = 1e-5
+        if step % EVAL_EVERY == 0 and not diverge_at:
+            row["val_loss"] = loss + 0.05
+        rows.append(row)
+    steps = pd.DataFrame(rows)
+    last = steps.dropna(subset=["tev_mean"]).iloc[-1]
+    val = None if diverge_at else float(steps["val_loss"].dropna().iloc[-1])
+    run = {"study": study, "variant": variant, "depth": depth, "lr": lr, "seed": seed, "steps": int(steps.step.max()),
+           "final_val_loss": val, "final_val_ppl": math.exp(val) if val else None,
+           "initial_loss": float(steps.train_loss.iloc[0]), "diverged": bool(diverge_at),
+           "diverged_step": diverge_at, "params": 1000 * depth,
+           **{k: float(last[k]) for k in ["tev_mean", "tev_std", "mu_norm", "logits_mean", "logits_absmax",
+                                          "log_z_sq", "collapse_frac", "zero_loss_frac", "spike_count",
+                                          "grad_norm_var"]},
+           "attn_logit_max": float(last["attn_logit_max_l0"]), "max_grad_norm": float(steps.grad_norm.max()),
+           "wall_time_s": 0.5 * len(steps)}
+    return run, steps
+
+
+def write_tables(folder: Path) -> Path:
+    runs, steps = [], []
+    for study, spec in STUDIES.items():
+        for variant in spec["variants"]:
+            for depth in spec["depths"]:
+                for lr in spec["lrs"]:
+                    for seed in spec["seeds"]:
+                        diverge = 12 if (lr == 3.0 and (variant == "baseline" or seed == 1)) or \
+                            variant == "stablemax" else None
+                        spike = 8 if variant == "adamw_noclip" else None
+                        run, st = synthetic_run(study, variant, depth, lr, seed, diverge, spike)
+                        runs.append(run)
+                        steps.append(st)
+    runs_df, steps_df = pd.DataFrame(runs), pd.concat(steps, ignore_index=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    runs_df.to_csv(folder / "runs.csv", index=False)
+    steps_df.to_csv(folder / "steps.csv", index=False)
+    for study, spec in STUDIES.items():
+        study_summary(runs_df, study, spec["kind"]).to_csv(folder / f"summary_{study}.csv", index=False)
+    (folder / "studies.json").write_text(json.dumps(STUDIES))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory) -> Path:
+    return write_tables(tmp_path_factory.mktemp("figures") / "tables")
+
+
+def test_synthetic_tables_have_a_diverged_run_and_two_seeds(tables):
+    runs = pd.read_csv(tables / "runs.csv")
+    assert runs["diverged"].any() and runs.loc[runs.diverged, "final_val_loss"].isna().all()
+    assert runs.groupby(["study", "variant", "depth", "lr"])["seed"].nunique().max() == 2
+    summary = pd.read_csv(tables / "summary_lr.csv")
+    assert (summary["n_diverged"] > 0).any()
+
+
+def test_draw_figures_writes_exactly_the_expected_files(tables, tmp_path):
+    out = tmp_path / "figures"
+    written = draw_figures(tables, out)  # the studies come from studies.json
+    expected = set()
+    for png in expected_figures(STUDIES):
+        expected |= {out / png, out / png.replace(".png", ".pdf")}
+    assert len(written) == len(set(written)) and set(written) == expected
+    assert {p for p in out.rglob("*") if p.is_file()} == expected
+    for path in expected:
+        head = path.read_bytes()[:8]
+        assert head.startswith(b"\x89PNG" if path.suffix == ".png" else b"%PDF"), path
+        assert path.stat().st_size > 5000, path
+
+
+def test_unknown_study_kind_is_a_user_error(tables, tmp_path):
+    with pytest.raises(UserError, match="unknown kind"):
+        draw_figures(tables, tmp_path, studies={"x": {"kind": "nonsense", "variants": ["baseline"]}})
+    assert not any(tmp_path.iterdir())  # checked before anything is drawn
+
+
+@pytest.mark.parametrize("missing", ["runs.csv", "steps.csv", "summary_depth.csv", "studies.json"])
+def test_missing_table_is_a_user_error(tables, tmp_path, missing):
+    partial = tmp_path / "tables"
+    partial.mkdir()
+    for f in tables.iterdir():
+        if f.name != missing:
+            (partial / f.name).write_bytes(f.read_bytes())
+    studies = None if missing == "studies.json" else {"depth": STUDIES["depth"]}
+    with pytest.raises(UserError, match="table missing"):
+        draw_figures(partial, tmp_path / "out", studies=studies)
