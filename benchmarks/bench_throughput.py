@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""GPU training throughput of GPT-2 124M (or any shape) for each variant: tokens/s, peak memory, MFU.
+
+Each variant's model, optimizer and step are the project's own: a `stabilab.train.Trainer`
+subclass, built by `Trainer.__init__` on small shards of random ids, whose batches are uniform
+random token ids drawn on the device (`torch.randint`), so no tokenizer or data set is needed.
+`Trainer.train_step(False)` is timed unchanged (bf16 autocast on CUDA, fused AdamW, grad
+clipping, the variants' losses, post-step and optimizers). Variants run
+one after the other in one process; for each: `--warmup` untimed steps (compilation happens
+there; SPAM is warmed up past its spike-clipping grace period), then `--steps` timed steps
+between two device synchronizations.
+
+MFU follows nanoGPT's `estimate_mfu` (PaLM appendix B):
+    FLOPs/token = 6 N + 12 L H Q T
+with N the model's parameter count without position embeddings (tied wte/lm_head counted
+once; for MLRA the factorized attention parameters, i.e. the matmul parameters actually used),
+L layers, H heads, Q = n_embd / H the head dim and T the sequence length; MFU = FLOPs/token x
+tokens/s / peak, peak 989 TFLOP/s (H100 SXM, dense bf16) by default.
+
+Usage: see benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_variants import (  # noqa: E402  (also puts the checkout's src/ on sys.path if needed)
+    DEFAULT_CONFIG, VARIANTS, build_run_config, environment_line, load_experiment, markdown_table,
+    parse_variants, prepare_shards, raise_recompile_limit, set_threads, sync, warmup_steps_for, write_outputs)
+from stabilab.model import GPT, padded_vocab  # noqa: E402
+from stabilab.train import Trainer, pick_device  # noqa: E402
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+class RandomTokenTrainer(Trainer):
+    """The project's Trainer, built by its own `__init__` (on small random-token shards), except
+    that every batch it moves to the device is replaced by uniform random ids drawn there with
+    `torch.randint` (same shape): the timed step does no host-side data work."""
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor):
+        vocab, shape = self.cfg.model.vocab_size, tuple(x.shape)
+        return (torch.randint(0, vocab, shape, device=self.device),
+                torch.randint(0, vocab, shape, device=self.device))
+
+
+def flops_per_token(model: GPT) -> int:
+    """nanoGPT estimate_mfu: 6 N + 12 L H Q T, N = parameters without position embeddings."""
+    c = model.cfg
+    n = model.num_params(non_embedding=True)
+    return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment config with the variants' overlays")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names ('a+b' composes)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="train.dtype (auto: bf16 autocast on CUDA, float32 on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA, off on CPU)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--n-layer", type=int, default=12)
+    p.add_argument("--n-embd", type=int, default=768)
+    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--block-size", type=int, default=1024, help="sequence length T")
+    p.add_argument("--vocab", type=int, default=50257, help="real vocabulary (the model pads it to a multiple of 64)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward (grad accumulation)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per variant (compilation included)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                   help="peak FLOP/s for MFU, in TFLOP/s (989: H100 SXM dense bf16)")
+    p.add_argument("--out", default=None, help="folder for throughput.csv and throughput.md (rewritten after each variant)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    if args.batch_size % args.micro_batch:
+        raise SystemExit(f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch ({args.micro_batch})")
+    experiment = load_experiment(args.config)
+    variants = parse_variants(args.variants)
+    device = pick_device(args.device)
+    compile_ = (device.type == "cuda") if args.compile is None else args.compile
+    if compile_:
+        raise_recompile_limit(8 * len(variants) + 8)
+    overrides = {
+        "model": {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
+                  "block_size": args.block_size, "dropout": 0.0},
+        "train": {"device": device.type, "dtype": args.dtype, "compile": compile_, "steps": 10**7,
+                  "batch_size": args.micro_batch, "grad_accum": args.batch_size // args.micro_batch},
+    }
+    tokens_per_step = args.batch_size * args.block_size
+    rows: list[dict] = []
+    table: list[list] = []
+    header = (f"# Training throughput ({environment_line(device)})\n\n"
+              f"Shapes: n_layer {args.n_layer}, n_embd {args.n_embd}, n_head {args.n_head}, T {args.block_size}, "
+              f"vocab {args.vocab} (padded {padded_vocab(args.vocab)}), batch {args.batch_size} = "
+              f"{args.batch_size // args.micro_batch} x micro-batch {args.micro_batch} ({tokens_per_step:,} tokens/step), "
+              f"dtype {args.dtype}, compile {compile_}, {args.warmup} warm-up + {args.steps} timed steps per variant. "
+              f"MFU = (6 N + 12 L H Q T) x tokens/s / {args.peak_tflops:g} TFLOP/s, N = parameters without "
+              f"position embeddings.\n")
+    headers = ["variant", "params", "N (non-emb.)", "GFLOP/token", "ms/step", "tokens/s", "peak mem (GiB)",
+               "MFU", "step time vs baseline", "warm-up (s)"]
+    markdown = header
+    # The Trainer opens token shards when built: small ones of random ids over --vocab (never read
+    # in the timed steps, whose batches come from torch.randint).
+    with tempfile.TemporaryDirectory(prefix="bench_throughput_") as tmp:
+        shard_dir, _ = prepare_shards(Path(tmp), str(args.vocab), 30000, random_tokens=True)
+        for name in variants:
+            row = _bench_variant(args, experiment, name, overrides, device, tokens_per_step, shard_dir,
+                                 Path(tmp) / "runs" / name.replace("+", "_"))
+            rows.append(row)
+            ref = next((r for r in rows if r["variant"] == "baseline" and r["status"] == "ok"), None)
+            table = [_table_row(r, ref) for r in rows]
+            markdown = header + "\n" + markdown_table(headers, table)
+            print(f"[{name}] {row['status']}: {row['tokens_per_s']:.0f} tokens/s, {row['ms_per_step']:.1f} ms/step, "
+                  f"MFU {row['mfu_pct']:.2f} %, warm-up {row['warmup_s']:.1f} s", flush=True)
+            write_outputs(args.out, "throughput", rows, markdown)  # partial results survive a time-out
+    print(markdown, flush=True)
+    return {"rows": rows, "markdown": markdown}
+
+
+def _table_row(r: dict, ref: dict | None) -> list:
+    if r["status"] != "ok":
+        return [r["variant"], f"{r['params']:,}", f"{r['params_non_embedding']:,}",
+                f"{r['flops_per_token'] / 1e9:.4g}", r["status"], "", "", "", "", f"{r['warmup_s']:.1f}"]
+    mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] == r["peak_mem_gib"] else "n/a"
+    rel = ("—" if ref is None or ref is r else f"{(r['ms_per_step'] / ref['ms_per_step'] - 1) * 100:+.1f} %")
+    return [r["variant"], f"{r['params']:,}", f"{r['params_non_embedding']:,}", f"{r['flops_per_token'] / 1e9:.4g}",
+            f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:,.0f}", mem, f"{r['mfu_pct']:.3g} %", rel,
+            f"{r['warmup_s']:.1f}"]
+
+
+def _bench_variant(args, experiment, name, overrides, device, tokens_per_step, shard_dir, run_dir) -> dict:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    cfg = build_run_config(experiment, name, overrides, shard_dir, "bpe")
+    row = {"variant": name, "status": "ok", "params": 0, "params_non_embedding": 0, "flops_per_token": 0,
+           "ms_per_step": float("nan"), "tokens_per_s": float("nan"), "peak_mem_gib": float("nan"),
+           "mfu_pct": float("nan"), "warmup_s": float("nan"), "compile": cfg.train.compile,
+           "batch_size": args.batch_size, "micro_batch": args.micro_batch, "block_size": args.block_size}
+    tr = None
+    try:
+        tr = RandomTokenTrainer(cfg, run_dir)
+        row.update(params=tr.model.num_params(), params_non_embedding=tr.model.num_params(non_embedding=True),
+                   flops_per_token=flops_per_token(tr.model))
+        t0 = time.perf_counter()
+        for _ in range(warmup_steps_for(cfg, args.warmup)):
+            tr.train_step(False)
+        sync(device)
+        row["warmup_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            tr.train_step(False)
+        sync(device)
+        dt = (time.perf_counter() - t0) / args.steps
+        tok_s = tokens_per_step / dt
+        row.update(ms_per_step=dt * 1e3, tokens_per_s=tok_s,
+                   mfu_pct=100 * row["flops_per_token"] * tok_s / (args.peak_tflops * 1e12))
+        if device.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "OOM"
+    finally:
+        del tr
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Smoke tests of benchmarks/bench_variants.py and benchmarks/bench_throughput.py on a tiny CPU
+config: every variant gets a row with positive numbers. No timing assertions."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # bench_throughput imports bench_variants by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_variants():
+    return _load("bench_variants")
+
+
+@pytest.fixture(scope="module")
+def bench_throughput(bench_variants):
+    return _load("bench_throughput")
+
+
+def _table_rows(markdown: str) -> dict[str, list[str]]:
+    """Data rows of the markdown table, keyed by their first cell."""
+    rows = {}
+    for line in markdown.splitlines():
+        if line.startswith("| ") and not line.startswith("| variant"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
+
+
+TINY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+        "--threads", "1"]
+
+
+def test_bench_variants_tiny(bench_variants, tmp_path):
+    out = tmp_path / "out"
+    result = bench_variants.main(TINY + ["--batch-size", "2", "--vocab", "300", "--max-chars", "2000",
+                                         "--rounds", "2", "--steps", "1", "--warmup", "1",
+                                         "--data-dir", str(tmp_path / "work"), "--out", str(out)])
+    names = bench_variants.VARIANTS
+    assert [r["variant"] for r in result["rows"]] == names
+    for r in result["rows"]:
+        assert r["params"] > 0 and r["ms_per_step"] > 0 and r["logging_step_ms"] > 0, r
+    assert next(r for r in result["rows"] if r["variant"] == "baseline")["rel_to_baseline_pct"] == 0
+    table = _table_rows(result["markdown"])
+    assert set(table) == set(names)
+    for name in names:
+        assert float(table[name][2]) > 0  # ms/step
+    assert "Metric logging overhead (baseline)" in result["markdown"]
+    with open(out / "bench_variants.csv") as f:
+        assert [row["variant"] for row in csv.DictReader(f)] == names
+    assert (out / "bench_variants.md").read_text().strip() == result["markdown"].strip()
+
+
+def test_bench_variants_random_tokens_and_composition(bench_variants, tmp_path):
+    result = bench_variants.main(TINY + ["--batch-size", "2", "--vocab", "100", "--random-tokens",
+                                         "--max-chars", "2000", "--variants", "baseline,oec_center+zloss",
+                                         "--rounds", "1", "--steps", "1", "--warmup", "0"])
+    assert result["vocab"] == 100
+    assert [r["variant"] for r in result["rows"]] == ["baseline", "oec_center+zloss"]
+    assert all(r["ms_per_step"] > 0 for r in result["rows"])
+
+
+def test_bench_throughput_tiny(bench_throughput, tmp_path):
+    out = tmp_path / "out"
+    result = bench_throughput.main(TINY + ["--vocab", "300", "--batch-size", "4", "--micro-batch", "2",
+                                           "--warmup", "1", "--steps", "1", "--peak-tflops", "1",
+                                           "--out", str(out)])
+    names = bench_throughput.VARIANTS
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == names
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["mfu_pct"] > 0 and r["flops_per_token"] > 0
+        # nanoGPT's estimate: 6 N + 12 L H Q T, N without position embeddings
+        L, H, Q, T = 1, 2, 8, 16
+        assert r["flops_per_token"] == 6 * r["params_non_embedding"] + 12 * L * H * Q * T
+        assert r["params_non_embedding"] == r["params"] - 16 * 16  # wpe: block_size x n_embd
+    assert rows["mlra"]["params"] < rows["baseline"]["params"]  # factorized attention counted as such
+    table = _table_rows(result["markdown"])
+    assert set(table) == set(names)
+    for name in names:
+        assert float(table[name][4]) > 0  # ms/step
+        assert float(table[name][5].replace(",", "")) > 0  # tokens/s
+    with open(out / "throughput.csv") as f:
+        assert [row["variant"] for row in csv.DictReader(f)] == names
+    assert (out / "throughput.md").exists()
+
+
+def test_flops_per_token_gpt2_small(bench_throughput):
+    """The FLOPs formula on GPT-2 124M shapes, from the parameter count alone (no model built)."""
+    from stabilab.config import ModelConfig
+
+    class Stub:
+        cfg = ModelConfig(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024)
+
+        def num_params(self, non_embedding=False):
+            return 123_587_328 if non_embedding else 124_373_760  # bias-free GPT-2, vocab padded to 50304
+
+    flops = bench_throughput.flops_per_token(Stub())
+    assert flops == 6 * 123_587_328 + 12 * 12 * 12 * 64 * 1024
+    assert flops == pytest.approx(0.8548e9, rel=1e-3)
