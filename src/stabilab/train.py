@@ -93,8 +93,9 @@ class Trainer:
 
             self.forward = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                    if self.device.type == "cuda" else None)
-        if t.compile:
-            self.forward = torch.compile(self.forward)
+        # Model and objective compile as one graph: the loss terms (z-loss, StableMax) fuse with
+        # the head instead of making extra float32 passes over the (B, T, V) logits.
+        self.loss_fn = torch.compile(self._loss) if t.compile else self._loss
         self.opt = build_optimizer(self.model, cfg.optim, self.device)
         self.val = [self._to_device(x, y) for x, y in eval_batches(val_tokens, t.eval_batches, t.batch_size,
                                                                   cfg.model.block_size)]
@@ -183,6 +184,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return objective(self.forward(x), y, self.cfg.loss, self.model.output_embedding())
+
     def train_step(self, measure: bool) -> dict[str, torch.Tensor]:
         cfg, t = self.cfg, self.cfg.train
         self.lr = lr_at(self.step, cfg.optim, t.steps)
@@ -194,8 +198,7 @@ class Trainer:
                                                 cfg.model.block_size))
             sync = self.world == 1 or i == len(mine) - 1  # all-reduce gradients once per step
             with autocast(self.device, t.dtype), (contextlib.nullcontext() if sync else self.forward.no_sync()):
-                logits = self.forward(x)
-                loss, ce = objective(logits, y, cfg.loss, self.model.output_embedding())
+                loss, ce = self.loss_fn(x, y)
                 # DDP averages over processes: scale so the result is the mean over all micro-batches
                 (loss * self.world / t.grad_accum).backward()
             self.stats["loss_sum"] += ce.detach()
