@@ -26,6 +26,17 @@ def write_text_files(folder: Path, docs: list[str]) -> list[str]:
     return paths
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is several times faster than two on a busy 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """Corpus split, a 300-token BPE and token shards of a small generated corpus."""

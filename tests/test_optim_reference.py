@@ -21,13 +21,7 @@ pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 import pytorch_optimizer.optimizer.spam as po_spam  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster than two on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def warmup_multiplier(k: int, n_warmup: int) -> float:
