@@ -99,6 +99,7 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 10
     metrics_every: int = 25  # stability metrics (METHODS.md §3) on a fixed batch
+    metrics_batch: int = 8  # sequences of that fixed batch (the first of the validation set)
     grad_var_window: int = 50  # window of the grad-norm variance
     spike_factor: float = 50.0  # GSS threshold of a gradient-norm spike (SPAM paper)
     checkpoint_every: int = 100
@@ -207,7 +208,7 @@ def check_run_config(cfg: RunConfig) -> None:
         "model.block_size": m.block_size, "train.steps": t.steps, "train.batch_size": t.batch_size,
         "train.grad_accum": t.grad_accum, "train.processes": t.processes, "train.eval_every": t.eval_every,
         "train.eval_batches": t.eval_batches, "train.log_every": t.log_every,
-        "train.metrics_every": t.metrics_every, "train.checkpoint_every": t.checkpoint_every,
+        "train.metrics_every": t.metrics_every, "train.metrics_batch": t.metrics_batch, "train.checkpoint_every": t.checkpoint_every,
         "optim.spam.reset_interval": o.spam.reset_interval,
     }
     for key, value in positive.items():

@@ -241,9 +241,9 @@ class Trainer:
 
     @torch.no_grad()
     def stability_metrics(self) -> dict[str, torch.Tensor]:
-        """METHODS.md §3 on the first validation batch."""
+        """METHODS.md §3 on a fixed batch: the first `metrics_batch` validation sequences."""
         m, cfg = self.model, self.cfg
-        x, y = self.val[0]
+        x, y = (t[: cfg.train.metrics_batch] for t in self.val[0])
         m.eval()
         with autocast(self.device, cfg.train.dtype), m.recording_attention_logits():
             logits = m(x)
