@@ -35,7 +35,7 @@ def tiny_experiment(text_dir: Path) -> dict:
                "overrides": {"optim": {"grad_clip": None}}},
         "spikes": {"kind": "spikes", "variants": ["adamw_noclip", "spam"], "depths": [1], "lrs": [1e-2]},
     }
-    cfg.pop("grokking", None)
+    cfg["grokking"] = {"modulus": 23, "epochs": 20, "eval_every": 10}  # all four variants, briefly
     return cfg
 
 
@@ -72,8 +72,13 @@ def test_pipeline_end_to_end(tmp_path):
         assert (figures / png).stat().st_size > 0
         assert (figures / png).with_suffix(".pdf").exists()
 
-    # Figures are re-drawn from the tables alone: delete them and the runs' checkpoints do not matter.
-    shutil.rmtree(figures)
+    grok = pd.read_csv(tmp_path / "results" / "tiny" / "grokking" / "tables" / "grokking_summary.csv")
+    assert sorted(grok.variant) == ["perpgrad", "softmax_fp32", "softmax_fp64", "stablemax"]
+    assert (figures / "grokking" / "grokking_test_accuracy.png").exists()
+
+    # The LM figures are re-drawn from the tables alone, without any run folder.
+    for study in cfg["studies"]:
+        shutil.rmtree(figures / study)
     redraw = subprocess.run(["stabilab", "figures", "--tables", str(tables), "--out", str(figures)],
                             capture_output=True, text=True)
     assert redraw.returncode == 0, redraw.stderr
