@@ -516,11 +516,15 @@ def _line_figure(steps, y: str, ylabel: str, title: str, path_stem: Path, *, sty
         data = data[data["epoch"] > 0]  # epoch 0 has no place on a log axis
     operations = sorted(set(data["operation"]))
     sns.set_theme(style="whitegrid", context="talk")
-    grid = sns.relplot(data=data, x="epoch", y=y, hue="variant", style=style, col="operation",
-                       col_order=operations, kind="line", units="seed", estimator=None,
-                       palette={label: c for label, c in PALETTE.values()},
-                       hue_order=[label for label, _ in PALETTE.values() if label in present],
-                       height=5.5, aspect=1.35, linewidth=2.2, facet_kws={"sharey": True})
+    order = [label for label, _ in PALETTE.values() if label in present]
+    # nested widths (first variant widest): curves that coincide, e.g. float32 and float64
+    # softmax before collapse, stay visible one inside the other
+    widths = {label: 1.6 + 1.4 * (len(order) - 1 - i) for i, label in enumerate(order)}
+    grid = sns.relplot(data=data, x="epoch", y=y, hue="variant", size="variant", sizes=widths,
+                       style=style, col="operation", col_order=operations, kind="line", units="seed",
+                       estimator=None, palette={label: c for label, c in PALETTE.values()},
+                       hue_order=order, size_order=order, height=5.5, aspect=1.35,
+                       facet_kws={"sharey": True})
     for ax in grid.axes.flat:
         if log_x:
             ax.set_xscale("log")
@@ -577,6 +581,16 @@ def report(runs: list[str | Path], tables_dir: str | Path, figures_dir: str | Pa
             "figures": [str(p) for p in figures]}
 
 
+def figures_from_tables(tables_dir: str | Path, figures_dir: str | Path) -> list[Path]:
+    """Redraw the figures from a grokking_steps.csv alone (no run folders, no training)."""
+    import pandas as pd
+
+    path = Path(tables_dir) / "grokking_steps.csv"
+    if not path.exists():
+        raise UserError(f"table missing: {path}")
+    return make_figures(pd.read_csv(path), Path(figures_dir))
+
+
 # ============================================================================ command line
 
 
@@ -600,6 +614,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{spec.variant} {spec.operation} s{spec.seed}: final test acc "
           f"{summary['final_test_acc']:.4f}, epochs to 95% {'never' if e95 is None else e95}, "
           f"{summary['wall_s']:.1f} s")
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    print(f"grok-figures: {len(figures_from_tables(args.tables, args.figures))} figure files -> {args.figures}")
     return 0
 
 
@@ -632,6 +651,10 @@ def register(subparsers) -> None:
     rep.add_argument("--tables", required=True, help="folder for the CSV tables")
     rep.add_argument("--figures", required=True, help="folder for the PNG and PDF figures")
     rep.set_defaults(func=cmd_report)
+    fig = subparsers.add_parser("grok-figures", help="redraw grokking figures from grokking_steps.csv (no training)")
+    fig.add_argument("--tables", required=True, help="folder holding grokking_steps.csv")
+    fig.add_argument("--figures", required=True, help="folder for the PNG and PDF figures")
+    fig.set_defaults(func=cmd_figures)
 
 
 def main(argv: list[str] | None = None) -> int:
