@@ -8,23 +8,31 @@ package registry, daemons that won't start.  Set STABILAB_REQUIRE_SLURM=1 to
 make that a failure instead of a skip.
 
 `run_snakemake_on_slurm` is the part that knows how to drive Snakemake's SLURM
-executor against that cluster; the test feeds it a tiny three-rule workflow
-(make -> train [gpu=1] -> collect) whose jobs record $SLURM_JOB_ID, then
-re-runs one rule with --forcerun.
+executor against that cluster.  The test runs the project's real Snakefile with
+its SLURM profile on a tiny experiment config (one depth-study run of 10 steps,
+grokking off): corpus -> tokenizer -> tokenize -> train [gpu=1] -> tables ->
+figures, each a SLURM job; then it retrains that one run with --forcerun train.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
+
+from stabilab.experiment import runs
+from stabilab.figures import expected_figures
+
+from conftest import make_documents, write_text_files
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
@@ -33,12 +41,14 @@ SLURM_SCRIPTS = REPO / "tests" / "slurm"
 #  - squeue for job states: sacct exists but the cluster has no accounting
 #    database, and with sacct the executor waits forever;
 #  - a short first status check (the default is 40 s; the next checks come
-#    10 s, 20 s, ... later until a job finishes);
+#    10 s, 20 s, ... later until a job finishes): a job of the real pipeline
+#    takes 10-15 s here (Snakemake starts twice inside it), so checks 4 s and
+#    18 s after a submission catch each job at the second one;
 #  - the cluster's only partition, and resources that fit a 2-CPU node.
 SLURM_ARGS = [
     "--executor", "slurm",
     "--slurm-status-command", "squeue",
-    "--slurm-init-seconds-before-status-checks", "2",
+    "--slurm-init-seconds-before-status-checks", "4",
     "--slurm-keep-successful-logs",
     "--latency-wait", "10",
     "--nocolor",
@@ -82,20 +92,19 @@ def run_snakemake_on_slurm(workdir, snakefile, targets, extra_args=(), *, jobs=2
     memory).  With the project's SLURM profile on this 2-CPU node also pass
     `--set-threads train=1 --set-resources train:gpu=1 train:mem_mb=2000`: its train
     job asks for 4 CPUs and 32 GB, and --set-resources on the command line replaces
-    the profile's whole set-resources (so repeat gpu=1).  Tried that way, the real
-    pipeline ran corpus -> tokenizer -> tokenize -> train for one run target.
+    the profile's whole set-resources (so repeat gpu=1); the test does that.
     """
-    # targets first: several options (--default-resources, --forcerun, ...) take
-    # any number of values and would swallow targets that follow them
+    # targets after `--`: several options (--default-resources, --forcerun, ...)
+    # take any number of values and would swallow targets that follow them
     cmd = [
         sys.executable, "-m", "snakemake",
-        *targets,
         "--snakefile", str(snakefile),
         "--directory", str(workdir),
         "--jobs", str(jobs),
         *SLURM_ARGS,
         "--default-resources", *DEFAULT_RESOURCES,
         *extra_args,
+        "--", *targets,
     ]
     try:
         proc = subprocess.run(
@@ -173,3 +182,103 @@ def slurm_cluster():
         users.close()
 
 
+def tiny_experiment(text_dir: Path) -> dict:
+    """config.yaml shrunk to one tiny training run (as tests/test_pipeline.py does), grokking off."""
+    cfg = copy.deepcopy(yaml.safe_load((REPO / "config.yaml").read_text()))
+    cfg["name"] = "tiny"
+    cfg["data"] = {"source": "text", "paths": [str(text_dir)], "val_fraction": 0.2}
+    cfg["tokenizer"] = {"kind": "bpe", "vocab_size": 300}
+    cfg["model"] = {"block_size": 32, "n_head": 2, "n_embd": 32}
+    cfg["train"] = {"steps": 10, "batch_size": 4, "eval_every": 10, "eval_batches": 1, "log_every": 5,
+                    "metrics_every": 5}
+    cfg["studies"] = {
+        "depth": {"kind": "depth", "variants": ["baseline"], "depths": [1], "lrs": [1e-2], "seeds": [0]},
+    }
+    cfg["grokking"] = {"variants": []}  # an empty list switches the grokking study off
+    return cfg
+
+
+def pipeline_args(configfile: Path) -> list[str]:
+    """The project's SLURM profile, with the experiment config `configfile`, fitted to the
+    2-CPU localhost node: the profile's train job (4 CPUs, 32 GB) would never start there.
+    --set-resources replaces the profile's whole set-resources, so train:gpu=1 is repeated."""
+    return [
+        "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
+        "--configfile", str(configfile),  # replaces the repository's config.yaml (see the Snakefile)
+        "--set-threads", "train=1",
+        "--set-resources", "train:gpu=1", "train:mem_mb=2000",
+    ]
+
+
+DATA_RULES = ["corpus", "tokenizer", "tokenize"]
+ALL_RULES = sorted(DATA_RULES + ["train", "tables", "figures"])
+
+
+def _scontrol_job(jobid: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", jobid], capture_output=True, text=True).stdout
+
+
+def _check_slurm_job(workdir: Path, rule: str, jobid: str) -> str:
+    """The job ran and finished in SLURM, on the debug partition, and left its SLURM log."""
+    info = _scontrol_job(jobid)
+    assert "JobState=COMPLETED" in info, f"{rule}: SLURM job {jobid}\n{info}"
+    assert "Partition=debug" in info, info
+    assert f"JobId={jobid} " in info, info
+    logs = list((workdir / ".snakemake" / "slurm_logs" / f"rule_{rule}").rglob(f"{jobid}.log"))
+    assert len(logs) == 1, f"no SLURM log of {rule} job {jobid}"
+    return info
+
+
+def test_pipeline_runs_through_slurm_and_forcerun_retrains_one_run(slurm_cluster, tmp_path):
+    env_path = _slurm_env()["PATH"]
+    assert shutil.which("stabilab", path=env_path), f"the rules call `stabilab`, not on the jobs' PATH {env_path}"
+    write_text_files(tmp_path / "text", make_documents(12, 300))
+    cfg = tiny_experiment(tmp_path / "text")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    args = pipeline_args(tmp_path / "config.yaml")
+    snakefile = REPO / "Snakefile"
+    (run,) = runs(cfg)
+    res = tmp_path / "results" / "tiny"
+    summary = res / run.path / "summary.json"
+
+    # the whole pipeline (default target: tables and figures), every rule a SLURM job
+    first = run_snakemake_on_slurm(tmp_path, snakefile, [], args, timeout=240)
+    jobs = submitted_jobs(first.stdout)
+    assert sorted(jobs) == ALL_RULES, first.stdout[-3000:]
+    assert all(len(ids) == 1 for ids in jobs.values()), jobs
+    ids = {rule: ids[0] for rule, ids in jobs.items()}
+    infos = {rule: _check_slurm_job(tmp_path, rule, jobid) for rule, jobid in ids.items()}
+    # the train job got the (placeholder) GPU it asked for, the others none
+    assert "gres:gpu:1" in infos["train"] or "gres/gpu=1" in infos["train"], infos["train"]
+    for rule in DATA_RULES + ["tables", "figures"]:
+        assert "gres:gpu" not in infos[rule] and "gres/gpu" not in infos[rule], infos[rule]
+
+    runs_csv = pd.read_csv(res / "tables" / "runs.csv")
+    assert len(runs_csv) == 1, runs_csv
+    assert (runs_csv.study[0], runs_csv.variant[0], runs_csv.depth[0], runs_csv.seed[0]) == ("depth", "baseline", 1, 0)
+    figures = tmp_path / "figures" / "tiny"
+    for png in expected_figures(cfg["studies"]):
+        assert png.startswith("depth/")
+        assert (figures / png).stat().st_size > 0, png
+        assert (figures / png).with_suffix(".pdf").exists(), png
+    assert not (res / "grokking").exists()
+
+    # re-run one training rule: only train, as a new SLURM job; its summary is rewritten
+    data_outputs = [res / "data" / "corpus" / "train.jsonl.gz", res / "data" / "tokenizer.json",
+                    res / "data" / "shards" / "meta.json"]
+    kept = {path: path.stat().st_mtime_ns for path in data_outputs + [res / "tables" / "runs.csv"]}
+    summary_before = summary.stat().st_mtime_ns
+    target = str(summary.relative_to(tmp_path))
+    second = run_snakemake_on_slurm(tmp_path, snakefile, [target], args + ["--forcerun", "train"],
+                                    timeout=150)
+    jobs2 = submitted_jobs(second.stdout)
+    assert sorted(jobs2) == ["train"], second.stdout[-3000:]  # corpus, tokenizer, tokenize not re-run
+    (train2,) = jobs2["train"]
+    assert int(train2) > int(ids["train"])
+    info2 = _check_slurm_job(tmp_path, "train", train2)
+    assert "gres:gpu:1" in info2 or "gres/gpu=1" in info2, info2
+    assert summary.stat().st_mtime_ns != summary_before
+    assert json.loads(summary.read_text())["steps"] == 10  # a complete summary again
+    # trained afresh (a finished run keeps no checkpoint to resume from)
+    assert "resumed from" not in (res / "logs" / f"{run.path}.log").read_text()
+    assert {path: path.stat().st_mtime_ns for path in kept} == kept
