@@ -2,6 +2,8 @@
 
 
 rule tables:
+    conda:
+        "../envs/stabilab.yaml"
     input:
         run_summaries(),
     output:
@@ -9,7 +11,7 @@ rule tables:
         steps=f"{RES}/tables/steps.csv",
     params:
         studies=json.dumps(config["studies"], sort_keys=True),
-        out=f"{RES}/tables",
+        out=lambda wildcards, output: os.path.dirname(output.runs),
     log:
         f"{RES}/logs/tables.log",
     benchmark:

@@ -2,12 +2,14 @@
 
 
 rule corpus:
+    conda:
+        "../envs/stabilab.yaml"
     output:
         train=f"{RES}/data/corpus/train.jsonl.gz",
         val=f"{RES}/data/corpus/val.jsonl.gz",
     params:
         spec=json.dumps(config["data"], sort_keys=True),
-        out=f"{RES}/data/corpus",
+        out=lambda wildcards, output: os.path.dirname(output.train),
     log:
         f"{RES}/logs/corpus.log",
     benchmark:
@@ -17,6 +19,8 @@ rule corpus:
 
 
 rule tokenizer:
+    conda:
+        "../envs/stabilab.yaml"
     input:
         rules.corpus.output.train,
     output:
@@ -24,7 +28,7 @@ rule tokenizer:
     params:
         kind=config["tokenizer"].get("kind", "bpe"),
         vocab=config["tokenizer"].get("vocab_size", 2048),
-        corpus=f"{RES}/data/corpus",
+        corpus=lambda wildcards, input: os.path.dirname(input[0]),
     log:
         f"{RES}/logs/tokenizer.log",
     benchmark:
@@ -35,6 +39,8 @@ rule tokenizer:
 
 
 rule tokenize:
+    conda:
+        "../envs/stabilab.yaml"
     input:
         tokenizer=rules.tokenizer.output,
         train=rules.corpus.output.train,
@@ -42,10 +48,11 @@ rule tokenize:
     output:
         f"{SHARDS}/meta.json",
     params:
-        corpus=f"{RES}/data/corpus",
+        corpus=lambda wildcards, input: os.path.dirname(input.train),
+        out=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{RES}/logs/tokenize.log",
     benchmark:
         f"{RES}/benchmarks/tokenize.tsv"
     shell:
-        "stabilab tokenize --tokenizer {input.tokenizer} --corpus {params.corpus} --out {SHARDS} > {log} 2>&1"
+        "stabilab tokenize --tokenizer {input.tokenizer} --corpus {params.corpus} --out {params.out} > {log} 2>&1"

@@ -2,6 +2,8 @@
 
 
 rule figures:
+    conda:
+        "../envs/stabilab.yaml"
     input:
         rules.tables.output.runs,
         rules.tables.output.steps,
@@ -13,10 +15,11 @@ rule figures:
         [f"{FIG}/{png.removesuffix('.png')}.pdf" for png in expected_figures(config["studies"])],
     params:
         studies=json.dumps(config["studies"], sort_keys=True),
-        tables=f"{RES}/tables",
+        tables=lambda wildcards, input: os.path.dirname(input[0]),
+        out=figures_folder,
     log:
         f"{RES}/logs/figures.log",
     benchmark:
         f"{RES}/benchmarks/figures.tsv"
     shell:
-        "stabilab figures --tables {params.tables} --studies {params.studies:q} --out {FIG} > {log} 2>&1"
+        "stabilab figures --tables {params.tables} --studies {params.studies:q} --out {params.out} > {log} 2>&1"

@@ -5,6 +5,8 @@
 
 
 rule train:
+    conda:
+        "../envs/stabilab.yaml"
     input:
         f"{SHARDS}/meta.json",
     output:
