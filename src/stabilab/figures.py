@@ -680,6 +680,32 @@ def _lr_figures(summary, runs, variants, folder, study, spec, palette) -> list[P
     return written
 
 
+def _draw_bars(ax, rows, palette):
+    """One bar per (label, variant, summary row) with its 95 % CI; returns (means, cis, error bars)."""
+    xs = np.arange(len(rows))
+    means = np.array([float(r["mean"]) for _, _, r in rows])
+    cis = np.array([float(r["ci95"]) for _, _, r in rows])
+    ax.bar(xs, np.nan_to_num(means), color=[palette[v] for _, v, _ in rows], width=0.62, edgecolor="0.2", lw=0.6)
+    err = np.where(np.isfinite(cis), cis, 0)
+    if np.isfinite(cis).any():
+        ax.errorbar(xs, means, yerr=err, fmt="none", ecolor="0.15", elinewidth=1.2, capsize=5)
+    return means, cis, err
+
+
+def _label_bars(ax, rows, means, cis, runs_per_bar, top, value_text, pad, fontsize):
+    """Each bar's value above it, its label below, and 'k/N runs diverged' under the label."""
+    xs = np.arange(len(rows))
+    for x, m, c in zip(xs, means, cis):
+        text = "n/a" if not np.isfinite(m) else value_text(m, c)
+        ax.text(x, np.nan_to_num(m) + np.nan_to_num(c) + pad * top, text, ha="center", va="bottom", fontsize=fontsize)
+    ax.set_xticks(xs, [lab for lab, _, _ in rows])
+    for tick, (_, _, r) in zip(xs, rows):
+        k = int(r["n_diverged"])
+        ax.annotate(f"{k}/{runs_per_bar} runs diverged", (tick, 0), xycoords=("data", "axes fraction"),
+                    xytext=(0, -24), textcoords="offset points", ha="center", va="top", fontsize=7.5,
+                    color=DIVERGED if k else "0.4")
+
+
 def _lr_sensitivity(summary, variants, study, spec, palette):
     sens = _metric(summary, "lr_sensitivity")
     n_lrs = len(spec.get("lrs", [])) or int(summary["lr"].nunique())
@@ -696,25 +722,10 @@ def _lr_sensitivity(summary, variants, study, spec, palette):
     if not rows:
         _no_data(ax)
         return fig
-    xs = np.arange(len(rows))
-    means = np.array([float(r["mean"]) for _, _, r in rows])
-    cis = np.array([float(r["ci95"]) for _, _, r in rows])
-    colours = [palette[v] for _, v, _ in rows]
-    ax.bar(xs, np.nan_to_num(means), color=colours, width=0.62, edgecolor="0.2", lw=0.6)
-    err = np.where(np.isfinite(cis), cis, 0)
-    if np.isfinite(cis).any():
-        ax.errorbar(xs, means, yerr=err, fmt="none", ecolor="0.15", elinewidth=1.2, capsize=5)
+    means, cis, err = _draw_bars(ax, rows, palette)
     top = float(np.nanmax(means + err)) if np.isfinite(means).any() else 1.0
-    for x, m, c, (_, _, r) in zip(xs, means, cis, rows):
-        text = "n/a" if not np.isfinite(m) else f"{m:.3f}" + (f" ± {c:.3f}" if np.isfinite(c) else "")
-        ax.text(x, (m if np.isfinite(m) else 0) + (c if np.isfinite(c) else 0) + 0.02 * top, text, ha="center",
-                va="bottom", fontsize=8)
-    ax.set_xticks(xs, [lab for lab, _, _ in rows])
-    for tick, (_, _, r) in zip(xs, rows):  # diverged runs under each label
-        k = int(r["n_diverged"])
-        ax.annotate(f"{k}/{total} runs diverged", (tick, 0), xycoords=("data", "axes fraction"), xytext=(0, -24),
-                    textcoords="offset points", ha="center", va="top", fontsize=7.5,
-                    color=DIVERGED if k else "0.4")
+    _label_bars(ax, rows, means, cis, total, top, lambda m, c: f"{m:.3f}" + (f" ± {c:.3f}" if np.isfinite(c) else ""),
+                pad=0.02, fontsize=8)
     ax.set_ylim(0, top * 1.18 if top > 0 else 1)
     ax.set(xlabel="", ylabel="LR sensitivity (nats; lower is better)")
     lrs = ", ".join(_fmt(x) for x in spec.get("lrs", [])) or "swept LRs"
@@ -818,23 +829,10 @@ def _spike_counts(summary, variants, study, spec, palette):
         _no_data(ax)
         return fig
     n = _n_seeds(spec)
-    xs = np.arange(len(rows))
-    means = np.array([float(r["mean"]) for _, _, r in rows])
-    cis = np.array([float(r["ci95"]) for _, _, r in rows])
-    ax.bar(xs, np.nan_to_num(means), color=[palette[v] for _, v, _ in rows], width=0.62, edgecolor="0.2", lw=0.6)
-    err = np.where(np.isfinite(cis), cis, 0)
-    if np.isfinite(cis).any():
-        ax.errorbar(xs, means, yerr=err, fmt="none", ecolor="0.15", elinewidth=1.2, capsize=5)
+    means, cis, err = _draw_bars(ax, rows, palette)
     top = max(1.0, float(np.nanmax(np.nan_to_num(means) + err)))
-    for x, m, c, (_, _, r) in zip(xs, means, cis, rows):
-        text = "n/a" if not np.isfinite(m) else (f"{m:.3g}" + (f" ± {c:.2g}" if np.isfinite(c) else ""))
-        ax.text(x, np.nan_to_num(m) + np.nan_to_num(c) + 0.03 * top, text, ha="center", va="bottom", fontsize=8.5)
-    ax.set_xticks(xs, [lab for lab, _, _ in rows])
-    for tick, (_, _, r) in zip(xs, rows):
-        k = int(r["n_diverged"])
-        ax.annotate(f"{k}/{n} runs diverged", (tick, 0), xycoords=("data", "axes fraction"), xytext=(0, -24),
-                    textcoords="offset points", ha="center", va="top", fontsize=7.5,
-                    color=DIVERGED if k else "0.4")
+    _label_bars(ax, rows, means, cis, n, top, lambda m, c: f"{m:.3g}" + (f" ± {c:.2g}" if np.isfinite(c) else ""),
+                pad=0.03, fontsize=8.5)
     ax.set_ylim(0, top * 1.2)
     ax.yaxis.set_major_locator(mticker.MaxNLocator(integer=True))
     ax.set(xlabel="", ylabel=f"gradient-norm spikes per run\n(norm > {SPIKE_FACTOR:g}× running mean)")
