@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_variants import (  # noqa: E402  (also puts the checkout's src/ on sys.path if needed)
-    DEFAULT_CONFIG, VARIANTS, build_run_config, environment_line, load_experiment, markdown_table,
+    add_common_args, build_run_config, environment_line, load_experiment, markdown_table,
     parse_variants, prepare_shards, raise_recompile_limit, set_threads, sync, warmup_steps_for, write_outputs)
 from stabilab.model import GPT, padded_vocab  # noqa: E402
 from stabilab.train import Trainer, pick_device  # noqa: E402
@@ -63,11 +63,7 @@ def flops_per_token(model: GPT) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment config with the variants' overlays")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names ('a+b' composes)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="train.dtype (auto: bf16 autocast on CUDA, float32 on CPU)")
+    add_common_args(p, "experiment config with the variants' overlays")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off on CPU)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")

@@ -178,14 +178,19 @@ def prepare_shards(workdir: Path, vocab: str, max_chars: int, random_tokens: boo
 # ----------------------------------------------------------------------------- benchmark
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment config with base sections and variants")
+def add_common_args(p: argparse.ArgumentParser, config_help: str) -> None:
+    """Arguments both benchmark scripts take: which config and variants, on which device, in which dtype."""
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help=config_help)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names ('a+b' composes)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="train.dtype (auto: bf16 autocast on CUDA, float32 on CPU)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, "experiment config with base sections and variants")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (0: torch's default); 1 like the pipeline's training jobs, and "
