@@ -128,6 +128,12 @@ class Trainer:
         return x, y
 
     @property
+    def tokens_per_step(self) -> int:
+        """The global batch in tokens (all processes, all micro-batches)."""
+        t = self.cfg.train
+        return t.batch_size * t.grad_accum * self.cfg.model.block_size
+
+    @property
     def ckpt_path(self) -> Path:
         return self.out / "ckpt.pt"
 
@@ -282,11 +288,11 @@ class Trainer:
     def _log_record(self, step: int, out: dict, measure: bool, evaluating: bool, seconds: float,
                     steps_done: int) -> dict:
         """Gather one metrics record (the only place the loop waits for the device)."""
-        s, t = self.stats, self.cfg.train
+        s = self.stats
         loss = torch.stack([s["loss_sum"], torch.tensor(float(s["loss_n"]), device=self.device)])
         if self.world > 1:
             dist.all_reduce(loss)
-        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
+        tokens_per_step = self.tokens_per_step
         rec = {"step": step, "tokens": step * tokens_per_step,
                "train_loss": (loss[0] / loss[1].clamp(min=1)).item(), "lr": self.lr}
         s["loss_sum"].zero_()
@@ -366,8 +372,8 @@ class Trainer:
         val_loss = None if self.diverged else self._last_val_loss()
         summary = {
             "study": cfg.study, "variant": cfg.variant, "depth": cfg.model.n_layer, "lr": cfg.optim.lr,
-            "seed": cfg.seed, "steps": self.step, "tokens": self.step * cfg.train.batch_size * cfg.train.grad_accum
-            * cfg.model.block_size, "final_val_loss": val_loss,
+            "seed": cfg.seed, "steps": self.step, "tokens": self.step * self.tokens_per_step,
+            "final_val_loss": val_loss,
             "final_val_ppl": math.exp(val_loss) if val_loss is not None and val_loss < 700 else None,
             "initial_loss": self.initial_loss, "diverged": self.diverged is not None,
             "diverged_step": self.diverged["step"] if self.diverged else None,
