@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from stabilab.config import LossConfig, ModelConfig, MLRAConfig, load_run_config, resolve_run, variant_overlay
 from stabilab.errors import UserError
-from stabilab.losses import objective, token_losses
+from stabilab.losses import head_loss, objective, token_losses
 from stabilab.model import GPT, LowRankHeads, LowRankOut, attention_params_by_hand
 from stabilab.optim import SPAM, PerpGrad
 from stabilab.train import Trainer
@@ -163,7 +163,7 @@ def test_mu_loss_adds_two_lambda_over_v_times_mu_to_every_row_gradient(lam):
     g1, l1 = grad_and_loss(LossConfig(mu_loss=lam))
     mu = E0.mean(dim=0)
     expected = (2 * lam / V) * mu.expand(V, d)
-    # the mu term is computed in float32 inside `objective`: 1e-5 relative
+    # float64 in, float64 arithmetic: 1e-5 relative is loose on purpose (float32 inputs pass too)
     torch.testing.assert_close(g1 - g0, expected, rtol=1e-5, atol=1e-7 * expected.abs().max().item())
     torch.testing.assert_close(l1 - l0, lam * mu.square().sum(), rtol=1e-5, atol=0)
 
@@ -184,6 +184,77 @@ def test_soft_capped_logits_are_c_tanh_of_the_raw_logits_and_bounded():
     assert out.abs().max().item() <= c
     assert out.shape == raw.shape == (2, 16, 200)
     torch.testing.assert_close(out.double(), c * torch.tanh(raw.double() / c), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the fused head loss
+
+
+def head_objective_reference(raw: torch.Tensor, targets: torch.Tensor, vocab: int, kind: str,
+                             softcap: float | None, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """METHODS.md §2 in float64 with plain autograd: slice the real vocabulary, soft-cap, StableMax
+    (by its s(x) definition, not our transform), cross-entropy and z-loss as token means."""
+    u = raw.double()[..., :vocab]
+    logits = softcap * torch.tanh(u / softcap) if softcap is not None else u
+    if kind == "stablemax":
+        s = torch.where(logits >= 0, logits + 1.0, 1.0 / (1.0 - logits.clamp(max=0)))
+        t = torch.log(s)
+    else:
+        t = logits
+    lse = _lse64(t)
+    ce = (lse - t.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).mean()
+    return ce + z_loss * lse.square().mean(), ce
+
+
+HEAD_CASES = [(kind, cap, z) for kind in ("softmax", "stablemax") for cap in (None, 4.0) for z in (0.0, 0.2)
+              if not (kind == "stablemax" and z)]
+
+
+@pytest.mark.parametrize("kind,softcap,z_loss", HEAD_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_head_loss_and_its_written_out_gradient_match_the_float64_definition(kind, softcap, z_loss, dtype):
+    """`head_loss` on padded raw outputs (64 columns, 50 real) against plain autograd in float64:
+    the padding never takes probability, and its columns get exactly zero gradient."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, V, V_pad = 3, 4, 50, 64
+    raw = (6.0 * torch.randn(B, T, V_pad, generator=gen)).to(dtype)
+    raw[0, 0, :3] = 0.0  # StableMax's branch point
+    raw[1, 1] *= 300.0  # a row of logits in the thousands (large StableMax sums, saturated soft-cap)
+    y = torch.randint(0, V, (B, T), generator=gen)
+    x = raw.clone().requires_grad_(True)
+    loss, ce = head_loss(x, y, V, kind, softcap, z_loss)
+    (3.0 * loss).backward()
+    x64 = raw.double().requires_grad_(True)
+    ref, ce_ref = head_objective_reference(x64, y, V, kind, softcap, z_loss)
+    (3.0 * ref).backward()
+    # float64 is exact up to rounding; otherwise the inputs are the same and only float32
+    # arithmetic differs (bf16 gradients are rounded to bf16: 2^-8 relative)
+    loss_tol = 1e-12 if dtype == torch.float64 else 1e-6
+    grad_tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2**-8}[dtype]
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=loss_tol, atol=0)
+    torch.testing.assert_close(ce.double(), ce_ref.detach(), rtol=loss_tol, atol=0)
+    assert x.grad.dtype == dtype
+    assert (x.grad[..., V:] == 0).all()
+    scale = x64.grad.abs().max().item()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=grad_tol, atol=grad_tol * scale)
+
+
+def test_fused_head_loss_equals_the_plain_autograd_objective_through_the_model():
+    """The model's training path (fused, padded head) against its metrics path (float32 logits of
+    the real vocabulary, plain autograd): same loss, same gradient for every parameter."""
+    cfg = ModelConfig(vocab_size=203, block_size=16, n_layer=2, n_head=2, n_embd=32, logit_softcap=3.0)
+    loss_cfg = LossConfig(kind="stablemax", mu_loss=0.1)
+    torch.manual_seed(0)
+    model = GPT(cfg).double()
+    idx = torch.randint(0, 203, (2, 16), generator=torch.Generator().manual_seed(12))
+    y = torch.randint(0, 203, (2, 16), generator=torch.Generator().manual_seed(13))
+    loss, ce = model(idx, y, loss_cfg)
+    fused = torch.autograd.grad(loss, list(model.parameters()))
+    ce_plain = token_losses(model(idx), y, "stablemax").mean()
+    E = model.output_embedding()
+    plain = torch.autograd.grad(ce_plain + 0.1 * E.mean(dim=0).square().sum(), list(model.parameters()))
+    torch.testing.assert_close(ce, ce_plain, rtol=1e-12, atol=0)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------- OEC: centering is shift-free

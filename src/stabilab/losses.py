@@ -1,4 +1,12 @@
-"""Training objectives: softmax or StableMax cross-entropy, plus z-loss and OEC mu-loss."""
+"""Training objectives: softmax or StableMax cross-entropy, plus z-loss and OEC mu-loss.
+
+Training goes through `head_loss`, one autograd function for the whole head objective, so that
+soft-capping, StableMax and z-loss cost no more than plain cross-entropy: its forward is one
+reduction over the (N, V) logits and its backward one elementwise pass, and nothing of size
+(N, V) is kept in float32 between them (only the logits as the head produced them, and one
+log-sum-exp per row). `token_losses` is the plain-autograd form, used for metrics and as the
+tests' second reference.
+"""
 
 from __future__ import annotations
 
@@ -29,13 +37,96 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torc
     return F.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1), reduction="none").view(targets.shape)
 
 
-def objective(logits: torch.Tensor, targets: torch.Tensor, cfg: LossConfig,
-              output_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to minimize, cross-entropy). `logits` are float32 (B, T, V); E is (V, d)."""
-    ce = token_losses(logits, targets, cfg.kind).mean()
-    loss = ce
-    if cfg.z_loss > 0:  # PaLM: lambda * mean over tokens of logsumexp(l)^2
-        loss = loss + cfg.z_loss * torch.logsumexp(logits, dim=-1).square().mean()
+def _capped(raw: torch.Tensor, softcap: float | None, slope: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(l, dl/draw): raw head outputs in float32 (float64 stays float64), soft-capped if asked,
+    l = c tanh(raw / c), dl/draw = 1 - tanh^2; the slope only when asked (backward)."""
+    u = raw.to(torch.promote_types(raw.dtype, torch.float32))
+    if softcap is None:
+        return u, None
+    th = torch.tanh(u / softcap)
+    return softcap * th, (1.0 - th * th if slope else None)
+
+
+def _stablemax_s(l: torch.Tensor) -> torch.Tensor:
+    """StableMax's s(x): x + 1 for x >= 0, 1 / (1 - x) for x < 0 (positive, finite)."""
+    return torch.where(l >= 0, l + 1.0, 1.0 / (1.0 - l.clamp(max=0)))
+
+
+def _real_columns(raw: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """Mask of the columns of the real vocabulary, None when there is no padding."""
+    return torch.arange(raw.shape[-1], device=raw.device) < vocab_size if raw.shape[-1] != vocab_size else None
+
+
+class _HeadLoss(torch.autograd.Function):
+    """(mean cross-entropy + z_loss * mean lse^2, mean cross-entropy) of raw head outputs, with
+    the gradient written out: dL/dt = p (1 + 2 z lse) - onehot(y), times dt/dl, times dl/draw.
+
+    Softmax: t = l, lse = logsumexp(l), p = exp(l - lse). StableMax works on s(l) directly, with
+    no exp or log per entry: lse = log sum s(l), p = s(l) / sum s, t = log s(l), and
+    p dt/dl = 1 / sum s for l >= 0 and 1 / ((1 - l)^2 sum s) for l < 0 (the same quantities in
+    fewer, cheaper operations; the tests compare both against the float64 definition)."""
+
+    @staticmethod
+    def forward(ctx, raw, targets, vocab_size, kind, softcap, z_loss):
+        l, _ = _capped(raw, softcap, slope=False)
+        real = _real_columns(raw, vocab_size)
+        l_y = l.gather(-1, targets[:, None]).squeeze(-1)
+        if kind == "stablemax":
+            s = _stablemax_s(l)
+            lse = torch.log((s if real is None else torch.where(real, s, 0.0)).sum(dim=-1))  # (N,)
+            t_y = stablemax_transform(l_y)
+        elif softcap is not None and softcap <= 80.0:
+            # |l| <= c: exp(l) neither overflows nor leaves float32's normal range, so the sum
+            # needs no max subtracted first (one pass over the logits instead of two)
+            e = torch.exp(l)
+            lse = torch.log((e if real is None else torch.where(real, e, 0.0)).sum(dim=-1))
+            t_y = l_y
+        else:
+            lse = torch.logsumexp(l if real is None else torch.where(real, l, float("-inf")), dim=-1)
+            t_y = l_y
+        ce = (lse - t_y).mean()
+        loss = ce + z_loss * lse.square().mean() if z_loss > 0 else ce.clone()
+        ctx.save_for_backward(raw, targets, lse)
+        ctx.args = (vocab_size, kind, softcap, z_loss)
+        ctx.mark_non_differentiable(ce)
+        return loss, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        raw, targets, lse = ctx.saved_tensors
+        vocab_size, kind, softcap, z_loss = ctx.args
+        l, dl = _capped(raw, softcap, slope=True)
+        scale = grad_loss / raw.shape[0]
+        row = (scale * (1.0 + 2.0 * z_loss * lse) if z_loss > 0 else scale.expand_as(lse))[:, None]
+        onehot = torch.arange(raw.shape[-1], device=raw.device) == targets[:, None]
+        if kind == "stablemax":
+            r = 1.0 / (1.0 - l.clamp(max=0))
+            p_dt = torch.where(l >= 0, 1.0, r * r) * torch.exp(-lse)[:, None]  # p * dt/dl
+            grad = p_dt * row - torch.where(onehot, scale / (1.0 + l.abs()), 0.0)
+        else:
+            grad = torch.exp(l - lse[:, None]) * row - torch.where(onehot, scale, 0.0)
+        real = _real_columns(raw, vocab_size)
+        if real is not None:
+            grad = torch.where(real, grad, 0.0)
+        if dl is not None:
+            grad = grad * dl
+        return grad.to(raw.dtype), None, None, None, None, None
+
+
+def head_loss(raw: torch.Tensor, targets: torch.Tensor, vocab_size: int, kind: str = "softmax",
+              softcap: float | None = None, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy + z-loss, cross-entropy), both token means, from the head's raw outputs
+    (..., V_padded) in any dtype; soft-capping and StableMax are applied inside, in float32,
+    to the first `vocab_size` columns."""
+    V = raw.shape[-1]
+    return _HeadLoss.apply(raw.reshape(-1, V), targets.reshape(-1), vocab_size, kind, softcap, float(z_loss))
+
+
+def objective(raw: torch.Tensor, targets: torch.Tensor, cfg: LossConfig, output_embedding: torch.Tensor,
+              softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to minimize, cross-entropy) from raw head outputs (B, T, V_padded); E is (V, d)."""
+    loss, ce = head_loss(raw, targets, output_embedding.shape[0], cfg.kind, softcap, cfg.z_loss)
     if cfg.mu_loss > 0:  # OEC: lambda * ||mu||^2, one term per step
-        loss = loss + cfg.mu_loss * output_embedding.float().mean(dim=0).square().sum()
+        E = output_embedding.to(torch.promote_types(output_embedding.dtype, torch.float32))
+        loss = loss + cfg.mu_loss * E.mean(dim=0).square().sum()
     return loss, ce

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import LossConfig, ModelConfig
+from .losses import objective
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -192,12 +193,19 @@ class GPT(nn.Module):
         logits = self.lm_head(h)
         if logits.shape[-1] != self.cfg.vocab_size:
             logits = logits[..., : self.cfg.vocab_size]
-        logits = logits.float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
         c = self.cfg.logit_softcap
         return c * torch.tanh(logits / c) if c is not None else logits
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.hidden(idx))  # (B, T, V)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                loss: LossConfig | None = None):
+        """Float32 logits (B, T, V); given targets, (objective, cross-entropy) instead, from the
+        fused head loss, which never holds the (B, T, V) logits in float32."""
+        h = self.hidden(idx)
+        if targets is None:
+            return self.logits(h)  # (B, T, V)
+        return objective(self.lm_head(h), targets, loss or LossConfig(), self.output_embedding(),
+                         self.cfg.logit_softcap)
 
     @contextlib.contextmanager
     def recording_attention_logits(self):

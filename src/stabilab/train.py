@@ -29,7 +29,6 @@ import torch.distributed as dist
 from . import metrics as M
 from .config import RunConfig
 from .errors import UserError
-from .losses import objective
 from .model import GPT, attention_params_by_hand
 from .optim import build_optimizer, lr_at
 from .shards import eval_batches, open_shards, train_batch
@@ -93,8 +92,8 @@ class Trainer:
 
             self.forward = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                    if self.device.type == "cuda" else None)
-        # Model and objective compile as one graph: the loss terms (z-loss, StableMax) fuse with
-        # the head instead of making extra float32 passes over the (B, T, V) logits.
+        # Model and fused head loss compile as one graph (its forward and written-out backward
+        # become one reduction and one elementwise kernel over the logits).
         self.loss_fn = torch.compile(self._loss) if t.compile else self._loss
         self.opt = build_optimizer(self.model, cfg.optim, self.device)
         self.val = [self._to_device(x, y) for x, y in eval_batches(val_tokens, t.eval_batches, t.batch_size,
@@ -191,7 +190,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return objective(self.forward(x), y, self.cfg.loss, self.model.output_embedding())
+        return self.forward(x, y, self.cfg.loss)
 
     def train_step(self, measure: bool) -> dict[str, torch.Tensor]:
         cfg, t = self.cfg, self.cfg.train
@@ -240,8 +239,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for x, y in self.val:
             with autocast(self.device, self.cfg.train.dtype):
-                logits = self.model(x)
-            total += objective(logits, y, self.cfg.loss, self.model.output_embedding())[1]
+                total += self.model(x, y, self.cfg.loss)[1]
         self.model.train()
         return (total / len(self.val)).item()
 
