@@ -17,6 +17,11 @@ once; for MLRA the factorized attention parameters, i.e. the matmul parameters a
 L layers, H heads, Q = n_embd / H the head dim and T the sequence length; MFU = FLOPs/token x
 tokens/s / peak, peak 989 TFLOP/s (H100 SXM, dense bf16) by default.
 
+Data parallel: started under `torchrun --nproc_per_node N`, every process is one rank of the
+project's DDP path (`train.processes`); the global batch stays `--batch-size` (each rank runs
+its share of the micro-batches), tokens/s is the global rate, MFU is per GPU, and rank 0 writes
+the outputs. Scaling efficiency = tokens/s on N GPUs / (N x tokens/s on one).
+
 Usage: see benchmarks/README.md.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import tempfile
 import time
@@ -35,8 +41,9 @@ import torch  # noqa: E402
 
 from bench_variants import (  # noqa: E402  (also puts the checkout's src/ on sys.path if needed)
     add_common_args, build_run_config, environment_line, load_experiment, markdown_table,
-    parse_variants, prepare_shards, raise_recompile_limit, set_threads, sync, warmup_steps_for, write_outputs)
+    parse_variants, prepare_shards, set_threads, sync, warmup_steps_for, write_outputs)
 from stabilab.model import GPT, padded_vocab  # noqa: E402
+from stabilab.optim import raise_recompile_limit  # noqa: E402
 from stabilab.train import Trainer, pick_device  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -85,11 +92,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     set_threads(args.threads)
-    if args.batch_size % args.micro_batch:
-        raise SystemExit(f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch ({args.micro_batch})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun: the Trainer runs DDP
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if args.batch_size % (args.micro_batch * world):
+        raise SystemExit(f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch ({args.micro_batch})"
+                         f" x processes ({world})")
     experiment = load_experiment(args.config)
     variants = parse_variants(args.variants)
-    device = pick_device(args.device)
+    device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     compile_ = (device.type == "cuda") if args.compile is None else args.compile
     if compile_:
         raise_recompile_limit(8 * len(variants) + 8)
@@ -102,12 +112,13 @@ def main(argv: list[str] | None = None) -> dict:
     tokens_per_step = args.batch_size * args.block_size
     rows: list[dict] = []
     table: list[list] = []
-    header = (f"# Training throughput ({environment_line(device)})\n\n"
+    gpus = f"{world} processes (DDP, one device each), " if world > 1 else ""
+    header = (f"# Training throughput ({environment_line(device)})\n\n{gpus}"
               f"Shapes: n_layer {args.n_layer}, n_embd {args.n_embd}, n_head {args.n_head}, T {args.block_size}, "
               f"vocab {args.vocab} (padded {padded_vocab(args.vocab)}), batch {args.batch_size} = "
               f"{args.batch_size // args.micro_batch} x micro-batch {args.micro_batch} ({tokens_per_step:,} tokens/step), "
               f"dtype {args.dtype}, compile {compile_}, {args.warmup} warm-up + {args.steps} timed steps per variant. "
-              f"MFU = (6 N + 12 L H Q T) x tokens/s / {args.peak_tflops:g} TFLOP/s, N = parameters without "
+              f"MFU = (6 N + 12 L H Q T) x tokens/s / {args.peak_tflops:g} TFLOP/s{' / processes' if world > 1 else ''}, N = parameters without "
               f"position embeddings.\n")
     headers = ["variant", "params", "N (non-emb.)", "GFLOP/token", "ms/step", "tokens/s", "peak mem (GiB)",
                "MFU", "step time vs baseline", "warm-up (s)"]
@@ -118,15 +129,20 @@ def main(argv: list[str] | None = None) -> dict:
         shard_dir, _ = prepare_shards(Path(tmp), str(args.vocab), 30000, random_tokens=True)
         for name in variants:
             row = _bench_variant(args, experiment, name, overrides, device, tokens_per_step, shard_dir,
-                                 Path(tmp) / "runs" / name.replace("+", "_"))
+                                 Path(tmp) / "runs" / name.replace("+", "_"), world)
             rows.append(row)
+            if not main_rank:
+                continue
             ref = next((r for r in rows if r["variant"] == "baseline" and r["status"] == "ok"), None)
             table = [_table_row(r, ref) for r in rows]
             markdown = header + "\n" + markdown_table(headers, table)
             print(f"[{name}] {row['status']}: {row['tokens_per_s']:.0f} tokens/s, {row['ms_per_step']:.1f} ms/step, "
                   f"MFU {row['mfu_pct']:.2f} %, warm-up {row['warmup_s']:.1f} s", flush=True)
             write_outputs(args.out, "throughput", rows, markdown)  # partial results survive a time-out
-    print(markdown, flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if main_rank:
+        print(markdown, flush=True)
     return {"rows": rows, "markdown": markdown}
 
 
@@ -141,7 +157,7 @@ def _table_row(r: dict, ref: dict | None) -> list:
             f"{r['warmup_s']:.1f}"]
 
 
-def _bench_variant(args, experiment, name, overrides, device, tokens_per_step, shard_dir, run_dir) -> dict:
+def _bench_variant(args, experiment, name, overrides, device, tokens_per_step, shard_dir, run_dir, world) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -150,7 +166,8 @@ def _bench_variant(args, experiment, name, overrides, device, tokens_per_step, s
     row = {"variant": name, "status": "ok", "params": 0, "params_non_embedding": 0, "flops_per_token": 0,
            "ms_per_step": float("nan"), "tokens_per_s": float("nan"), "peak_mem_gib": float("nan"),
            "mfu_pct": float("nan"), "warmup_s": float("nan"), "compile": cfg.train.compile,
-           "batch_size": args.batch_size, "micro_batch": args.micro_batch, "block_size": args.block_size}
+           "batch_size": args.batch_size, "micro_batch": args.micro_batch, "block_size": args.block_size,
+           "processes": world}
     tr = None
     try:
         tr = RandomTokenTrainer(cfg, run_dir)
@@ -168,7 +185,7 @@ def _bench_variant(args, experiment, name, overrides, device, tokens_per_step, s
         dt = (time.perf_counter() - t0) / args.steps
         tok_s = tokens_per_step / dt
         row.update(ms_per_step=dt * 1e3, tokens_per_s=tok_s,
-                   mfu_pct=100 * row["flops_per_token"] * tok_s / (args.peak_tflops * 1e12))
+                   mfu_pct=100 * row["flops_per_token"] * tok_s / (world * args.peak_tflops * 1e12))
         if device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     except torch.cuda.OutOfMemoryError:

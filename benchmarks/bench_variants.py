@@ -44,6 +44,7 @@ import yaml
 from stabilab import corpus, shards, tokenizer
 from stabilab.config import deep_merge, load_run_config, resolve_run
 from stabilab.model import padded_vocab
+from stabilab.optim import raise_recompile_limit
 from stabilab.train import Trainer
 
 VARIANTS = ["baseline", "mlra", "oec_center", "oec_loss", "zloss", "softcap", "stablemax", "perpgrad", "spam"]
@@ -75,16 +76,6 @@ def warmup_steps_for(cfg, warmup: int) -> int:
     """SPAM does not clip spikes in its first `grace` steps: warm it up past them so the timed
     steps are steady-state (spike clipping included)."""
     return max(warmup, cfg.optim.spam.grace + 1) if cfg.optim.name == "spam" else warmup
-
-
-def raise_recompile_limit(n: int) -> None:
-    """One compiled GPT per variant shares GPT.forward's code object: lift dynamo's
-    per-code-object recompile limit (default 8) so no variant silently falls back to eager."""
-    import torch._dynamo.config as dynamo_config
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), n))
 
 
 def set_threads(n: int) -> None:

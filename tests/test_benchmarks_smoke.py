@@ -113,3 +113,28 @@ def test_flops_per_token_gpt2_small(bench_throughput):
     flops = bench_throughput.flops_per_token(Stub())
     assert flops == 6 * 123_587_328 + 12 * 12 * 12 * 64 * 1024
     assert flops == pytest.approx(0.8548e9, rel=1e-3)
+
+
+def test_bench_throughput_under_torchrun_reports_the_global_rate(tmp_path):
+    """Two gloo processes (what `torchrun --nproc_per_node 2` does on two GPUs): rank 0 writes one
+    table whose header names the process count, with the global batch and a per-device MFU."""
+    import os
+    import subprocess
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(BENCH / "bench_throughput.py"), *TINY, "--no-compile", "--variants", "baseline", "--vocab", "300",
+           "--batch-size", "4", "--micro-batch", "2", "--warmup", "1", "--steps", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    markdown = (out / "throughput.md").read_text()
+    assert "2 processes (DDP" in markdown and "/ processes" in markdown
+    with open(out / "throughput.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"] == "ok" and row["processes"] == "2" and row["batch_size"] == "4"
+    assert float(row["tokens_per_s"]) == pytest.approx(4 * 16 / (float(row["ms_per_step"]) / 1e3), rel=1e-6)
+    # MFU per device: the global FLOP rate divided by 2 processes (and the 989 TFLOP/s peak)
+    assert float(row["mfu_pct"]) == pytest.approx(
+        100 * float(row["flops_per_token"]) * float(row["tokens_per_s"]) / (2 * 989e12), rel=1e-6)

@@ -93,9 +93,10 @@ class Trainer:
             self.forward = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                    if self.device.type == "cuda" else None)
         # Model and fused head loss compile as one graph (its forward and written-out backward
-        # become one reduction and one elementwise kernel over the logits).
+        # become one reduction and one elementwise kernel over the logits); SPAM's and perpGrad's
+        # updates compile to a fused kernel per tensor.
         self.loss_fn = torch.compile(self._loss) if t.compile else self._loss
-        self.opt = build_optimizer(self.model, cfg.optim, self.device)
+        self.opt = build_optimizer(self.model, cfg.optim, self.device, compile=t.compile)
         self.val = [self._to_device(x, y) for x, y in eval_batches(val_tokens, t.eval_batches, t.batch_size,
                                                                   cfg.model.block_size)]
         self.groups = {"embedding": [self.model.wte.weight, self.model.wpe.weight]}
