@@ -211,9 +211,12 @@ HEAD_CASES = [(kind, cap, z) for kind in ("softmax", "stablemax") for cap in (No
 
 @pytest.mark.parametrize("kind,softcap,z_loss", HEAD_CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_fused_head_loss_and_its_written_out_gradient_match_the_float64_definition(kind, softcap, z_loss, dtype):
-    """`head_loss` on padded raw outputs (64 columns, 50 real) against plain autograd in float64:
-    the padding never takes probability, and its columns get exactly zero gradient."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
+def test_head_loss_and_its_gradient_match_the_float64_definition(kind, softcap, z_loss, dtype, fused):
+    """`head_loss` on padded raw outputs (64 columns, 50 real), both forms (the fused function
+    with its written-out gradient, which torch.compile uses, and plain autograd), against the
+    definitions in float64: the padding never takes probability, and its columns get exactly
+    zero gradient."""
     gen = torch.Generator().manual_seed(11)
     B, T, V, V_pad = 3, 4, 50, 64
     raw = (6.0 * torch.randn(B, T, V_pad, generator=gen)).to(dtype)
@@ -221,7 +224,7 @@ def test_fused_head_loss_and_its_written_out_gradient_match_the_float64_definiti
     raw[1, 1] *= 300.0  # a row of logits in the thousands (large StableMax sums, saturated soft-cap)
     y = torch.randint(0, V, (B, T), generator=gen)
     x = raw.clone().requires_grad_(True)
-    loss, ce = head_loss(x, y, V, kind, softcap, z_loss)
+    loss, ce = head_loss(x, y, V, kind, softcap, z_loss, fused=fused)
     (3.0 * loss).backward()
     x64 = raw.double().requires_grad_(True)
     ref, ce_ref = head_objective_reference(x64, y, V, kind, softcap, z_loss)
@@ -238,9 +241,12 @@ def test_fused_head_loss_and_its_written_out_gradient_match_the_float64_definiti
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=grad_tol, atol=grad_tol * scale)
 
 
-def test_fused_head_loss_equals_the_plain_autograd_objective_through_the_model():
-    """The model's training path (fused, padded head) against its metrics path (float32 logits of
-    the real vocabulary, plain autograd): same loss, same gradient for every parameter."""
+@pytest.mark.parametrize("compiling", [True, False])
+def test_the_models_training_loss_equals_the_plain_objective_on_its_logits(compiling, monkeypatch):
+    """GPT.forward(idx, targets) (padded head; the fused function when torch.compile traces it,
+    here forced by `is_compiling`) against its metrics path (float32 logits of the real
+    vocabulary, plain autograd): same loss, same gradient for every parameter."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     cfg = ModelConfig(vocab_size=203, block_size=16, n_layer=2, n_head=2, n_embd=32, logit_softcap=3.0)
     loss_cfg = LossConfig(kind="stablemax", mu_loss=0.1)
     torch.manual_seed(0)

@@ -1,11 +1,11 @@
 """Training objectives: softmax or StableMax cross-entropy, plus z-loss and OEC mu-loss.
 
-Training goes through `head_loss`, one autograd function for the whole head objective, so that
-soft-capping, StableMax and z-loss cost no more than plain cross-entropy: its forward is one
-reduction over the (N, V) logits and its backward one elementwise pass, and nothing of size
-(N, V) is kept in float32 between them (only the logits as the head produced them, and one
-log-sum-exp per row). `token_losses` is the plain-autograd form, used for metrics and as the
-tests' second reference.
+Training goes through `head_loss`. Compiled, it is one autograd function for the whole head
+objective, so that soft-capping, StableMax and z-loss cost no more than plain cross-entropy: its
+forward is one reduction over the (N, V) logits and its backward one elementwise pass, and
+nothing of size (N, V) is kept in float32 between them (only the logits as the head produced
+them, and one log-sum-exp per row). Uncompiled it is plain autograd over `token_losses`, whose
+PyTorch kernels are the faster choice there. Both are tested against the float64 definitions.
 """
 
 from __future__ import annotations
@@ -114,12 +114,24 @@ class _HeadLoss(torch.autograd.Function):
 
 
 def head_loss(raw: torch.Tensor, targets: torch.Tensor, vocab_size: int, kind: str = "softmax",
-              softcap: float | None = None, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+              softcap: float | None = None, z_loss: float = 0.0,
+              fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy + z-loss, cross-entropy), both token means, from the head's raw outputs
     (..., V_padded) in any dtype; soft-capping and StableMax are applied inside, in float32,
-    to the first `vocab_size` columns."""
+    to the first `vocab_size` columns.
+
+    `fused` (default: while torch.compile traces) uses the written-out autograd function, which
+    compiles to one reduction and one elementwise kernel; uncompiled, plain autograd over the
+    same formulas is faster (PyTorch's own cross-entropy kernels), e.g. on a CPU."""
+    if fused is None:
+        fused = torch.compiler.is_compiling()
     V = raw.shape[-1]
-    return _HeadLoss.apply(raw.reshape(-1, V), targets.reshape(-1), vocab_size, kind, softcap, float(z_loss))
+    if fused:
+        return _HeadLoss.apply(raw.reshape(-1, V), targets.reshape(-1), vocab_size, kind, softcap, float(z_loss))
+    logits, _ = _capped(raw[..., :vocab_size], softcap, slope=False)
+    ce = token_losses(logits, targets, kind).mean()
+    loss = ce + z_loss * torch.logsumexp(logits, dim=-1).square().mean() if z_loss > 0 else ce
+    return loss, ce.detach()
 
 
 def objective(raw: torch.Tensor, targets: torch.Tensor, cfg: LossConfig, output_embedding: torch.Tensor,
