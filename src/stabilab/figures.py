@@ -706,18 +706,29 @@ def _label_bars(ax, rows, means, cis, runs_per_bar, top, value_text, pad, fontsi
                     color=DIVERGED if k else "0.4")
 
 
+def _bar_rows(table: pd.DataFrame, variants: list[str], keys: list[str], describe) -> list[tuple]:
+    """(label, variant, table row) per bar: each variant (in order) at each combination of `keys`
+    present in `table` (sorted). Labels are the variant, plus `describe(*values)` in parentheses
+    when there is more than one combination."""
+    combos = list(table[keys].dropna().drop_duplicates().sort_values(keys).itertuples(index=False, name=None))
+    rows = []
+    for variant in variants:
+        for values in combos:
+            mask = table["variant"] == variant
+            for key, value in zip(keys, values):
+                mask &= np.isclose(table[key], value)
+            r = table[mask]
+            if len(r):
+                label = variant if len(combos) == 1 else f"{variant}\n({describe(*values)})"
+                rows.append((label, variant, r.iloc[0]))
+    return rows
+
+
 def _lr_sensitivity(summary, variants, study, spec, palette):
     sens = _metric(summary, "lr_sensitivity")
     n_lrs = len(spec.get("lrs", [])) or int(summary["lr"].nunique())
     total = _n_seeds(spec) * n_lrs
-    depths = sorted(sens["depth"].dropna().unique())
-    rows = []
-    for variant in variants:
-        for depth in depths:
-            r = sens[(sens["variant"] == variant) & (sens["depth"] == depth)]
-            if len(r):
-                label = variant if len(depths) == 1 else f"{variant}\n({int(depth)} layers)"
-                rows.append((label, variant, r.iloc[0]))
+    rows = _bar_rows(sens, variants, ["depth"], lambda depth: f"{int(depth)} layers")
     fig, ax = plt.subplots(figsize=(max(4.6, 1.25 * len(rows) + 1.6), 4.1), layout="constrained")
     if not rows:
         _no_data(ax)
@@ -815,15 +826,7 @@ def _spike_figures(summary, steps, runs, variants, folder, study, spec, palette)
 
 def _spike_counts(summary, variants, study, spec, palette):
     counts = _metric(summary, "spike_count")
-    combos = counts[["depth", "lr"]].drop_duplicates().sort_values(["depth", "lr"]).itertuples(index=False)
-    combos = list(combos)
-    rows = []
-    for variant in variants:
-        for depth, lr in combos:
-            r = counts[(counts["variant"] == variant) & (counts["depth"] == depth) & np.isclose(counts["lr"], lr)]
-            if len(r):
-                label = variant if len(combos) == 1 else f"{variant}\n(L{int(depth)}, LR {_fmt(lr)})"
-                rows.append((label, variant, r.iloc[0]))
+    rows = _bar_rows(counts, variants, ["depth", "lr"], lambda depth, lr: f"L{int(depth)}, LR {_fmt(lr)}")
     fig, ax = plt.subplots(figsize=(max(4.6, 1.2 * len(rows) + 1.6), 3.9), layout="constrained")
     if not rows:
         _no_data(ax)
