@@ -52,6 +52,12 @@ def _stablemax_s(l: torch.Tensor) -> torch.Tensor:
     return torch.where(l >= 0, l + 1.0, 1.0 / (1.0 - l.clamp(max=0)))
 
 
+def real_logits(raw: torch.Tensor, vocab_size: int, softcap: float | None) -> torch.Tensor:
+    """The model's logits: raw head outputs over the real vocabulary (padding columns dropped), in
+    float32 (float64 stays float64), soft-capped if configured."""
+    return _capped(raw[..., :vocab_size], softcap, slope=False)[0]
+
+
 def _real_columns(raw: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
     """Mask of the columns of the real vocabulary, None when there is no padding."""
     return torch.arange(raw.shape[-1], device=raw.device) < vocab_size if raw.shape[-1] != vocab_size else None
@@ -128,7 +134,7 @@ def head_loss(raw: torch.Tensor, targets: torch.Tensor, vocab_size: int, kind: s
     V = raw.shape[-1]
     if fused:
         return _HeadLoss.apply(raw.reshape(-1, V), targets.reshape(-1), vocab_size, kind, softcap, float(z_loss))
-    logits, _ = _capped(raw[..., :vocab_size], softcap, slope=False)
+    logits = real_logits(raw, vocab_size, softcap)
     ce = token_losses(logits, targets, kind).mean()
     loss = ce + z_loss * torch.logsumexp(logits, dim=-1).square().mean() if z_loss > 0 else ce
     return loss, ce.detach()

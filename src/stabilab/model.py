@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LossConfig, ModelConfig
-from .losses import objective
+from .losses import objective, real_logits
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -190,12 +190,7 @@ class GPT(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the real vocabulary, soft-capped if configured."""
-        logits = self.lm_head(h)
-        if logits.shape[-1] != self.cfg.vocab_size:
-            logits = logits[..., : self.cfg.vocab_size]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
-        c = self.cfg.logit_softcap
-        return c * torch.tanh(logits / c) if c is not None else logits
+        return real_logits(self.lm_head(h), self.cfg.vocab_size, self.cfg.logit_softcap)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 loss: LossConfig | None = None):
