@@ -34,8 +34,9 @@ def _spam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
                  clip: torch.Tensor, threshold: float, beta1: float, beta2: float, eps: float,
                  count_clipped: bool) -> torch.Tensor | None:
     """One SPAM step for a list of tensors, in place; per tensor one pass when compiled (reads p,
-    g, m, v; writes p, m, v). `step_size`, `decay` and `threshold` (inf: no clipping) are 0-d
-    tensors so that their per-step values cause no recompilation. Returns the clipped count."""
+    g, m, v; writes p, m, v). `step_size`, `decay` and `clip` (bool: whether spikes are clipped
+    this step) are 0-d device tensors, so that their per-step values cause no recompilation.
+    Returns the number of clipped entries when `count_clipped`."""
     clipped = []
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
         # clamp(g, -b, b), b = sqrt(theta v_prev), equals the paper's where(g^2 > theta v_prev, sign(g) b, g)
