@@ -192,6 +192,16 @@ def _div_handle(label: str = "diverged (run stopped)") -> Line2D:
     return Line2D([], [], ls="none", marker="x", color=DIVERGED, ms=8, mew=2, label=label)
 
 
+def _seed_curve_handles(n_seeds: int, any_diverged: bool) -> list:
+    """Legend entries of curve figures after the variants': the seed band, and the divergence mark."""
+    handles = []
+    if n_seeds > 1:
+        handles.append(Patch(color="0.6", alpha=0.35, label="95 % CI over seeds (thin: single seeds)"))
+    if any_diverged:
+        handles.append(_div_handle(DIV_CURVE_LABEL if n_seeds > 1 else "diverged: run stopped at ×"))
+    return handles
+
+
 def _no_data(ax, text: str = "no data") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
@@ -481,10 +491,7 @@ def _loss_curves(steps: pd.DataFrame, runs: pd.DataFrame, study: str, spec: dict
     handles += [Line2D([], [], color="0.3", lw=1.6,
                        label="train (mean over non-diverged seeds)" if n_seeds > 1 else "train"),
                 Line2D([], [], color="0.3", lw=1.3, ls="--", marker="o", ms=3.5, label="validation")]
-    if n_seeds > 1:
-        handles.append(Patch(color="0.6", alpha=0.35, label="95 % CI over seeds (thin: single seeds)"))
-    if any_div:
-        handles.append(_div_handle(DIV_CURVE_LABEL if n_seeds > 1 else "diverged: run stopped at ×"))
+    handles += _seed_curve_handles(n_seeds, any_div)
     _legend(fig, handles)
     return fig
 
@@ -623,10 +630,7 @@ def _tev_over_training(steps, runs, variants, study, spec, palette):
                 ax.set_xlabel("")
     fig.suptitle(f"{study}: token-embedding variability of wte during training", fontsize=10.5)
     handles = _variant_handles([v for v in variants if v in set(steps["variant"])], palette)
-    if n > 1:
-        handles.append(Patch(color="0.6", alpha=0.35, label="95 % CI over seeds (thin: single seeds)"))
-    if any_div:
-        handles.append(_div_handle(DIV_CURVE_LABEL if n > 1 else "diverged: run stopped at ×"))
+    handles += _seed_curve_handles(n, any_div)
     _legend(fig, handles)
     return fig
 
