@@ -88,7 +88,11 @@ class _HeadLoss(torch.autograd.Function):
             lse = torch.log((e if real is None else torch.where(real, e, 0.0)).sum(dim=-1))
             t_y = l_y
         else:
-            lse = torch.logsumexp(l if real is None else torch.where(real, l, float("-inf")), dim=-1)
+            # written out as max, then sum of exp(l - max): Inductor turns exactly this pattern
+            # into one online-softmax pass over the logits (torch.logsumexp takes two)
+            x = l if real is None else torch.where(real, l, float("-inf"))
+            m = x.amax(dim=-1, keepdim=True)
+            lse = (m + (x - m).exp().sum(dim=-1, keepdim=True).log()).squeeze(-1)
             t_y = l_y
         ce = (lse - t_y).mean()
         loss = ce + z_loss * lse.square().mean() if z_loss > 0 else ce.clone()
