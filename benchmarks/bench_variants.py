@@ -7,7 +7,7 @@ sections of config.yaml overlaid by the variant's entry under `variants:`, throu
 After a warm-up, the script goes round-robin over the variants for `--rounds` rounds (the start
 of the round rotates); in each round it times `--steps` calls of `trainer.train_step(False)` per
 variant (the device is synchronized before reading the clock), then one "logging step":
-`train_step(True)` + `stability_metrics()` + `.item()` of every value, which is what the training
+`train_step(True)` + `stability_metrics()` + one host transfer of every value, which is what the training
 loop does every `train.metrics_every` steps. Reported per variant:
 
 - ms/step: median over rounds of the mean plain-step time;
@@ -45,7 +45,7 @@ from stabilab import corpus, shards, tokenizer
 from stabilab.config import deep_merge, load_run_config, resolve_run
 from stabilab.model import padded_vocab
 from stabilab.optim import raise_recompile_limit
-from stabilab.train import Trainer
+from stabilab.train import Trainer, to_floats
 
 VARIANTS = ["baseline", "mlra", "oec_center", "oec_loss", "zloss", "softcap", "stablemax", "perpgrad", "spam"]
 DEFAULT_CONFIG = REPO / "config.yaml"
@@ -324,10 +324,7 @@ def _run(args, experiment, variants, overrides, shard_dir, kind, metrics_every, 
 
 def _logging_step(tr: Trainer) -> dict[str, float]:
     """What the training loop adds at a metrics step: measured step, metrics, host transfer."""
-    out = tr.train_step(True)
-    rec = {k: v.item() for k, v in out.items()}
-    rec.update({k: v.item() for k, v in tr.stability_metrics().items()})
-    return rec
+    return to_floats({**tr.train_step(True), **tr.stability_metrics()})
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from stabilab.config import load_run_config
+from stabilab.config import ModelConfig, MLRAConfig
 from stabilab.metrics import collapse_fractions, grad_group_norms, logit_stats, lr_sensitivity, mu_norm, tev
-from stabilab.train import Trainer
+from stabilab.model import GPT, attention_logit_max
+from stabilab.train import Trainer, to_floats
 
 from conftest import tiny_run
 
@@ -46,6 +48,77 @@ def test_collapse_fraction_on_logits_built_to_collapse_in_float32():
     assert torch.exp(logits.double() - 30).sum(-1)[0, 0].item() != 1.0  # float64 does not collapse
     wrong = collapse_fractions(logits, torch.tensor([[1, 0, 0]]))
     assert wrong["collapse_frac"].item() == pytest.approx(2 / 3) and wrong["zero_loss_frac"].item() == 0.0
+
+
+def causal_max_by_loops(q: torch.Tensor, k: torch.Tensor) -> float:
+    """max over (b, h, i, j <= i) of q_i.k_j / sqrt(d), one dot product at a time, in float64."""
+    B, H, T, D = q.shape
+    q, k = q.double(), k.double()
+    return max(float(q[b, h, i] @ k[b, h, j]) / math.sqrt(D)
+               for b in range(B) for h in range(H) for i in range(T) for j in range(i + 1))
+
+
+def test_attention_logit_max_is_the_max_over_causal_pairs():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
+    q[1, 2, 1], k[1, 2, 4] = 10.0, 10.0  # the largest score of all, at a future key (j > i): excluded
+    got = attention_logit_max(q, k)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(causal_max_by_loops(q, k), rel=1e-6)
+    assert got.item() < 10.0 * 10.0 * 4 / 2
+    assert attention_logit_max(q.double(), k.double()).item() == pytest.approx(causal_max_by_loops(q, k), rel=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_attention_logit_max_of_bfloat16_heads_on_a_gpu_equals_the_float32_scores():
+    """The 16-bit matmul with float32 output computes the same scores as the upcast matmul."""
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 4, 256, 64, device="cuda").bfloat16() * 3 for _ in range(2))
+    assert attention_logit_max(q, k).item() == pytest.approx(causal_max_by_loops_fast(q, k), rel=1e-6)
+
+
+def causal_max_by_loops_fast(q: torch.Tensor, k: torch.Tensor) -> float:
+    """The same maximum, vectorized, in float64 on the CPU."""
+    q, k = q.double().cpu(), k.double().cpu()
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return s.masked_fill(~torch.ones(s.shape[-1], s.shape[-1], dtype=torch.bool).tril(), -math.inf).max().item()
+
+
+@pytest.mark.parametrize("mlra", [False, True], ids=["dense", "mlra"])
+def test_the_models_attention_logit_max_per_layer_is_recomputed_from_its_own_heads(mlra):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, block_size=12, n_layer=3, n_head=2, n_embd=16,
+                      mlra=MLRAConfig(enabled=mlra, targets=["q", "k", "v", "o"]))
+    model = GPT(cfg).double().eval()
+    idx = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        logits, maxes = model.logits_and_attention_max(idx)
+        assert torch.equal(logits, model(idx))
+        x = model.wte(idx) + model.wpe(torch.arange(12))
+        expected = []
+        for block in model.blocks:  # each layer's q, k from the input to that block
+            heads = block.attn.qkv(block.ln_1(x))
+            expected.append(causal_max_by_loops(heads["q"], heads["k"]))
+            x = block(x)
+    assert maxes.shape == (3,)
+    assert maxes.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_compiled_metrics_pass_equals_the_eager_one(tiny_data, tmp_path):
+    """`train.compile` compiles the forward-pass metrics (attention maxima, logit statistics,
+    collapse fractions); they are the eager ones up to float32 rounding."""
+    tr = Trainer(load_run_config(tiny_run(tiny_data["shards"], train={"compile": True})), tmp_path)
+    x, y = (t[:4] for t in tr.val[0])
+    tr.model.eval()
+    eager, compiled = to_floats(tr._output_metrics(x, y)), to_floats(tr.output_metrics(x, y))
+    assert compiled.keys() == eager.keys() and len(eager) == 2 + 5
+    for key in eager:
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-6), key
+
+
+def test_to_floats_moves_every_scalar_at_once():
+    out = to_floats({"a": torch.tensor(1.5), "b": torch.tensor(3, dtype=torch.int64), "c": torch.tensor([2.0])})
+    assert out == {"a": 1.5, "b": 3.0, "c": 2.0} and to_floats({}) == {}
 
 
 def test_lr_sensitivity_on_a_made_up_table():

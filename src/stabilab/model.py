@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -78,8 +77,6 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = (LowRankOut(cfg.n_head, self.d_head, rank, cfg.n_embd, cfg.bias) if "o" in low_rank
                        else nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias))
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.record_logit_max = False  # set by the metrics pass; costs an explicit q k^T
-        self.logit_max: torch.Tensor | None = None
 
     def qkv(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         B, T, C = x.shape
@@ -92,14 +89,13 @@ class CausalSelfAttention(nn.Module):
                 heads[t] = part
         return {t: h.transpose(1, 2) for t, h in heads.items()}  # (B, H, T, d_head)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, logit_max: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`logit_max`, if given, gets this layer's attention logit max appended (metrics pass)."""
         B, T, C = x.shape
         h = self.qkv(x)
         q, k, v = h["q"], h["k"], h["v"]
-        if self.record_logit_max:
-            scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, H, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            self.logit_max = scores.masked_fill(~causal, float("-inf")).amax()
+        if logit_max is not None:
+            logit_max.append(attention_logit_max(q, k))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -125,8 +121,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, logit_max: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), logit_max)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -179,13 +175,13 @@ class GPT(nn.Module):
         """E (V x d): the output-embedding rows of the real vocabulary, padding excluded."""
         return self.lm_head.weight[: self.cfg.vocab_size]
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, logit_max: list[torch.Tensor] | None = None) -> torch.Tensor:
         B, T = idx.shape
         assert T <= self.cfg.block_size, f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}"
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, logit_max)
         return self.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -202,17 +198,30 @@ class GPT(nn.Module):
         return objective(self.lm_head(h), targets, loss or LossConfig(), self.output_embedding(),
                          self.cfg.logit_softcap)
 
-    @contextlib.contextmanager
-    def recording_attention_logits(self):
-        """Within it, each attention layer keeps max q.k/sqrt(d_head) of the last forward in
-        `block.attn.logit_max` (Wortsman et al. 2023); costs an explicit q k^T."""
-        for block in self.blocks:
-            block.attn.record_logit_max = True
-        try:
-            yield
-        finally:
-            for block in self.blocks:
-                block.attn.record_logit_max = False
+    def logits_and_attention_max(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits (B, T, V) and each layer's attention logit max (n_layer,), the max of
+        q.k/sqrt(d_head) over heads and causal pairs (Wortsman et al. 2023). Costs an explicit
+        q k^T per layer: for the metrics pass, not for training."""
+        maxes: list[torch.Tensor] = []
+        logits = self.logits(self.hidden(idx, maxes))
+        return logits, torch.stack(maxes)
+
+
+def attention_logit_max(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """max of q_i.k_j / sqrt(d_head) over batch, heads and causal pairs j <= i; q, k (B, H, T, d_head).
+
+    The scores are float32 (float64 stays float64). For bfloat16/float16 q, k on a GPU they come
+    from one matmul with float32 output: the products of 16-bit numbers are exact in float32, so
+    this equals the float32 matmul of the upcast q, k, at the 16-bit matmul's speed."""
+    B, H, T, D = q.shape
+    q2, k2 = q.reshape(B * H, T, D), k.reshape(B * H, T, D)
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        scores = torch.bmm(q2, k2.transpose(1, 2), out_dtype=torch.float32)
+    else:
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.bmm(q2.to(dtype), k2.to(dtype).transpose(1, 2))  # (B H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).amax() / math.sqrt(D)
 
 
 def attention_params_by_hand(cfg: ModelConfig) -> int:

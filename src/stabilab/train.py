@@ -65,6 +65,14 @@ def _json_value(x):
     return x
 
 
+def to_floats(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors as floats, in one device-to-host transfer."""
+    if not tensors:
+        return {}
+    values = torch.stack([t.detach().reshape(()).to(torch.float64) for t in tensors.values()]).tolist()
+    return dict(zip(tensors, values))
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path):
         self.cfg, self.out = cfg, Path(out_dir)
@@ -96,6 +104,7 @@ class Trainer:
         # become one reduction and one elementwise kernel over the logits); SPAM's and perpGrad's
         # updates compile to a fused kernel per tensor.
         self.loss_fn = torch.compile(self._loss) if t.compile else self._loss
+        self.output_metrics = torch.compile(self._output_metrics) if t.compile else self._output_metrics
         self.opt = build_optimizer(self.model, cfg.optim, self.device, compile=t.compile)
         self.val = [self._to_device(x, y) for x, y in eval_batches(val_tokens, t.eval_batches, t.batch_size,
                                                                   cfg.model.block_size)]
@@ -245,14 +254,25 @@ class Trainer:
         return (total / len(self.val)).item()
 
     @torch.no_grad()
+    def _output_metrics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The metrics of one forward pass: attention logit max per layer, logit statistics,
+        collapse fractions. Compiled with the model when `train.compile` is set: the logit
+        statistics then share their passes over the logits."""
+        cfg = self.cfg
+        with autocast(self.device, cfg.train.dtype):
+            logits, attn_max = self.model.logits_and_attention_max(x)
+        out = {f"attn_logit_max_l{i}": m for i, m in enumerate(attn_max.unbind())}
+        out.update(M.logit_stats(logits))
+        out.update(M.collapse_fractions(logits, y, cfg.loss.kind))
+        return out
+
+    @torch.no_grad()
     def stability_metrics(self) -> dict[str, torch.Tensor]:
         """METHODS.md §3 on a fixed batch: the first `metrics_batch` validation sequences."""
         m, cfg = self.model, self.cfg
         x, y = (t[: cfg.train.metrics_batch] for t in self.val[0])
         m.eval()
-        with autocast(self.device, cfg.train.dtype), m.recording_attention_logits():
-            logits = m(x)
-        out = {f"attn_logit_max_l{i}": b.attn.logit_max for i, b in enumerate(m.blocks)}
+        out = self.output_metrics(x, y)
         m.train()
         vocab = cfg.model.vocab_size
         out["tev_mean"], out["tev_std"] = M.tev(m.wte.weight[:vocab])
@@ -260,8 +280,6 @@ class Trainer:
         if not cfg.model.tie_embeddings:
             out["tev_lm_head_mean"], out["tev_lm_head_std"] = M.tev(m.output_embedding())
             out["mu_norm_wte"] = M.mu_norm(m.wte.weight[:vocab])
-        out.update(M.logit_stats(logits))
-        out.update(M.collapse_fractions(logits, y, cfg.loss.kind))
         window = min(self.step, cfg.train.grad_var_window)
         out["grad_norm_var"] = self.stats["gn_hist"][:window].var(correction=0)
         out["spike_count"] = self.stats["spikes"]
@@ -296,9 +314,9 @@ class Trainer:
                "train_loss": (loss[0] / loss[1].clamp(min=1)).item(), "lr": self.lr}
         s["loss_sum"].zero_()
         s["loss_n"] = 0
-        rec.update({k: v.item() for k, v in out.items()})
         if self.main and measure:
-            rec.update({k: v.item() for k, v in self.stability_metrics().items()})
+            out = {**out, **self.stability_metrics()}
+        rec.update(to_floats(out))
         if self.main and evaluating:
             rec["val_loss"] = self.evaluate()
         rec["tokens_per_s"] = steps_done * tokens_per_step / max(seconds, 1e-9)
