@@ -207,6 +207,9 @@ class GPT(nn.Module):
         return logits, torch.stack(maxes)
 
 
+_BMM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()  # torch.bmm(..., out_dtype=) (newer torch)
+
+
 def attention_logit_max(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """max of q_i.k_j / sqrt(d_head) over batch, heads and causal pairs j <= i; q, k (B, H, T, d_head).
 
@@ -215,7 +218,7 @@ def attention_logit_max(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     this equals the float32 matmul of the upcast q, k, at the 16-bit matmul's speed."""
     B, H, T, D = q.shape
     q2, k2 = q.reshape(B * H, T, D), k.reshape(B * H, T, D)
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _BMM_HAS_OUT_DTYPE:
         scores = torch.bmm(q2, k2.transpose(1, 2), out_dtype=torch.float32)
     else:
         dtype = torch.promote_types(q.dtype, torch.float32)
