@@ -283,7 +283,7 @@ def _run(args, experiment, variants, overrides, shard_dir, kind, metrics_every, 
             sync(device)
             plain[name].append((time.perf_counter() - t) / args.steps)
             t = time.perf_counter()
-            _logging_step(tr)  # ends with .item(), which waits for the device
+            _logging_step(tr)  # ends with the host transfer, which waits for the device
             logging[name].append(time.perf_counter() - t)
 
     rows, table = [], []

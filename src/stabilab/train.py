@@ -101,8 +101,8 @@ class Trainer:
             self.forward = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                    if self.device.type == "cuda" else None)
         # Model and fused head loss compile as one graph (its forward and written-out backward
-        # become one reduction and one elementwise kernel over the logits); SPAM's and perpGrad's
-        # updates compile to a fused kernel per tensor.
+        # become one reduction and one elementwise kernel over the logits), and so do model and
+        # metrics for the metrics pass; SPAM's and perpGrad's updates compile to a fused kernel per tensor.
         self.loss_fn = torch.compile(self._loss) if t.compile else self._loss
         self.output_metrics = torch.compile(self._output_metrics) if t.compile else self._output_metrics
         self.opt = build_optimizer(self.model, cfg.optim, self.device, compile=t.compile)
@@ -310,13 +310,14 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(loss)
         tokens_per_step = self.tokens_per_step
-        rec = {"step": step, "tokens": step * tokens_per_step,
-               "train_loss": (loss[0] / loss[1].clamp(min=1)).item(), "lr": self.lr}
+        values = {"train_loss": loss[0] / loss[1].clamp(min=1), **out}
         s["loss_sum"].zero_()
         s["loss_n"] = 0
         if self.main and measure:
-            out = {**out, **self.stability_metrics()}
-        rec.update(to_floats(out))
+            values.update(self.stability_metrics())
+        values = to_floats(values)  # the record's one wait for the device
+        rec = {"step": step, "tokens": step * tokens_per_step, "train_loss": values.pop("train_loss"),
+               "lr": self.lr, **values}
         if self.main and evaluating:
             rec["val_loss"] = self.evaluate()
         rec["tokens_per_s"] = steps_done * tokens_per_step / max(seconds, 1e-9)
