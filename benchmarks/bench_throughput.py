@@ -40,11 +40,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_variants import (  # noqa: E402  (also puts the checkout's src/ on sys.path if needed)
-    add_common_args, build_run_config, environment_line, load_experiment, markdown_table,
-    parse_variants, prepare_shards, set_threads, sync, warmup_steps_for, write_outputs)
+    add_common_args,
+    build_run_config,
+    environment_line,
+    load_experiment,
+    markdown_table,
+    parse_variants,
+    prepare_shards,
+    set_threads,
+    sync,
+    warmup_steps_for,
+    write_outputs,
+)
+from stabilab.config import RuntimeConfig  # noqa: E402
+from stabilab.device import pick_device  # noqa: E402
 from stabilab.model import GPT, padded_vocab  # noqa: E402
 from stabilab.optim import raise_recompile_limit  # noqa: E402
-from stabilab.train import Trainer, pick_device  # noqa: E402
+from stabilab.train import Trainer  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -54,7 +66,7 @@ class RandomTokenTrainer(Trainer):
     that every batch it moves to the device is replaced by uniform random ids drawn there with
     `torch.randint` (same shape): the timed step does no host-side data work."""
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor):
+    def to_device(self, x: torch.Tensor, y: torch.Tensor):
         vocab, shape = self.cfg.model.vocab_size, tuple(x.shape)
         return (torch.randint(0, vocab, shape, device=self.device),
                 torch.randint(0, vocab, shape, device=self.device))
@@ -85,7 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help="peak FLOP/s for MFU, in TFLOP/s (989: H100 SXM dense bf16)")
-    p.add_argument("--out", default=None, help="folder for throughput.csv and throughput.md (rewritten after each variant)")
+    p.add_argument("--out", default=None,
+                   help="folder for throughput.csv and throughput.md (rewritten after each variant)")
     return p.parse_args(argv)
 
 
@@ -106,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = {
         "model": {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
                   "block_size": args.block_size, "dropout": 0.0},
-        "train": {"device": device.type, "dtype": args.dtype, "compile": compile_, "steps": 10**7,
+        "train": {"dtype": args.dtype, "steps": 10**7,
                   "batch_size": args.micro_batch, "grad_accum": args.batch_size // args.micro_batch},
     }
     tokens_per_step = args.batch_size * args.block_size
@@ -116,9 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
     header = (f"# Training throughput ({environment_line(device)})\n\n{gpus}"
               f"Shapes: n_layer {args.n_layer}, n_embd {args.n_embd}, n_head {args.n_head}, T {args.block_size}, "
               f"vocab {args.vocab} (padded {padded_vocab(args.vocab)}), batch {args.batch_size} = "
-              f"{args.batch_size // args.micro_batch} x micro-batch {args.micro_batch} ({tokens_per_step:,} tokens/step), "
+              f"{args.batch_size // args.micro_batch} x micro-batch {args.micro_batch} "
+              f"({tokens_per_step:,} tokens/step), "
               f"dtype {args.dtype}, compile {compile_}, {args.warmup} warm-up + {args.steps} timed steps per variant. "
-              f"MFU = (6 N + 12 L H Q T) x tokens/s / {args.peak_tflops:g} TFLOP/s{' / processes' if world > 1 else ''}, N = parameters without "
+              f"MFU = (6 N + 12 L H Q T) x tokens/s / {args.peak_tflops:g} TFLOP/s"
+              f"{' / processes' if world > 1 else ''}, N = parameters without "
               f"position embeddings.\n")
     headers = ["variant", "params", "N (non-emb.)", "GFLOP/token", "ms/step", "tokens/s", "peak mem (GiB)",
                "MFU", "step time vs baseline", "warm-up (s)"]
@@ -128,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as tmp:
         shard_dir, _ = prepare_shards(Path(tmp), str(args.vocab), 30000, random_tokens=True)
         for name in variants:
-            row = _bench_variant(args, experiment, name, overrides, device, tokens_per_step, shard_dir,
+            row = _bench_variant(args, experiment, name, overrides, RuntimeConfig(device=device.type, compile=compile_),
+                                 device, tokens_per_step, shard_dir,
                                  Path(tmp) / "runs" / name.replace("+", "_"), world)
             rows.append(row)
             if not main_rank:
@@ -157,7 +173,8 @@ def _table_row(r: dict, ref: dict | None) -> list:
             f"{r['warmup_s']:.1f}"]
 
 
-def _bench_variant(args, experiment, name, overrides, device, tokens_per_step, shard_dir, run_dir, world) -> dict:
+def _bench_variant(args, experiment, name, overrides, runtime, device, tokens_per_step, shard_dir, run_dir,
+                   world) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -165,12 +182,12 @@ def _bench_variant(args, experiment, name, overrides, device, tokens_per_step, s
     cfg = build_run_config(experiment, name, overrides, shard_dir, "bpe")
     row = {"variant": name, "status": "ok", "params": 0, "params_non_embedding": 0, "flops_per_token": 0,
            "ms_per_step": float("nan"), "tokens_per_s": float("nan"), "peak_mem_gib": float("nan"),
-           "mfu_pct": float("nan"), "warmup_s": float("nan"), "compile": cfg.train.compile,
+           "mfu_pct": float("nan"), "warmup_s": float("nan"), "compile": runtime.compile,
            "batch_size": args.batch_size, "micro_batch": args.micro_batch, "block_size": args.block_size,
            "processes": world}
     tr = None
     try:
-        tr = RandomTokenTrainer(cfg, run_dir)
+        tr = RandomTokenTrainer(cfg, run_dir, runtime)
         row.update(params=tr.model.num_params(), params_non_embedding=tr.model.num_params(non_embedding=True),
                    flops_per_token=flops_per_token(tr.model))
         t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 
 Every variant is a real `stabilab.train.Trainer` built from its resolved run config (the base
 sections of config.yaml overlaid by the variant's entry under `variants:`, through
-`stabilab.config.resolve_run` and `load_run_config`), all on the same token shards and shapes.
+`stabilab.experiment.run_config` and `load_run_config`), all on the same token shards and shapes.
 After a warm-up, the script goes round-robin over the variants for `--rounds` rounds (the start
 of the round rotates); in each round it times `--steps` calls of `trainer.train_step(False)` per
 variant (the device is synchronized before reading the clock), then one "logging step":
@@ -42,12 +42,14 @@ import torch
 import yaml
 
 from stabilab import corpus, shards, tokenizer
-from stabilab.config import deep_merge, load_run_config, resolve_run
+from stabilab.config import RuntimeConfig, deep_merge, load_run_config
+from stabilab.experiment import Run, run_config
+from stabilab.methods import benchmark_variants
 from stabilab.model import padded_vocab
 from stabilab.optim import raise_recompile_limit
 from stabilab.train import Trainer, to_floats
 
-VARIANTS = ["baseline", "mlra", "oec_center", "oec_loss", "zloss", "softcap", "stablemax", "perpgrad", "spam"]
+VARIANTS = benchmark_variants()  # the baseline and every method (methods.py)
 DEFAULT_CONFIG = REPO / "config.yaml"
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -61,12 +63,12 @@ def load_experiment(path: str | Path) -> dict:
 
 def build_run_config(experiment: dict, variant: str, overrides: dict, shard_dir: str = "",
                      tokenizer_kind: str = "bpe"):
-    """The RunConfig of `variant`: base sections + variant overlay (resolve_run), then `overrides`."""
+    """The RunConfig of `variant`: base sections + variant overlay (run_config), then `overrides`."""
     exp = copy.deepcopy(experiment)
     exp["studies"] = {"bench": {"variants": [variant]}}
     n_layer = overrides.get("model", {}).get("n_layer", exp.get("model", {}).get("n_layer", 2))
     lr = exp.get("optim", {}).get("lr", 3e-3)
-    run = resolve_run(exp, "bench", variant, n_layer, lr, 0, shard_dir)
+    run = run_config(exp, Run("bench", variant, n_layer, lr, 0), shard_dir)
     run = deep_merge(run, overrides)
     run["data"] = {"shards": shard_dir, "tokenizer": tokenizer_kind, "vocab_size": 0}
     return load_run_config(run)
@@ -201,7 +203,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="logging interval for the overhead figure (default: config.yaml train.metrics_every)")
     p.add_argument("--rounds", type=int, default=10, help="round-robin rounds (median over rounds)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (SPAM: past its grace period)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps per variant first (SPAM: past its grace period)")
     p.add_argument("--data-dir", default=None, help="work folder for corpus/shards/run folders (default: a temp dir)")
     p.add_argument("--out", default=None, help="folder for bench_variants.csv and bench_variants.md")
     return p.parse_args(argv)
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics_every = args.metrics_every or int(base_train.get("metrics_every", 25))
     overrides = {
         "model": model_over,
-        "train": {"device": args.device, "dtype": args.dtype, "compile": bool(args.compile),
+        "train": {"dtype": args.dtype,
                   "steps": 10**7, "metrics_every": metrics_every,
                   **({"batch_size": args.batch_size} if args.batch_size else {})},
     }
@@ -240,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         shard_dir, meta = prepare_shards(workdir, vocab, args.max_chars, args.random_tokens)
         t_data = time.perf_counter() - t0
         kind = meta["tokenizer"]["kind"]
-        result = _run(args, experiment, variants, overrides, shard_dir, kind, metrics_every, workdir, t_data)
+        runtime = RuntimeConfig(device=args.device, compile=bool(args.compile))
+        result = _run(args, experiment, variants, overrides, runtime, shard_dir, kind, metrics_every, workdir, t_data)
         result["data_seconds"] = t_data
         result["vocab"] = meta["tokenizer"]["vocab_size"]
     finally:
@@ -251,18 +255,18 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _run(args, experiment, variants, overrides, shard_dir, kind, metrics_every, workdir, t_data) -> dict:
+def _run(args, experiment, variants, overrides, runtime, shard_dir, kind, metrics_every, workdir, t_data) -> dict:
     trainers: dict[str, Trainer] = {}
     for name in variants:
         cfg = build_run_config(experiment, name, overrides, shard_dir, kind)
-        trainers[name] = Trainer(cfg, workdir / "runs" / name.replace("+", "_"))
+        trainers[name] = Trainer(cfg, workdir / "runs" / name.replace("+", "_"), runtime)
     first = trainers[variants[0]]
     device, cfg0 = first.device, first.cfg
     ref = "baseline" if "baseline" in trainers else variants[0]
 
     # Warm-up: plain steps (compilation happens here), then one logging step per variant.
     t0 = time.perf_counter()
-    for name, tr in trainers.items():
+    for tr in trainers.values():
         for _ in range(warmup_steps_for(tr.cfg, args.warmup)):
             tr.train_step(False)
         _logging_step(tr)
@@ -307,9 +311,11 @@ def _run(args, experiment, variants, overrides, shard_dir, kind, metrics_every, 
     base = next(r for r in rows if r["variant"] == ref)
     header = (f"# Variant step cost ({environment_line(device)})\n\n"
               f"Shapes: n_layer {m.n_layer}, n_embd {m.n_embd}, n_head {m.n_head}, block_size {m.block_size}, "
-              f"batch {t.batch_size} x grad_accum {t.grad_accum}, vocab {m.vocab_size} (padded {padded_vocab(m.vocab_size)}), "
-              f"dtype {t.dtype}, compile {t.compile}. {args.rounds} interleaved rounds x {args.steps} timed steps "
-              f"per variant; data prep {t_data:.1f} s, warm-up {t_warm:.1f} s. 'step time vs {ref}': median of per-round "
+              f"batch {t.batch_size} x grad_accum {t.grad_accum}, vocab {m.vocab_size} "
+              f"(padded {padded_vocab(m.vocab_size)}), "
+              f"dtype {t.dtype}, compile {first.compiled}. {args.rounds} interleaved rounds x {args.steps} timed steps "
+              f"per variant; data prep {t_data:.1f} s, warm-up {t_warm:.1f} s. "
+              f"'step time vs {ref}': median of per-round "
               f"paired ratios minus 1 (positive: slower); "
               f"IQR of those ratios in percentage points (noise guide).\n")
     headers = ["variant", "params", "ms/step", f"step time vs {ref}", "IQR (pp)", "logging step (ms)",

@@ -40,10 +40,9 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """Corpus split, a 300-token BPE and token shards of a small generated corpus."""
-    from stabilab.corpus import write_split
+    from stabilab.corpus import read_split, write_split
     from stabilab.shards import write_shards
     from stabilab.tokenizer import train_bpe
-    from stabilab.corpus import read_split
 
     root = tmp_path_factory.mktemp("tiny")
     docs = make_documents()
@@ -65,7 +64,7 @@ def tiny_run(shards: str, **sections) -> dict:
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
         "optim": {"lr": 1e-2, "warmup_steps": 5},
         "train": {"steps": 40, "batch_size": 8, "eval_every": 20, "eval_batches": 2, "log_every": 5,
-                  "metrics_every": 10, "checkpoint_every": 10, "device": "cpu"},
+                  "metrics_every": 10, "checkpoint_every": 10},
         "data": {"shards": shards, "tokenizer": "bpe", "vocab_size": 300},
     }
     return deep_merge(run, sections)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stabilab.config import from_dict, load_run_config, RunConfig, variant_overlay
+from stabilab.config import RunConfig, load_run_config, validated
 from stabilab.errors import UserError
 from stabilab.experiment import check_runs, validate
+from stabilab.methods import variant_overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -35,8 +36,14 @@ def test_default_config_is_valid():
 
 @pytest.mark.parametrize("path, value, message", [
     ("model.n_layers", 4, "unknown config key 'model.n_layers' (allowed: "),
-    ("train.device", "tpu", "bad value for config key 'train.device': 'tpu' (allowed: 'auto', 'cpu', 'cuda')"),
-    ("tokenizer.kind", "sentencepiece", "bad value for config key 'tokenizer.kind': 'sentencepiece' (allowed: 'bpe', 'gpt2')"),
+    ("runtime.device", "tpu", "bad value for config key 'runtime.device': 'tpu' (allowed: 'auto', 'cpu', 'cuda')"),
+    ("train.device", "cuda", "unknown config key 'train.device' (allowed: steps, "),  # runtime, not run config
+    ("train.steps", True, "bad value for config key 'train.steps': True"),
+    ("name", "..", "bad value for config key 'name': '..'"),
+    ("studies.depth.kind", "width", "bad value for config key 'studies.depth.kind': 'width' (allowed: 'depth', "),
+    ("studies.depth.seeds", [0, 0], "bad value for config key 'studies.depth.seeds'"),
+    ("tokenizer.kind", "sentencepiece",
+     "bad value for config key 'tokenizer.kind': 'sentencepiece' (allowed: 'bpe', 'gpt2')"),
     ("data.source", "s3", "bad value for config key 'data.source'"),
     ("optim.lr", -1, "bad value for config key 'optim.lr'"),
     ("colour", "red", "unknown config key 'colour'"),
@@ -72,9 +79,11 @@ def test_semantic_errors_of_resolved_runs():
 
 def test_run_config_rejects_unknown_keys_and_types():
     with pytest.raises(UserError, match="unknown config key 'train.stepz'"):
-        from_dict(RunConfig, {"train": {"stepz": 3}})
+        validated(RunConfig, {"train": {"stepz": 3}})
     with pytest.raises(UserError, match="bad value for config key 'train.steps': 'many'"):
-        from_dict(RunConfig, {"train": {"steps": "many"}})
+        validated(RunConfig, {"train": {"steps": "many"}})
+    with pytest.raises(UserError, match="bad value for config key 'optim.grad_clip': 0"):
+        validated(RunConfig, {"optim": {"grad_clip": 0}})
     cfg = load_run_config({"optim": {"lr": 1}})  # ints are fine where floats are expected
     assert isinstance(cfg.optim.lr, float)
 
@@ -91,9 +100,9 @@ def test_cli_prints_one_line_and_exit_code_2(tmp_path):
 
 def test_snakemake_stops_on_a_bad_config_with_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(edited("train.device", "tpu")))
+    bad.write_text(yaml.safe_dump(edited("runtime.device", "tpu")))
     proc = subprocess.run(["snakemake", "-n", "--configfile", str(bad)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "config error: bad value for config key 'train.device': 'tpu'" in out
+    assert "config error: bad value for config key 'runtime.device': 'tpu'" in out
     assert "Traceback" not in out

@@ -8,12 +8,11 @@ import json
 import numpy as np
 import pytest
 
+from conftest import make_documents, write_text_files
 from stabilab.corpus import read_source, write_split
 from stabilab.errors import UserError
 from stabilab.shards import eval_batches, open_shards, train_batch
 from stabilab.tokenizer import gpt2, load
-
-from conftest import make_documents, write_text_files
 
 
 def test_bpe_round_trip(tiny_data):

@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from stabilab.train import PREEMPTED_EXIT_CODE
-
 from conftest import tiny_run
+from stabilab.train import PREEMPTED_EXIT_CODE
 
 TIMING = {"tokens_per_s"}
 
@@ -37,7 +36,8 @@ def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "stabilab.cli", "--", "train", "--run", str(tmp_path / "run.json"), "--out", str(tmp_path / "ddp"),
+                "-m", "stabilab.cli", "--", "train", "--run", str(tmp_path / "run.json"),
+                "--out", str(tmp_path / "ddp"),
                 "--threads", "1"]
     ddp = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]

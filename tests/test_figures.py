@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from stabilab.errors import UserError
-from stabilab.figures import draw_figures, expected_figures
+from stabilab.figures import draw_figures
+from stabilab.studies import expected_figures
 from stabilab.tables import study_summary
 
 STUDIES = {

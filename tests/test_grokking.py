@@ -9,8 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from stabilab import grokking as G
 from stabilab.errors import UserError
+from stabilab.grokking import cli as GCLI
+from stabilab.grokking import config as GC
+from stabilab.grokking import data as GD
+from stabilab.grokking import figures as GF
+from stabilab.grokking import model as GM
+from stabilab.grokking import report as GR
+from stabilab.grokking import train as GT
+from stabilab.metrics import collapse_fractions
 
 # ----------------------------------------------------------------------------- data
 
@@ -18,7 +25,7 @@ from stabilab.errors import UserError
 @pytest.mark.parametrize("operation, fn", [("add", lambda a, b: a + b), ("mul", lambda a, b: a * b)])
 def test_pairs_cover_all_inputs_with_correct_labels(operation, fn):
     p = 7
-    pairs, labels = G.make_pairs(p, operation)
+    pairs, labels = GD.make_pairs(p, operation)
     assert pairs.shape == (p * p, 2) and labels.shape == (p * p,)
     assert len({tuple(x) for x in pairs.tolist()}) == p * p
     for (a, b), y in zip(pairs.tolist(), labels.tolist()):
@@ -28,33 +35,33 @@ def test_pairs_cover_all_inputs_with_correct_labels(operation, fn):
 @pytest.mark.parametrize("p, fraction, n_train", [(113, 0.4, 5108), (7, 0.4, 20), (10, 0.25, 25)])
 def test_split_is_exact_disjoint_and_seeded(p, fraction, n_train):
     n = p * p
-    train, test = G.split_indices(n, fraction, seed=3)
+    train, test = GD.split_indices(n, fraction, seed=3)
     assert len(train) == n_train == round(fraction * n)
     assert len(test) == n - n_train
     assert sorted(train.tolist() + test.tolist()) == list(range(n))
-    again, _ = G.split_indices(n, fraction, seed=3)
-    other, _ = G.split_indices(n, fraction, seed=4)
+    again, _ = GD.split_indices(n, fraction, seed=3)
+    other, _ = GD.split_indices(n, fraction, seed=4)
     assert torch.equal(train, again) and not torch.equal(train, other)
 
 
 def test_one_hot_inputs_concatenate_a_and_b():
     p = 5
-    pairs, labels = G.make_pairs(p, "add")
-    x = G.one_hot_inputs(pairs, p, torch.float64)
+    pairs, labels = GD.make_pairs(p, "add")
+    x = GD.one_hot_inputs(pairs, p, torch.float64)
     assert x.shape == (p * p, 2 * p) and x.dtype == torch.float64
     assert torch.equal(x.sum(1), torch.full((p * p,), 2.0, dtype=torch.float64))
     assert torch.equal(x[:, :p].argmax(1), pairs[:, 0]) and torch.equal(x[:, p:].argmax(1), pairs[:, 1])
 
 
 def test_split_dataset_matches_spec_and_dtype():
-    spec = G.RunSpec(variant="softmax_fp64", modulus=11, train_fraction=0.5)
-    data = G.make_split(spec)
+    spec = GC.RunSpec(variant="softmax_fp64", modulus=11, train_fraction=0.5)
+    data = GD.make_split(spec)
     assert data.x_train.shape == (round(0.5 * 121), 22) and data.x_train.dtype == torch.float64
     assert len(data.y_train) + len(data.y_test) == 121
 
 
 def test_mlp_has_no_biases_and_paper_shape():
-    model = G.build_mlp(226, [200, 200], 113)
+    model = GM.build_mlp(226, [200, 200], 113)
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
     assert [tuple(m.weight.shape) for m in linears] == [(200, 226), (200, 200), (113, 200)]
     assert all(m.bias is None for m in linears)
@@ -64,45 +71,49 @@ def test_mlp_has_no_biases_and_paper_shape():
 # ----------------------------------------------------------------------------- collapse metric
 
 
+def floats(tensors: dict) -> dict:
+    return {k: float(v) for k, v in tensors.items()}
+
+
 def test_collapse_metric_on_constructed_logits():
     target = torch.tensor([0])
     big = torch.tensor([[100.0, 0.0, 0.0]])  # 1 + 2 exp(-100) rounds to 1 (float32 and float64)
     small = torch.tensor([[1.0, 0.0, 0.0]])
-    assert G.collapse_native(big, target, "softmax") == {"collapse_frac": 1.0, "zero_loss_frac": 1.0}
-    assert G.collapse_native(small, target, "softmax") == {"collapse_frac": 0.0, "zero_loss_frac": 0.0}
+    assert floats(collapse_fractions(big, target, "softmax")) == {"collapse_frac": 1.0, "zero_loss_frac": 1.0}
+    assert floats(collapse_fractions(small, target, "softmax")) == {"collapse_frac": 0.0, "zero_loss_frac": 0.0}
     # a gap of 30: exp(-30) ~ 1e-13 is absorbed in float32 (eps 1.2e-7) but not in float64 (2.2e-16)
     gap30 = torch.tensor([[30.0, 0.0, 0.0]])
-    assert G.collapse_native(gap30, target, "softmax")["collapse_frac"] == 1.0
-    assert G.collapse_native(gap30.double(), target, "softmax")["collapse_frac"] == 0.0
-    assert G.collapse_native(big.double(), target, "softmax")["collapse_frac"] == 1.0
+    assert floats(collapse_fractions(gap30, target, "softmax"))["collapse_frac"] == 1.0
+    assert floats(collapse_fractions(gap30.double(), target, "softmax"))["collapse_frac"] == 0.0
+    assert floats(collapse_fractions(big.double(), target, "softmax"))["collapse_frac"] == 1.0
     # StableMax of [100, 0, 0] is [101, 1, 1] / 103: no collapse
-    assert G.collapse_native(big, target, "stablemax")["collapse_frac"] == 0.0
+    assert floats(collapse_fractions(big, target, "stablemax"))["collapse_frac"] == 0.0
 
 
 def test_loss_per_sample_matches_definitions():
     logits = torch.tensor([[2.0, -1.0, 0.5]])
     y = torch.tensor([2])
     s = torch.tensor([3.0, 0.5, 1.5])  # s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0)
-    assert torch.allclose(G.loss_per_sample(logits, y, "stablemax"), -torch.log(s[2] / s.sum()))
-    assert torch.allclose(G.loss_per_sample(logits, y, "softmax"), -torch.log_softmax(logits, 1)[:, 2])
+    assert torch.allclose(GM.loss_per_sample(logits, y, "stablemax"), -torch.log(s[2] / s.sum()))
+    assert torch.allclose(GM.loss_per_sample(logits, y, "softmax"), -torch.log_softmax(logits, 1)[:, 2])
 
 
 # ----------------------------------------------------------------------------- config
 
 
 def test_default_config_runs_every_variant():
-    specs = G.run_specs({})
-    assert [s.variant for s in specs] == list(G.VARIANTS)
+    specs = GC.run_specs({})
+    assert [s.variant for s in specs] == list(GC.VARIANTS)
     assert all(s.modulus == 113 and s.train_fraction == 0.4 and s.operation == "add" for s in specs)
 
 
 def test_empty_variants_disable_the_study_and_overrides_apply():
-    assert G.run_specs({"variants": []}) == []
-    specs = G.run_specs({"variants": ["stablemax", "perpgrad"], "operations": ["add", "mul"], "seeds": [0, 1],
+    assert GC.run_specs({"variants": []}) == []
+    specs = GC.run_specs({"variants": ["stablemax", "perpgrad"], "operations": ["add", "mul"], "seeds": [0, 1],
                          "overrides": {"perpgrad": {"epochs": 7}}})
     assert len(specs) == 8
     assert {s.epochs for s in specs if s.variant == "perpgrad"} == {7}
-    assert {s.epochs for s in specs if s.variant == "stablemax"} == {G.GrokkingConfig().epochs}
+    assert {s.epochs for s in specs if s.variant == "stablemax"} == {GC.GrokkingConfig().epochs}
 
 
 @pytest.mark.parametrize("section", [
@@ -116,15 +127,15 @@ def test_empty_variants_disable_the_study_and_overrides_apply():
 ])
 def test_bad_config_is_a_user_error(section):
     with pytest.raises(UserError):
-        G.run_specs(section)
+        GC.run_specs(section)
 
 
 # ----------------------------------------------------------------------------- short seeded runs
 
 
 def _run(tmp_path, **kw):
-    spec = G.RunSpec(**kw)
-    return G.train_run(spec, tmp_path / f"{spec.variant}_{spec.modulus}", threads=1, log=lambda *a: None)
+    spec = GC.RunSpec(**kw)
+    return GT.train_run(spec, tmp_path / f"{spec.variant}_{spec.modulus}", threads=1, log=lambda *a: None)
 
 
 def test_perp_adamw_generalizes_while_float32_softmax_only_memorizes(tmp_path):
@@ -163,15 +174,15 @@ def test_float32_softmax_collapses_while_stablemax_does_not(tmp_path):
 
 def _parser():
     parser = argparse.ArgumentParser()
-    G.register(parser.add_subparsers(dest="command", required=True))
+    GCLI.register(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
 def test_cli_train_and_report_write_every_output(tmp_path):
     parser = _parser()
     runs = []
-    for variant in G.VARIANTS:
-        spec = G.RunSpec(variant=variant, modulus=7, epochs=20, eval_every=5).to_dict()
+    for variant in GC.VARIANTS:
+        spec = GC.RunSpec(variant=variant, modulus=7, epochs=20, eval_every=5).to_dict()
         out = tmp_path / "runs" / variant
         args = parser.parse_args(["grok-train", "--spec", json.dumps(spec), "--out", str(out), "--threads", "1"])
         assert args.func(args) == 0
@@ -190,9 +201,9 @@ def test_cli_train_and_report_write_every_output(tmp_path):
     steps = pd.read_csv(tmp_path / "t" / "grokking_steps.csv")
     summary = pd.read_csv(tmp_path / "t" / "grokking_summary.csv")
     assert len(steps) == 4 * 5 and len(summary) == 4
-    assert list(summary["variant"]) == list(G.VARIANTS)
+    assert list(summary["variant"]) == list(GC.VARIANTS)
     assert all(v == "never" or str(v).isdigit() for v in summary["epochs_to_95"])
-    for name in G.FIGURES:
+    for name in GF.FIGURES:
         for ext in ("png", "pdf"):
             assert (tmp_path / "f" / f"{name}.{ext}").stat().st_size > 1000
 
@@ -212,6 +223,6 @@ def test_bad_spec_is_a_one_line_user_error(tmp_path, spec, message):
 
 def test_report_without_runs_is_a_user_error(tmp_path):
     with pytest.raises(UserError):
-        G.report([tmp_path], tmp_path / "t", tmp_path / "f")
+        GR.report([tmp_path], tmp_path / "t", tmp_path / "f")
     with pytest.raises(UserError):
-        G.report([tmp_path / "missing"], tmp_path / "t", tmp_path / "f")
+        GR.report([tmp_path / "missing"], tmp_path / "t", tmp_path / "f")

@@ -8,13 +8,12 @@ import math
 import pytest
 import torch
 
-from stabilab.config import load_run_config
-from stabilab.config import ModelConfig, MLRAConfig
-from stabilab.metrics import collapse_fractions, grad_group_norms, logit_stats, lr_sensitivity, mu_norm, tev
-from stabilab.model import GPT, attention_logit_max
-from stabilab.train import Trainer, to_floats
-
 from conftest import tiny_run
+from stabilab.config import MLRAConfig, ModelConfig, RuntimeConfig, load_run_config
+from stabilab.metrics import collapse_fractions, grad_group_norms, logit_stats, mu_norm, tev
+from stabilab.model import GPT, attention_logit_max
+from stabilab.stats import lr_sensitivity
+from stabilab.train import Trainer, to_floats
 
 
 def test_tev_of_rows_with_known_stds():
@@ -105,12 +104,12 @@ def test_the_models_attention_logit_max_per_layer_is_recomputed_from_its_own_hea
 
 
 def test_the_compiled_metrics_pass_equals_the_eager_one(tiny_data, tmp_path):
-    """`train.compile` compiles the forward-pass metrics (attention maxima, logit statistics,
+    """`runtime.compile` compiles the forward-pass metrics (attention maxima, logit statistics,
     collapse fractions); they are the eager ones up to float32 rounding."""
-    tr = Trainer(load_run_config(tiny_run(tiny_data["shards"], train={"compile": True})), tmp_path)
+    tr = Trainer(load_run_config(tiny_run(tiny_data["shards"])), tmp_path, RuntimeConfig(compile=True))
     x, y = (t[:4] for t in tr.val[0])
     tr.model.eval()
-    eager, compiled = to_floats(tr._output_metrics(x, y)), to_floats(tr.output_metrics(x, y))
+    eager, compiled = to_floats(tr.probe._output_metrics(x, y)), to_floats(tr.probe.output_metrics(x, y))
     assert compiled.keys() == eager.keys() and len(eager) == 2 + 5
     for key in eager:
         assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-6), key

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stabilab.config import ModelConfig, MLRAConfig
+from stabilab.config import MLRAConfig, ModelConfig
 from stabilab.model import GPT, padded_vocab
 
 

@@ -20,7 +20,6 @@ from stabilab.optim import SPAM, PerpGrad, build_optimizer, orthogonalize_gradie
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 import pytorch_optimizer.optimizer.spam as po_spam  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -111,7 +110,7 @@ def test_perpgrad_adamw_matches_pytorch_optimizer_orthograd_over_20_steps():
     moved = max((p.detach() - s).abs().max().item() for p, s in zip(ours.parameters(), start))
     assert moved > 1e-3
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     diff_plain = max((p.detach() - q.detach()).abs().max().item()
                      for p, q in zip(ours.parameters(), plain.parameters()))
     assert diff_plain > 1e-3  # perpGrad changed the trajectory, so the agreement above means something

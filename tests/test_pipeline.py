@@ -11,10 +11,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from stabilab.experiment import runs
-from stabilab.figures import expected_figures
-
 from conftest import make_documents, write_text_files
+from stabilab.experiment import runs
+from stabilab.studies import expected_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,6 +7,9 @@ skipped, with the reason, where that is impossible: not root, no apt, no
 package registry, daemons that won't start.  Set STABILAB_REQUIRE_SLURM=1 to
 make that a failure instead of a skip.
 
+It installs system packages and starts daemons, so it is opt-in: it runs only
+with STABILAB_SLURM_TEST=1 (which `.ci/run` sets; CI always runs it).
+
 `run_snakemake_on_slurm` is the part that knows how to drive Snakemake's SLURM
 executor against that cluster.  The test runs the project's real Snakefile with
 its SLURM profile on a tiny experiment config (one depth-study run of 10 steps,
@@ -29,10 +32,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from stabilab.experiment import runs
-from stabilab.figures import expected_figures
-
 from conftest import make_documents, write_text_files
+from stabilab.experiment import runs
+from stabilab.studies import expected_figures
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
@@ -146,6 +148,8 @@ def slurm_cluster():
     Test sessions running at once on one machine share the cluster: each holds a
     shared lock on /run/slurm-test/users.lock while it uses it, and only the one
     that can then take the lock exclusively (the last) stops the daemons."""
+    if os.environ.get("STABILAB_SLURM_TEST") != "1" and os.environ.get("STABILAB_REQUIRE_SLURM") != "1":
+        pytest.skip("installs SLURM from Debian's packages: opt-in with STABILAB_SLURM_TEST=1 (CI sets it)")
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         _skip_or_fail("needs root to install and start a localhost SLURM cluster (tests/slurm/start_slurm.sh)")
     if shutil.which("bash") is None:

@@ -7,10 +7,9 @@ import math
 
 import pytest
 
+from conftest import tiny_run
 from stabilab.config import load_run_config
 from stabilab.train import Trainer
-
-from conftest import tiny_run
 
 TIMING = {"tokens_per_s"}
 

@@ -8,7 +8,6 @@ matrices rebuilt from the module's weights (MLRA), parameter counts done by hand
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import random
@@ -18,9 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stabilab.config import LossConfig, ModelConfig, MLRAConfig, load_run_config, resolve_run, variant_overlay
+from stabilab.config import LossConfig, MLRAConfig, ModelConfig, load_run_config
 from stabilab.errors import UserError
+from stabilab.experiment import Run, run_config
 from stabilab.losses import head_loss, objective, token_losses
+from stabilab.methods import METHODS, builtin_variants, variant_overlay
 from stabilab.model import GPT, LowRankHeads, LowRankOut, attention_params_by_hand
 from stabilab.optim import SPAM, PerpGrad
 from stabilab.train import Trainer
@@ -175,7 +176,7 @@ def test_soft_capped_logits_are_c_tanh_of_the_raw_logits_and_bounded():
     capped = GPT(cfg)
     with torch.no_grad():
         capped.lm_head.weight.mul_(1e3)  # raw logits in the hundreds to thousands
-    raw_model = GPT(dataclasses.replace(cfg, logit_softcap=None))
+    raw_model = GPT(cfg.model_copy(update={"logit_softcap": None}))
     raw_model.load_state_dict(capped.state_dict())
     idx = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -456,12 +457,16 @@ def _experiment(tied: bool, variants: dict | None = None) -> dict:
         "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 32, "tie_embeddings": tied},
         "optim": {"lr": 1e-2, "warmup_steps": 5},
         "train": {"steps": 40, "batch_size": 8, "eval_every": 40, "eval_batches": 1, "log_every": 10,
-                  "metrics_every": 20, "checkpoint_every": 1000, "device": "cpu", "dtype": "float32"},
+                  "metrics_every": 20, "checkpoint_every": 1000, "dtype": "float32"},
         "loss": {}, "post_step": {},
         "tokenizer": {"kind": "bpe", "vocab_size": 300},
         "variants": VARIANTS if variants is None else variants,
         "studies": {"t": {"overrides": {}}},
     }
+
+
+def resolve_run(experiment: dict, study: str, variant: str, depth: int, lr: float, seed: int, shards: str) -> dict:
+    return run_config(experiment, Run(study, variant, depth, lr, seed), shards)
 
 
 def _run_config(shards: str, variant: str, tied: bool, variants: dict | None = None):
@@ -573,14 +578,15 @@ def test_compatible_combinations_merge_both_overlays(variant_shards):
     assert cfg.loss.kind == "stablemax" and cfg.optim.name == "spam" and not cfg.model.tie_embeddings
 
 
-def test_the_shipped_config_defines_each_variant_as_methods_md_says(variant_shards):
-    yaml = pytest.importorskip("yaml")
-    path = REPO / "config.yaml"
-    if not path.exists():
-        pytest.skip("no config.yaml in the repository root")
-    shipped = yaml.safe_load(path.read_text())["variants"]
-    for name in ["baseline", "mlra", "oec_center", "oec_loss", "zloss", "softcap", "stablemax", "perpgrad", "spam"]:
-        assert name in shipped, f"config.yaml lacks variant {name}"
-        cfg = _run_config(variant_shards, name, True, variants=shipped)
+def test_each_declared_method_switches_on_exactly_its_feature(variant_shards):
+    """methods.py declares every method once: its overlay, resolved through the experiment (with
+    no `variants:` of its own), switches on that method's feature and nothing else, and the
+    declaration's `active()` agrees."""
+    assert builtin_variants()["baseline"] == {}
+    for method in METHODS:
+        if method.role != "method":
+            continue
+        cfg = _run_config(variant_shards, method.name, True, variants={})
         on = {k for k, v in _features(cfg).items() if v}
-        assert on == ({name} - {"baseline"}), (name, on)
+        assert on == {method.name}, (method.name, on)
+        assert [m.name for m in METHODS if m.active(cfg)] == [method.name]

@@ -1,3 +1,3 @@
 """stabilab: a pipeline to replicate LLM pre-training stability research side by side."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

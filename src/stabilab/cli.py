@@ -1,35 +1,27 @@
 """Command-line entry points; the Snakemake rules call these and nothing else.
 
-Bad input (config, data, tokenizer) ends with one line on stderr and exit code 2.
+One convention for every subcommand: inputs are named options (`--run`, `--spec`, `--tables`,
+...), outputs `--out`; a JSON argument is inline JSON or a JSON file; config overrides are
+trailing `key.path=value` words. Bad input (config, data, tokenizer) ends with one line on
+stderr and exit code 2. Heavy libraries (torch, pandas, matplotlib) are imported by the
+subcommand that needs them, so `stabilab --help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import yaml
-
-from . import grokking
+from . import __version__
 from .errors import UserError
-
-
-def _json_arg(text: str) -> dict:
-    path = Path(text)
-    if not text.lstrip().startswith("{") and path.exists():
-        text = path.read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--spec/--run is not valid JSON: {e.msg} at position {e.pos}") from None
+from .io import read_json_arg
 
 
 def cmd_corpus(args) -> None:
     from .corpus import write_split
 
-    counts = write_split(_json_arg(args.spec), args.out)
+    counts = write_split(read_json_arg(args.spec, "--spec"), args.out)
     print(f"corpus: {counts['train']} train and {counts['val']} validation documents in {args.out}")
 
 
@@ -50,19 +42,36 @@ def cmd_tokenize(args) -> None:
     tok = load(args.tokenizer)
     corpus = Path(args.corpus)
     meta = write_shards(tok, {s: corpus / f"{s}.jsonl.gz" for s in ("train", "val")}, args.out)
-    print(f"shards: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens ({meta['dtype']}) -> {args.out}")
+    print(f"shards: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens ({meta['dtype']}) "
+          f"-> {args.out}")
+
+
+def runtime_from(args):
+    """The runtime config: --runtime JSON, then the single flags over it."""
+    from .config import RuntimeConfig, validated
+
+    runtime = read_json_arg(args.runtime, "--runtime") if args.runtime else {}
+    flags = {"device": args.device, "threads": args.threads, "tensorboard": args.tensorboard,
+             "keep_checkpoint": args.keep_checkpoint,
+             "compile": {"on": True, "off": False, "auto": "auto"}.get(args.compile)}
+    runtime.update({k: v for k, v in flags.items() if v is not None})
+    return validated(RuntimeConfig, runtime, "runtime")
 
 
 def cmd_train(args) -> None:
+    from .config import deep_merge, load_run_config, parse_overrides
+
+    run = deep_merge(read_json_arg(args.run, "--run"), parse_overrides(args.overrides))
+    cfg = load_run_config(run)
+    runtime = runtime_from(args)
+
     import torch
 
-    from .config import load_run_config
     from .train import train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = load_run_config(_json_arg(args.run))
-    summary = train(cfg, args.out)
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    summary = train(cfg, args.out, runtime)
     if not summary:  # a data-parallel worker other than rank 0
         return
     state = f"DIVERGED at step {summary['diverged_step']}" if summary["diverged"] else \
@@ -71,41 +80,74 @@ def cmd_train(args) -> None:
 
 
 def cmd_tables(args) -> None:
+    from .experiment import load_experiment
     from .tables import write_tables
 
-    studies = yaml.safe_load(Path(args.config).read_text())["studies"] if args.config else None
-    written = write_tables(args.summaries, args.out, studies=_json_arg(args.studies) if args.studies else studies)
+    studies = load_experiment(args.config)["studies"] if args.config else None
+    if args.studies:
+        studies = read_json_arg(args.studies, "--studies")
+    written = write_tables(args.summaries, args.out, studies=studies)
     print(f"tables: {', '.join(sorted(written))} -> {args.out}")
 
 
 def cmd_figures(args) -> None:
     from .figures import draw_figures
 
-    studies = _json_arg(args.studies) if args.studies else None
+    studies = read_json_arg(args.studies, "--studies") if args.studies else None
     written = draw_figures(args.tables, args.out, studies=studies)
     print(f"figures: {len(written)} files -> {args.out}")
 
 
-def cmd_check_config(args) -> None:
+def _experiment(args) -> dict:
+    from .config import parse_overrides
     from .experiment import load_experiment
 
-    exp = load_experiment(args.config)
+    return load_experiment(args.config, parse_overrides(args.overrides))
+
+
+def cmd_check_config(args) -> None:
+    exp = _experiment(args)
     print(f"{args.config}: ok (experiment '{exp['name']}')")
 
 
 def cmd_targets(args) -> None:
-    from .experiment import load_experiment, runs
+    from .experiment import runs
+    from .layout import RESULTS
 
-    exp = load_experiment(args.config)
+    exp = _experiment(args)
     chosen = [r for r in runs(exp) if (not args.study or r.study in args.study)
               and (not args.variant or r.variant in args.variant)]
     if not chosen:
         raise UserError(f"no run matches study {args.study or 'any'} and variant {args.variant or 'any'}")
-    print(" ".join(f"results/{exp['name']}/{r.path}/summary.json" for r in chosen))
+    print(" ".join(f"{RESULTS.format(name=exp['name'])}/{r.path}/summary.json" for r in chosen))
+
+
+def cmd_methods(args) -> None:
+    from .methods import BASELINE, METHODS, markdown_table
+
+    if args.markdown:
+        print(markdown_table())
+        return
+    for m in (BASELINE, *METHODS):
+        print(f"{m.name:14s} {m.label:20s} {m.part or '-':10s} {m.source}")
+
+
+def cmd_schema(args) -> None:
+    import json
+
+    from .experiment import Experiment
+
+    print(json.dumps(Experiment.model_json_schema(), indent=2))
+
+
+def _add_overrides(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help=f"override {what} values, e.g. train.steps=50 optim.grad_clip=null (values are YAML)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stabilab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="stabilab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"stabilab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("corpus", help="read the corpus source and write the train/validation split")
@@ -127,9 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("train", help="train one run from a resolved run config")
-    p.add_argument("--run", required=True, help="resolved run config as JSON (or a JSON file, e.g. a run's config.json)")
+    p.add_argument("--run", required=True,
+                   help="resolved run config as JSON (or a JSON file, e.g. a run's config.json)")
     p.add_argument("--out", required=True, help="run folder (resumes from its checkpoint if present)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--runtime", help="runtime config as JSON (the experiment's `runtime` section)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="runtime.device (default auto)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], help="runtime.compile (default auto: on CUDA)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard events")
+    p.add_argument("--keep-checkpoint", action="store_true", default=None, help="keep ckpt.pt when the run ends")
+    _add_overrides(p, "run-config")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tables", help="collect runs into tidy CSV tables")
@@ -149,13 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="config.yaml")
     p.add_argument("--study", nargs="*", help="only these studies")
     p.add_argument("--variant", nargs="*", help="only these variants")
+    _add_overrides(p, "experiment-config")
     p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("check-config", help="validate an experiment config file")
     p.add_argument("config")
+    _add_overrides(p, "experiment-config")
     p.set_defaults(func=cmd_check_config)
 
-    grokking.register(sub)
+    p = sub.add_parser("methods", help="list the methods (variants) the pipeline knows")
+    p.add_argument("--markdown", action="store_true", help="the README's methods table")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("schema", help="print the experiment config's JSON schema (generated from the config classes)")
+    p.set_defaults(func=cmd_schema)
+
+    from .grokking.cli import register
+
+    register(sub)
     return parser
 
 

@@ -1,244 +1,294 @@
-"""Typed run configuration, strict loading, and variant overlays.
+"""Typed run configuration: one source of truth for every field, its default, range and doc.
 
 A *run* is (study, variant, depth, learning rate, seed). Its config is the experiment's base
-sections, overlaid by the study's `overrides`, then by the variant's overlays, then by depth/LR/seed.
-Overlays are nested dicts; each section they touch says what they change:
+sections, overlaid by the study's `overrides`, then by the variant's overlays (`methods.py`),
+then by depth/LR/seed. Each section says which part of training it configures:
 
-- `model`      the network (MLRA attention, logit soft-capping, tying)
+- `model`      the network (architecture options, MLRA attention, soft-capping, tying)
 - `loss`       the training objective (StableMax, z-loss, mu-loss)
 - `optim`      the optimizer (AdamW or SPAM, perpGrad wrapper, clipping, schedule)
 - `post_step`  what runs after each optimizer step (mu-centering)
+- `train`      the loop (steps, batch, logging, divergence)
+
+Everything a run's *numbers* depend on is here; how and where it runs (device, compile,
+threads, logging sinks, checkpoint keeping) is `RuntimeConfig`, which Snakemake does not track,
+so toggling it never retrains a finished run.
+
+The models are pydantic (strict: no silent type coercion; unknown keys rejected); errors are
+turned into one line naming the key (`config_error`). `stabilab schema` prints the JSON schema
+generated from these classes.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
-import math
-import types
+import re
 import typing
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from .errors import UserError
+
+
+class Section(BaseModel):
+    """A config mapping: strict types, unknown keys rejected, every field documented."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=False)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="python")
+
+
+def knob(default: Any, doc: str, **limits: Any) -> Any:
+    """A config field: its default, its one-line doc and its range (ge/gt/le/lt, min_length...)."""
+    return Field(default, description=doc, **limits)
+
+
+def section(cls: type[Section], doc: str) -> Any:
+    return Field(default_factory=cls, description=doc)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class MLRAConfig(Section):
+    """MLRA (arXiv 2409.07787): per-head low-rank attention projections W_h = A_h B_h."""
+
+    enabled: bool = knob(False, "factorize the attention projections per head")
+    rank: int | None = knob(None, "per-head rank r; null: d_head // 2 (choice, METHODS.md §2)", ge=1)
+    targets: list[Literal["q", "k", "v", "o"]] = knob(
+        ["q", "k", "v"], "projections to factorize (choice; 'o' is the output projection)", min_length=1)
+
+
+class ModelConfig(Section):
+    vocab_size: int = knob(0, "set at training from the token shards (0 in configs); padded to a multiple of 64",
+                           ge=0)
+    block_size: int = knob(64, "context length T in tokens", ge=2)
+    n_layer: int = knob(2, "transformer blocks (the depth studies sweep it)", ge=1)
+    n_head: int = knob(4, "attention heads", ge=1)
+    n_embd: int = knob(64, "model width d", ge=1)
+    bias: bool = knob(False, "biases in the linear layers and LayerNorms")
+    dropout: float = knob(0.0, "dropout probability", ge=0, le=1)
+    tie_embeddings: bool = knob(True, "lm_head shares wte's weight; false: a separate output embedding")
+    logit_softcap: float | None = knob(None, "Gemma 2 soft-capping c: l <- c tanh(l / c); null: off", gt=0)
+    mlra: MLRAConfig = section(MLRAConfig, "multi-head low-rank attention")
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+class LossConfig(Section):
+    kind: Literal["softmax", "stablemax"] = knob("softmax", "normalizer of the cross-entropy (StableMax paper)")
+    z_loss: float = knob(0.0, "PaLM z-loss weight: + z_loss * mean(logsumexp^2); 0: off", ge=0)
+    mu_loss: float = knob(0.0, "OEC mu-loss weight: + mu_loss * ||mu||^2 of the output embedding; 0: off", ge=0)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+class SPAMConfig(Section):
+    """SPAM (arXiv 2501.06842): spike clipping and periodic moment reset."""
+
+    threshold: float = knob(5000.0, "theta: clip entries with g^2 > theta * v_prev to sign(g) sqrt(theta v_prev)",
+                            ge=0)
+    reset_interval: int = knob(500, "Delta T: zero the moments every this many steps", ge=1)
+    warmup: int = knob(150, "N: cosine LR-multiplier warmup steps after each moment reset", ge=0)
+    grace: int = knob(20, "no spike clipping for this many steps after start and after each reset", ge=0)
+    warmup_at_start: bool = knob(False, "also warm up at the start (official code: only after resets; choice)")
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "spam"] = knob("adamw", "base optimizer")
+    lr: float = knob(3e-3, "peak learning rate (the LR studies sweep it)", gt=0, allow_inf_nan=False)
+    betas: list[float] = knob([0.9, 0.95], "Adam betas (beta1, beta2)", min_length=2, max_length=2)
+    eps: float = knob(1e-8, "Adam epsilon", gt=0)
+    weight_decay: float = knob(0.1, "decoupled weight decay on matrices (not on biases and norms)", ge=0)
+    grad_clip: float | None = knob(1.0, "global grad-norm clip; null: no clipping", gt=0)
+    warmup_steps: int = knob(20, "linear LR warmup steps", ge=0)
+    min_lr_ratio: float = knob(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
+    perpgrad: bool = knob(False, "wrap the optimizer with perpGrad (OrthoGrad, StableMax paper)")
+    spam: SPAMConfig = section(SPAMConfig, "SPAM's hyperparameters (used when name: spam)")
+
+
+class PostStepConfig(Section):
+    mu_centering: bool = knob(False, "OEC: subtract the mean output-embedding row after each optimizer step")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+class DivergenceConfig(Section):
+    margin: float = knob(1.0, "nats above the initial loss that count as far above", gt=0)
+    patience: int = knob(50, "consecutive steps (checked at log steps) above the margin", ge=1)
+
+
+class TrainConfig(Section):
+    steps: int = knob(200, "optimizer steps", ge=1)
+    batch_size: int = knob(16, "sequences per micro-batch", ge=1)
+    grad_accum: int = knob(1, "micro-batches per step; a multiple of processes", ge=1)
+    processes: int = knob(1, "data-parallel processes (torchrun); the global batch stays batch_size * grad_accum",
+                          ge=1)
+    eval_every: int = knob(50, "validation loss every this many steps", ge=1)
+    eval_batches: int = knob(4, "validation batches per evaluation", ge=1)
+    log_every: int = knob(10, "training loss and grad norm every this many steps", ge=1)
+    metrics_every: int = knob(25, "stability metrics (METHODS.md §3) every this many steps", ge=1)
+    metrics_batch: int = knob(8, "sequences of the fixed metrics batch (the first of the validation set)", ge=1)
+    grad_var_window: int = knob(50, "window of the grad-norm variance", ge=2)
+    spike_factor: float = knob(50.0, "GSS threshold of a gradient-norm spike (SPAM paper)", gt=0)
+    checkpoint_every: int = knob(100, "write ckpt.pt every this many steps", ge=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = knob("auto", "autocast dtype; auto: bf16 on CUDA, float32 on CPU")
+    divergence: DivergenceConfig = section(DivergenceConfig, "when a run counts as diverged")
+
+
+class DataConfig(Section):
+    shards: str = knob("", "folder with train.bin, val.bin, meta.json")
+    tokenizer: Literal["bpe", "gpt2"] = knob("bpe", "tokenizer kind the shards must have been made with")
+    vocab_size: int = knob(0, "tokenizer vocabulary the shards must have (0: any)", ge=0)
+
+
+SafeName = typing.Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+$")]
+
+
+class RunConfig(Section):
+    """One run, fully resolved: what `stabilab train --run` receives and `config.json` holds."""
+
+    study: SafeName = knob("default", "study the run belongs to")
+    variant: SafeName = knob("baseline", "variant name ('a+b': composed)")
+    seed: int = knob(0, "seed of the initialization and the batch order", ge=0)
+    model: ModelConfig = section(ModelConfig, "the network")
+    loss: LossConfig = section(LossConfig, "the training objective")
+    optim: OptimConfig = section(OptimConfig, "the optimizer and LR schedule")
+    post_step: PostStepConfig = section(PostStepConfig, "what runs after each optimizer step")
+    train: TrainConfig = section(TrainConfig, "the training loop")
+    data: DataConfig = section(DataConfig, "the token shards")
+
 
 SECTIONS = ("model", "loss", "optim", "post_step", "train")
 
 
-@dataclass
-class MLRAConfig:
-    enabled: bool = False
-    rank: int | None = None  # per-head rank r; None means d_head // 2 (choice, METHODS.md §2)
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+class RuntimeConfig(Section):
+    """How and where a run executes: never part of the run's identity (Snakemake does not track it)."""
+
+    device: Literal["auto", "cpu", "cuda"] = knob("auto", "auto: CUDA when available")
+    compile: bool | Literal["auto"] = knob("auto", "torch.compile model, loss and optimizer updates; auto: on CUDA")
+    threads: int = knob(0, "CPU threads for torch (0: torch's default)", ge=0)
+    tensorboard: bool = knob(False, "also write TensorBoard event files (run folder/tensorboard)")
+    keep_checkpoint: bool = knob(False, "keep ckpt.pt after a finished run")
 
 
-@dataclass
-class ModelConfig:
-    vocab_size: int = 0  # set from the token shards' meta; padded up to a multiple of 64
-    block_size: int = 64
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 64
-    bias: bool = False
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    logit_softcap: float | None = None  # Gemma 2 soft-capping c; None disables
-    mlra: MLRAConfig = field(default_factory=MLRAConfig)
+# ----------------------------------------------------------------------------- errors as one line
 
 
-@dataclass
-class LossConfig:
-    kind: Literal["softmax", "stablemax"] = "softmax"
-    z_loss: float = 0.0  # PaLM z-loss weight
-    mu_loss: float = 0.0  # OEC mu-loss weight
-
-
-@dataclass
-class SPAMConfig:
-    threshold: float = 5000.0  # theta
-    reset_interval: int = 500  # Delta T
-    warmup: int = 150  # N, cosine LR-multiplier warmup after each moment reset
-    grace: int = 20  # no spike clipping for this many steps after start and after each reset
-    warmup_at_start: bool = False  # official code: the multiplier only follows resets (choice)
-
-
-@dataclass
-class OptimConfig:
-    name: Literal["adamw", "spam"] = "adamw"
-    lr: float = 3e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float | None = 1.0  # global grad-norm clip; None disables
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    perpgrad: bool = False  # wrap the optimizer with perpGrad (OrthoGrad)
-    spam: SPAMConfig = field(default_factory=SPAMConfig)
-
-
-@dataclass
-class PostStepConfig:
-    mu_centering: bool = False  # OEC: subtract the mean output-embedding row after each step
-
-
-@dataclass
-class DivergenceConfig:
-    margin: float = 1.0  # nats above the initial loss that count as "far above"
-    patience: int = 50  # consecutive steps (checked at log steps) above the margin
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 200
-    batch_size: int = 16
-    grad_accum: int = 1  # micro-batches per step; a multiple of `processes`
-    processes: int = 1  # data-parallel processes (torchrun); the global batch stays batch_size * grad_accum
-    eval_every: int = 50
-    eval_batches: int = 4
-    log_every: int = 10
-    metrics_every: int = 25  # stability metrics (METHODS.md §3) on a fixed batch
-    metrics_batch: int = 8  # sequences of that fixed batch (the first of the validation set)
-    grad_var_window: int = 50  # window of the grad-norm variance
-    spike_factor: float = 50.0  # GSS threshold of a gradient-norm spike (SPAM paper)
-    checkpoint_every: int = 100
-    keep_checkpoint: bool = False  # keep ckpt.pt after a finished run (e.g. to sample from it)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA
-    compile: bool = False
-    tensorboard: bool = False
-    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
-
-
-@dataclass
-class DataConfig:
-    shards: str = ""  # folder with train.bin, val.bin, meta.json
-    tokenizer: str = "bpe"  # tokenizer kind the shards must have been made with
-    vocab_size: int = 0  # tokenizer vocab size the shards must have (0: any)
-
-
-@dataclass
-class RunConfig:
-    study: str = "default"
-    variant: str = "baseline"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    post_step: PostStepConfig = field(default_factory=PostStepConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-
-# ----------------------------------------------------------------------------- strict loading
-
-
-def _type_ok(value: Any, tp: Any) -> bool:
+def _unwrap(tp: Any) -> list[Any]:
+    """The member types of an Optional/Union/Annotated annotation."""
     origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, t) for t in typing.get_args(tp))
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(tp)[0])
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return [m for t in typing.get_args(tp) for m in _unwrap(t)]
+    return [tp]
 
 
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(t) for t in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+def _step(tp: Any, key: Any) -> Any:
+    """The type one loc entry below `tp` (a model's field, a dict's value, a list's item), or None."""
+    for member in _unwrap(tp):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            if isinstance(key, str) and key in member.model_fields:
+                return member.model_fields[key].annotation
+        elif typing.get_origin(member) is dict and isinstance(key, str):
+            return typing.get_args(member)[1]
+        elif typing.get_origin(member) is list and isinstance(key, int):
+            return typing.get_args(member)[0]
+    return None
 
 
-def from_dict(cls: type, data: dict, path: str = "") -> Any:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and ill-typed values."""
-    if not isinstance(data, dict):
-        raise UserError(f"config key '{path or cls.__name__}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{path}.{key}" if path else key
-        if key not in names:
-            raise UserError(f"unknown config key '{where}' (allowed: {', '.join(names)})")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, where)
-            continue
-        if not _type_ok(value, tp):
-            raise UserError(f"bad value for config key '{where}': {value!r} (expected {_describe(tp)})")
-        kwargs[key] = float(value) if tp is float else value
-    return cls(**kwargs)
+def _type_at(root: Any, loc: tuple) -> tuple[Any, int]:
+    """(the type reached by walking `loc` from `root`, how many loc entries that took); union
+    members and pydantic's own loc entries (e.g. 'function-after[...]') end the walk."""
+    tp, used = root, 0
+    for i, key in enumerate(loc):
+        below = _step(tp, key)
+        if below is None:
+            break
+        tp, used = below, i + 1
+    return tp, used
+
+
+def _literals(tp: Any) -> list:
+    members = _unwrap(tp)
+    if len(members) == 1 and typing.get_origin(members[0]) is list:
+        members = _unwrap(typing.get_args(members[0])[0])
+    values = [a for m in members if typing.get_origin(m) is Literal for a in typing.get_args(m)]
+    return ([True, False] if bool in members else []) + values
+
+
+def config_error(error: ValidationError, root: type[BaseModel], prefix: str = "") -> UserError:
+    """One line for the first problem of a pydantic ValidationError, naming the key."""
+    e = error.errors()[0]
+    loc = tuple(e["loc"])
+    tp, used = _type_at(root, loc)
+    parts = ([prefix] if prefix else [])
+    where = ".".join(parts + [str(k) for k in loc[:used]]) or "<top level>"
+    value = e.get("input")
+    if e["type"] == "extra_forbidden":
+        parent, _ = _type_at(root, loc[:-1])
+        model = next((m for m in _unwrap(parent) if isinstance(m, type) and issubclass(m, BaseModel)), None)
+        allowed = ", ".join(model.model_fields) if model is not None else ""
+        return UserError(f"unknown config key '{'.'.join(parts + [str(k) for k in loc])}' (allowed: {allowed})")
+    if e["type"] == "missing":
+        return UserError(f"missing config key '{where}'")
+    if e["type"] in ("model_type", "dict_type", "model_attributes_type"):
+        return UserError(f"config key '{where}' must be a mapping, got {value!r}")
+    literals = _literals(tp)
+    if literals and e["type"] in ("literal_error", "bool_type", "enum"):
+        return UserError(f"bad value for config key '{where}': {value!r} "
+                         f"(allowed: {', '.join(map(repr, literals))})")
+    message = e["msg"].removeprefix("Value error, ")
+    return UserError(f"bad value for config key '{where}': {value!r} ({message[0].lower() + message[1:]})")
+
+
+def validated(cls: type[BaseModel], data: Any, prefix: str = "") -> Any:
+    """`cls` built from `data`, or a one-line UserError naming the offending key."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as error:
+        raise config_error(error, cls, prefix) from None
+
+
+# ----------------------------------------------------------------------------- run configs
 
 
 def load_run_config(data: dict) -> RunConfig:
-    cfg = from_dict(RunConfig, data)
+    cfg = validated(RunConfig, data)
     check_run_config(cfg)
     return cfg
 
 
 def check_run_config(cfg: RunConfig) -> None:
-    """Semantic checks and the composition rules that the types alone cannot express."""
+    """The rules that span several fields (single-field ranges are on the fields)."""
     m, o, t = cfg.model, cfg.optim, cfg.train
-    positive = {
-        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
-        "model.block_size": m.block_size, "train.steps": t.steps, "train.batch_size": t.batch_size,
-        "train.grad_accum": t.grad_accum, "train.processes": t.processes, "train.eval_every": t.eval_every,
-        "train.eval_batches": t.eval_batches, "train.log_every": t.log_every,
-        "train.metrics_every": t.metrics_every, "train.metrics_batch": t.metrics_batch, "train.checkpoint_every": t.checkpoint_every,
-        "optim.spam.reset_interval": o.spam.reset_interval,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"bad value for config key '{key}': {value} (expected a positive number)")
     if t.grad_accum % t.processes:
         raise UserError(f"train.grad_accum ({t.grad_accum}) must be a multiple of train.processes ({t.processes})")
-    if not (o.lr > 0 and math.isfinite(o.lr)):
-        raise UserError(f"bad value for config key 'optim.lr': {o.lr} (expected a positive number)")
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+    if not all(0 <= b < 1 for b in o.betas):
         raise UserError(f"bad value for config key 'optim.betas': {o.betas} (expected two numbers in [0, 1))")
     d_head = m.n_embd // m.n_head
     if m.mlra.enabled:
-        bad = sorted(set(m.mlra.targets) - {"q", "k", "v", "o"})
-        if bad or not m.mlra.targets:
-            raise UserError(f"bad value for config key 'model.mlra.targets': {m.mlra.targets} "
-                            "(allowed: a non-empty list of 'q', 'k', 'v', 'o')")
         rank = m.mlra.rank if m.mlra.rank is not None else d_head // 2
         if not 1 <= rank < d_head:
             raise UserError(f"bad value for config key 'model.mlra.rank': {rank} "
                             f"(expected 1 <= rank < d_head = {d_head})")
-    if m.logit_softcap is not None and m.logit_softcap <= 0:
-        raise UserError(f"bad value for config key 'model.logit_softcap': {m.logit_softcap} (expected > 0 or null)")
     if cfg.loss.kind == "stablemax" and cfg.loss.z_loss > 0:
         raise UserError("variants cannot combine loss.kind=stablemax with loss.z_loss: z-loss penalizes "
                         "the softmax normalizer logsumexp, which StableMax does not have")
-    if cfg.loss.z_loss < 0 or cfg.loss.mu_loss < 0:
-        raise UserError("loss.z_loss and loss.mu_loss must be >= 0")
+
+
+def defaults() -> dict:
+    """The default of every run-config field, as a nested dict."""
+    return RunConfig().to_dict()
 
 
 # ----------------------------------------------------------------------------- overlays
@@ -247,7 +297,7 @@ def check_run_config(cfg: RunConfig) -> None:
 def deep_merge(base: dict, overlay: dict) -> dict:
     """Return `base` updated by `overlay`, recursing into nested mappings."""
     out = copy.deepcopy(base)
-    for key, value in overlay.items():
+    for key, value in (overlay or {}).items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
@@ -255,59 +305,65 @@ def deep_merge(base: dict, overlay: dict) -> dict:
     return out
 
 
-def _leaves(d: dict, prefix: str = "") -> dict[str, Any]:
+def leaves(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {'a.b.c': value} for its non-mapping values."""
     out = {}
     for key, value in d.items():
         where = f"{prefix}.{key}" if prefix else key
         if isinstance(value, dict) and value:
-            out.update(_leaves(value, where))
+            out.update(leaves(value, where))
         else:
             out[where] = value
     return out
 
 
-def variant_overlay(name: str, variants: dict[str, dict]) -> dict:
-    """The overlay of a variant name; `a+b` composes registered variants `a` and `b`.
-
-    Composition is refused when two parts set the same key to different values, because the
-    result would depend on the order they are listed in.
-    """
-    if name in variants:
-        return copy.deepcopy(variants[name] or {})
-    parts = name.split("+")
-    unknown = [p for p in parts if p not in variants]
-    if len(parts) == 1 or unknown:
-        raise UserError(f"unknown variant '{(unknown or [name])[0]}' (defined: {', '.join(sorted(variants))})")
-    merged: dict = {}
-    owner: dict[str, tuple[str, Any]] = {}
-    for part in parts:
-        overlay = variants[part] or {}
-        for key, value in _leaves(overlay).items():
-            if key in owner and owner[key][1] != value:
-                raise UserError(f"variants '{owner[key][0]}' and '{part}' cannot be combined in '{name}': "
-                                f"both set {key} ({owner[key][1]!r} vs {value!r})")
-            owner[key] = (part, value)
-        merged = deep_merge(merged, overlay)
-    return merged
+def nest(dotted: dict[str, Any]) -> dict:
+    """{'a.b': 1} -> {'a': {'b': 1}} (the inverse of `leaves`)."""
+    out: dict = {}
+    for key, value in dotted.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"config override '{key}': '{part}' is not a mapping")
+        node[last] = value
+    return out
 
 
-def format_lr(lr: float) -> str:
-    """Learning rate as it appears in run folder names: 0.003 -> '0.003', 3e-05 -> '3e-05'."""
-    return f"{lr:g}"
+_YAML12_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
 
 
-def resolve_run(experiment: dict, study: str, variant: str, depth: int, lr: float, seed: int,
-                shards: str) -> dict:
-    """The resolved config dict of one run (validated later by `load_run_config`)."""
-    studies = experiment.get("studies", {})
-    if study not in studies:
-        raise UserError(f"unknown study '{study}' (defined: {', '.join(sorted(studies))})")
-    base = {key: experiment.get(key, {}) for key in SECTIONS}
-    run = deep_merge(base, studies[study].get("overrides", {}))
-    run = deep_merge(run, variant_overlay(variant, experiment.get("variants", {})))
-    run = deep_merge(run, {"model": {"n_layer": int(depth)}, "optim": {"lr": float(lr)}})
-    tok = experiment.get("tokenizer", {})
-    run["data"] = {"shards": shards, "tokenizer": tok.get("kind", "bpe"),
-                   "vocab_size": int(tok.get("vocab_size", 0)) if tok.get("kind", "bpe") == "bpe" else 0}
-    run.update(study=study, variant=variant, seed=int(seed))
-    return run
+def yaml12_numbers(obj: Any) -> Any:
+    """Strings that YAML 1.2 reads as numbers but PyYAML (YAML 1.1) leaves as strings, such as
+    `1e-3`, as floats; everything else unchanged (recursing into mappings and lists)."""
+    if isinstance(obj, dict):
+        return {k: yaml12_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [yaml12_numbers(v) for v in obj]
+    if isinstance(obj, str) and _YAML12_FLOAT.match(obj):
+        return float(obj)
+    return obj
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Command-line overrides `a.b=value` as a nested dict; values are YAML (`train.steps=50` is
+    an int, `optim.grad_clip=null` is None, `model.mlra.targets=[q,k]` a list)."""
+    dotted = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"bad override '{item}' (expected key.path=value, e.g. train.steps=50)")
+        try:
+            dotted[key] = yaml12_numbers(yaml.safe_load(text)) if text else ""
+        except yaml.YAMLError:
+            raise UserError(f"bad override '{item}': the value is not valid YAML") from None
+    return nest(dotted)
+
+
+def expand_dotted(config: dict) -> dict:
+    """Top-level keys with dots (`snakemake --config train.steps=50`) merged into the nested
+    config, after (so over) everything else."""
+    dotted = {k: v for k, v in config.items() if isinstance(k, str) and "." in k}
+    plain = {k: v for k, v in config.items() if k not in dotted}
+    return deep_merge(plain, nest(dotted)) if dotted else plain

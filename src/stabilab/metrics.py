@@ -33,13 +33,16 @@ def mu_norm(embedding: torch.Tensor) -> torch.Tensor:
 
 
 def collapse_fractions(logits: torch.Tensor, targets: torch.Tensor, kind: str = "softmax") -> dict[str, torch.Tensor]:
-    """Softmax Collapse (arXiv 2501.04697): the fraction of positions whose float32
+    """Softmax Collapse (arXiv 2501.04697): the fraction of positions whose
     sum(exp(z - max z)) is exactly 1 (every other class underflows), and the fraction whose
-    float32 per-sample loss is exactly 0. z are the logits of the model's own normalizer."""
-    z = normalized_logits(logits.detach().float(), kind)
+    per-sample loss is exactly 0, in float32 (float64 logits: in float64, the precision such a
+    model computes its loss in). z are the logits of the model's own normalizer."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    logits = logits.detach().to(dtype)
+    z = normalized_logits(logits, kind)
     denom = torch.exp(z - z.amax(dim=-1, keepdim=True)).sum(dim=-1)
-    losses = token_losses(logits.detach().float(), targets, kind)
-    return {"collapse_frac": (denom == 1.0).float().mean(), "zero_loss_frac": (losses == 0.0).float().mean()}
+    losses = token_losses(logits, targets, kind)
+    return {"collapse_frac": (denom == 1.0).to(dtype).mean(), "zero_loss_frac": (losses == 0.0).to(dtype).mean()}
 
 
 def grad_group_norms(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
@@ -50,12 +53,3 @@ def grad_group_norms(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, t
         if grads:
             out[f"grad_norm_{name}"] = torch.stack(torch._foreach_norm(grads)).float().norm()
     return out
-
-
-def lr_sensitivity(final_losses: list[float], initial_loss: float) -> float:
-    """Wortsman et al. 2023: mean over LRs of min(L(lr), L0) - L*, L* the best loss of the sweep.
-    A diverged run (NaN/inf loss) counts as L0."""
-    capped = [min(loss, initial_loss) if loss == loss and abs(loss) != float("inf") else initial_loss
-              for loss in final_losses]
-    best = min(capped)
-    return sum(c - best for c in capped) / len(capped)

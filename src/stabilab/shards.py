@@ -8,7 +8,6 @@ run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 from .corpus import read_split
 from .errors import UserError
+from .io import atomic_path, write_json
 from .tokenizer import Tokenizer
 
 SPLITS = ("train", "val")
@@ -29,9 +29,8 @@ def write_shards(tokenizer: Tokenizer, split_files: dict[str, Path], out_dir: st
     meta = {"tokenizer": {"kind": tokenizer.kind, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
             "eot_id": tokenizer.eot_id, "dtype": np.dtype(dtype).name, "tokens": {}, "documents": {}}
     for split in SPLITS:
-        tmp = out / f"{split}.bin.tmp"
         n_tokens = n_docs = 0
-        with open(tmp, "wb") as f:
+        with atomic_path(out / f"{split}.bin") as tmp, open(tmp, "wb") as f:
             texts = list(read_split(split_files[split]))
             for i in range(0, len(texts), batch_docs):
                 for ids in tokenizer.encode_batch(texts[i:i + batch_docs]):
@@ -39,11 +38,8 @@ def write_shards(tokenizer: Tokenizer, split_files: dict[str, Path], out_dir: st
                     arr.tofile(f)
                     n_tokens += arr.size
                     n_docs += 1
-        os.replace(tmp, out / f"{split}.bin")
         meta["tokens"][split], meta["documents"][split] = n_tokens, n_docs
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "meta.json")  # last: shards without meta are unfinished
+    write_json(out / "meta.json", meta)  # last: shards without meta are unfinished
     return meta
 
 

@@ -1,40 +1,28 @@
 """Tidy tables from run folders (pandas).
 
 - `steps.csv`: one row per run and logged step (every metric column of metrics.jsonl).
-- `runs.csv`: one row per run (summary.json plus run-level metrics).
+- `runs.csv`: one row per run (summary.json, its provenance flattened, plus run-level metrics).
 - `summary_<study>.csv`: per study, the exact numbers its figures show, in long form:
-  study, kind, variant, depth, lr, metric, mean, ci95, n, n_diverged.
+  study, kind, variant, depth, lr, metric, mean, ci95, n, n_diverged; which metrics, and which
+  extra rows (LR sensitivity), the study kind's record says (`studies.KINDS`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .metrics import lr_sensitivity
+from .io import atomic_path, atomic_write
+from .stats import ci95, lr_sensitivity
+from .studies import KINDS
 
 RUN_KEYS = ["study", "variant", "depth", "lr", "seed"]
-# Two-sided 95 % Student-t quantiles by degrees of freedom (scipy is not a dependency).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-       10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def t95(dof: int) -> float:
-    if dof <= 0:
-        return float("nan")
-    keys = [k for k in sorted(T95) if k <= dof]
-    return T95[keys[-1]] if dof <= 30 else 1.96
-
-
-def ci95(values: pd.Series) -> float:
-    """Half-width of the 95 % confidence interval of the mean (NaN with one value)."""
-    v = values.dropna()
-    return t95(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+LAST_VALUE = ["tev_mean", "tev_std", "tev_lm_head_mean", "tev_lm_head_std", "mu_norm", "mu_norm_wte",
+              "logits_mean", "logits_absmax", "log_z_sq", "collapse_frac", "zero_loss_frac", "spike_count"]
 
 
 def read_run(summary_path: str | Path) -> tuple[dict, pd.DataFrame]:
@@ -53,11 +41,10 @@ def read_run(summary_path: str | Path) -> tuple[dict, pd.DataFrame]:
 def run_level(summary: dict, steps: pd.DataFrame) -> dict:
     """Run-level metrics: last measured value, and the grad-norm variance averaged over the
     second half of training (the first half is dominated by the warmup transient)."""
-    row = dict(summary)
+    row = {k: v for k, v in summary.items() if k != "provenance"}
     measured = steps.dropna(subset=["tev_mean"]) if "tev_mean" in steps else steps.iloc[0:0]
     last = measured.iloc[-1] if len(measured) else None
-    for col in ["tev_mean", "tev_std", "tev_lm_head_mean", "tev_lm_head_std", "mu_norm", "mu_norm_wte",
-                "logits_mean", "logits_absmax", "log_z_sq", "collapse_frac", "zero_loss_frac", "spike_count"]:
+    for col in LAST_VALUE:
         row[col] = float(last[col]) if last is not None and col in last and pd.notna(last[col]) else np.nan
     attn = [c for c in steps.columns if c.startswith("attn_logit_max_l")]
     row["attn_logit_max"] = float(last[attn].max()) if last is not None and attn else np.nan
@@ -69,10 +56,11 @@ def run_level(summary: dict, steps: pd.DataFrame) -> dict:
     row["max_grad_norm"] = float(steps["grad_norm"].max()) if "grad_norm" in steps else np.nan
     if "spam_clipped_frac" in steps:
         row["spam_clipped_frac"] = float(steps["spam_clipped_frac"].mean())
+    row.update(summary.get("provenance", {}))  # last: the columns added after the numbers
     return row
 
 
-def _aggregate(df: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
+def _aggregate(df: pd.DataFrame, by: list[str], metrics: tuple[str, ...]) -> pd.DataFrame:
     rows = []
     for keys, group in df.groupby(by, dropna=False, sort=True):
         keys = keys if isinstance(keys, tuple) else (keys,)
@@ -85,29 +73,25 @@ def _aggregate(df: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-STUDY_METRICS = {
-    "depth": ["final_val_ppl", "final_val_loss", "tev_mean", "tev_std", "tev_lm_head_mean", "tev_lm_head_std",
-              "grad_norm_var", "params"],
-    "lr": ["final_val_loss", "mu_norm", "logits_absmax", "logits_mean", "attn_logit_max"],
-    "spikes": ["final_val_loss", "spike_count", "max_grad_norm", "spam_clipped_frac"],
-    "compare": ["final_val_loss", "final_val_ppl", "params", "tev_mean", "mu_norm", "logits_absmax",
-                "collapse_frac", "wall_time_s"],
-}
+def lr_sensitivity_rows(runs: pd.DataFrame) -> list[dict]:
+    """LR sensitivity per variant (and depth): one value per seed over the swept LRs, then mean and CI."""
+    rows = []
+    for (variant, depth), group in runs.groupby(["variant", "depth"]):
+        l0 = float(group["initial_loss"].dropna().mean())
+        per_seed = [lr_sensitivity(g["final_val_loss"].astype(float).fillna(np.inf).tolist(), l0)
+                    for _, g in group.groupby("seed")]
+        s = pd.Series(per_seed)
+        rows.append({"variant": variant, "depth": depth, "lr": np.nan, "metric": "lr_sensitivity",
+                     "mean": s.mean(), "ci95": ci95(s), "n": len(s), "n_diverged": int(group["diverged"].sum())})
+    return rows
 
 
 def study_summary(runs: pd.DataFrame, study: str, kind: str) -> pd.DataFrame:
+    record = KINDS[kind]
     df = runs[runs["study"] == study]
-    out = _aggregate(df, ["variant", "depth", "lr"], STUDY_METRICS[kind])
-    if kind == "lr":  # LR sensitivity per variant (and depth), one value per seed, then mean and CI
-        rows = []
-        for (variant, depth), group in df.groupby(["variant", "depth"]):
-            l0 = float(group["initial_loss"].dropna().mean())
-            per_seed = [lr_sensitivity(g["final_val_loss"].astype(float).fillna(np.inf).tolist(), l0)
-                        for _, g in group.groupby("seed")]
-            s = pd.Series(per_seed)
-            rows.append({"variant": variant, "depth": depth, "lr": np.nan, "metric": "lr_sensitivity",
-                         "mean": s.mean(), "ci95": ci95(s), "n": len(s), "n_diverged": int(group["diverged"].sum())})
-        out = pd.concat([out, pd.DataFrame(rows)], ignore_index=True)
+    out = _aggregate(df, ["variant", "depth", "lr"], record.metrics)
+    if record.extra_rows:
+        out = pd.concat([out, pd.DataFrame(record.function("extra_rows")(df))], ignore_index=True)
     out.insert(0, "kind", kind)
     out.insert(0, "study", study)
     return out
@@ -128,8 +112,7 @@ def write_tables(summary_paths: list[str], out_dir: str | Path, studies: dict | 
         if study in set(runs["study"]):
             written[f"summary_{study}.csv"] = study_summary(runs, study, spec["kind"])
     for name, frame in written.items():
-        tmp = out / f"{name}.tmp"
-        frame.to_csv(tmp, index=False)
-        tmp.replace(out / name)
-    (out / "studies.json").write_text(json.dumps(studies or {}, indent=2, sort_keys=True) + "\n")
+        with atomic_path(out / name) as tmp:
+            frame.to_csv(tmp, index=False)
+    atomic_write(out / "studies.json", json.dumps(studies or {}, indent=2, sort_keys=True) + "\n")
     return list(written) + ["studies.json"]

@@ -72,7 +72,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257:
-        raise UserError(f"bad value for config key 'tokenizer.vocab_size': {vocab_size} (expected >= 257: 256 bytes + EOT)")
+        raise UserError(f"bad value for config key 'tokenizer.vocab_size': {vocab_size} "
+                        "(expected >= 257: 256 bytes + EOT)")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

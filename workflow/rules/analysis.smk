@@ -2,19 +2,19 @@
 
 
 rule tables:
-    conda:
-        "../envs/stabilab.yaml"
     input:
         run_summaries(),
     output:
         runs=f"{RES}/tables/runs.csv",
         steps=f"{RES}/tables/steps.csv",
-    params:
-        studies=json.dumps(config["studies"], sort_keys=True),
-        out=lambda wildcards, output: os.path.dirname(output.runs),
     log:
         f"{RES}/logs/tables.log",
     benchmark:
         f"{RES}/benchmarks/tables.tsv"
+    conda:
+        "../envs/stabilab.yaml"
+    params:
+        studies=json.dumps(config["studies"], sort_keys=True),
+        out=lambda wildcards, output: os.path.dirname(output.runs),
     shell:
         "stabilab tables {input:q} --studies {params.studies:q} --out {params.out} > {log} 2>&1"

@@ -1,27 +1,41 @@
-# Helpers shared by the rules: config validation, the run grid, run folders.
+# Helpers shared by the rules: the resolved config, the run grid, run folders. Planning imports
+# only the package's light modules (no torch, no matplotlib).
 import json
 import os
 import sys
+from pathlib import Path
 
 from stabilab.errors import UserError
-from stabilab.experiment import DEFAULTS, check_runs, run_config, validate
-from stabilab.figures import expected_figures
-from stabilab.grokking import FIGURES, VARIANTS, run_specs, run_subdir
+from stabilab.experiment import prepare, run_config, runs, shards_dir, write_runtime
+from stabilab.grokking.config import VARIANTS as GROK_VARIANTS
+from stabilab.grokking.config import run_specs, run_subdir
+from stabilab.grokking.figures import FIGURES as GROK_FIGURES
+from stabilab.layout import FIGURES, GROK_RUN_DIR, RESULTS, RUN_DIR
+from stabilab.studies import expected_figures
 
+# `base:` includes resolve relative to the config file's folder; `--config a.b=value` overrides.
+CONFIG_DIR = (
+    Path(workflow.overwrite_configfiles[-1]).parent
+    if workflow.overwrite_configfiles
+    else Path(".")
+)
 try:
-    validate(config, workflow.source_path("../schemas/config.schema.yaml"))
-    for section, default in DEFAULTS.items():
-        config.setdefault(section, default)
+    _resolved = prepare(config, CONFIG_DIR)
+    config.clear()
+    config.update(_resolved)
     NAME = config["name"]
-    RES = f"results/{NAME}"
-    FIG = f"figures/{NAME}"
-    SHARDS = f"{RES}/data/shards"
-    RUNS = check_runs(config, SHARDS)
+    RES = RESULTS.format(name=NAME)
+    FIG = FIGURES.format(name=NAME)
+    SHARDS = shards_dir(config)
+    RUNS = runs(config)
     GROK_SPECS = {run_subdir(spec): spec for spec in run_specs(config.get("grokking"))}
 except UserError as error:
     sys.exit(f"config error: {error}")
 
 RUN_BY_PATH = {run.path: run for run in RUNS}
+# How and where runs execute (device, compile, sinks): written to a file whose *path* is the
+# train rule's param, so changing the settings never re-runs a finished run.
+RUNTIME_FILE = write_runtime(config, f"{RES}/runtime.json")
 
 
 wildcard_constraints:
@@ -32,13 +46,9 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-def run_path(wildcards):
-    return f"runs/{wildcards.study}/{wildcards.variant}/L{wildcards.depth}_lr{wildcards.lr}_s{wildcards.seed}"
-
-
 def resolved_run(wildcards):
     """The run's resolved config as JSON (a param: Snakemake re-runs a run whose config changed)."""
-    path = run_path(wildcards)
+    path = RUN_DIR.format(**wildcards)
     if path not in RUN_BY_PATH:
         raise ValueError(f"{path} is not a run of the configured grid")
     return json.dumps(run_config(config, RUN_BY_PATH[path], SHARDS), sort_keys=True)
@@ -60,23 +70,26 @@ def lm_targets():
     """Tables and figures of the language-model studies (none when `studies` is empty)."""
     if not RUNS:
         return []
-    return [f"{RES}/tables/runs.csv"] + [f"{FIG}/{name}" for name in expected_figures(config["studies"])]
+    return [f"{RES}/tables/runs.csv"] + [
+        f"{FIG}/{name}" for name in expected_figures(config["studies"])
+    ]
 
 
 def figures_folder(wildcards, output):
     """FIG, derived from the outputs (each is FIG/<study>/<name>.png or .pdf)."""
-    return os.path.commonpath([os.path.dirname(os.path.dirname(path)) for path in output])
+    return os.path.commonpath(
+        [os.path.dirname(os.path.dirname(path)) for path in output]
+    )
 
 
 # ----------------------------------------------------------------------------- grokking study
 GROK = f"{RES}/grokking"
 GROK_FIG = f"{FIG}/grokking"
-GROK_FIGURES = list(FIGURES)  # file stems, each written as .png and .pdf
 
 
 def grok_spec(wildcards):
     """The run's resolved spec as JSON (a param: Snakemake re-runs a run whose spec changed)."""
-    key = f"{wildcards.operation}/{wildcards.variant}/s{wildcards.seed}"
+    key = GROK_RUN_DIR.format(**wildcards)
     if key not in GROK_SPECS:
         raise ValueError(f"grokking run {key} is not in the configured grid")
     return json.dumps(GROK_SPECS[key].to_dict(), sort_keys=True)
@@ -90,8 +103,7 @@ def grokking_targets():
     """Final outputs of the study, for `rule all` (empty when the study is disabled)."""
     if not GROK_SPECS:
         return []
-    return [f"{GROK}/tables/grokking_steps.csv", f"{GROK}/tables/grokking_summary.csv"] + [
-        f"{GROK_FIG}/{name}.{ext}" for name in GROK_FIGURES for ext in ("png", "pdf")
-    ]
-
-
+    return [
+        f"{GROK}/tables/grokking_steps.csv",
+        f"{GROK}/tables/grokking_summary.csv",
+    ] + [f"{GROK_FIG}/{name}.{ext}" for name in GROK_FIGURES for ext in ("png", "pdf")]

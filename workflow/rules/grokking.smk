@@ -3,29 +3,27 @@
 
 
 rule grok_train:
+    output:
+        f"{GROK}/{GROK_RUN_DIR}/summary.json",
+    log:
+        f"{GROK}/logs/{GROK_RUN_DIR}.log",
+    benchmark:
+        f"{GROK}/benchmarks/{GROK_RUN_DIR}.tsv"
+    wildcard_constraints:
+        operation="add|mul",
+        variant="|".join(GROK_VARIANTS),
+        seed=r"\d+",
     conda:
         "../envs/stabilab.yaml"
-    output:
-        f"{GROK}/{{operation}}/{{variant}}/s{{seed}}/summary.json",
+    threads: 1
     params:
         spec=grok_spec,
         out=lambda wildcards, output: os.path.dirname(output[0]),
-    wildcard_constraints:
-        operation="add|mul",
-        variant="|".join(VARIANTS),
-        seed=r"\d+",
-    threads: 1
-    log:
-        f"{GROK}/logs/{{operation}}/{{variant}}/s{{seed}}.log",
-    benchmark:
-        f"{GROK}/benchmarks/{{operation}}/{{variant}}/s{{seed}}.tsv"
     shell:
         "stabilab grok-train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule grok_report:
-    conda:
-        "../envs/stabilab.yaml"
     input:
         grok_summaries(),
     output:
@@ -47,13 +45,17 @@ rule grok_report:
             category="Grokking",
         ),
         pdfs=[f"{GROK_FIG}/{name}.pdf" for name in GROK_FIGURES],
-    params:
-        runs=lambda wildcards, input: " ".join(f"'{os.path.dirname(path)}'" for path in input),
-        tables=lambda wildcards, output: os.path.dirname(output.steps),
-        figures=lambda wildcards, output: os.path.dirname(output.accuracy),
     log:
         f"{GROK}/logs/report.log",
     benchmark:
         f"{GROK}/benchmarks/report.tsv"
+    conda:
+        "../envs/stabilab.yaml"
+    params:
+        runs=lambda wildcards, input: " ".join(
+            f"'{os.path.dirname(path)}'" for path in input
+        ),
+        tables=lambda wildcards, output: os.path.dirname(output.steps),
+        figures=lambda wildcards, output: os.path.dirname(output.accuracy),
     shell:
         "stabilab grok-report --runs {params.runs} --tables {params.tables:q} --figures {params.figures:q} > {log:q} 2>&1"

@@ -5,20 +5,21 @@
 
 
 rule train:
-    conda:
-        "../envs/stabilab.yaml"
     input:
         f"{SHARDS}/meta.json",
     output:
-        f"{RES}/runs/{{study}}/{{variant}}/L{{depth}}_lr{{lr}}_s{{seed}}/summary.json",
+        f"{RES}/{RUN_DIR}/summary.json",
+    log:
+        f"{RES}/logs/{RUN_DIR}.log",
+    benchmark:
+        f"{RES}/benchmarks/{RUN_DIR}.tsv"
+    conda:
+        "../envs/stabilab.yaml"
+    threads: 1
     params:
         run=resolved_run,
         out=lambda wildcards, output: os.path.dirname(output[0]),
         launcher=launcher,
-    threads: 1
-    log:
-        f"{RES}/logs/runs/{{study}}/{{variant}}/L{{depth}}_lr{{lr}}_s{{seed}}.log",
-    benchmark:
-        f"{RES}/benchmarks/runs/{{study}}/{{variant}}/L{{depth}}_lr{{lr}}_s{{seed}}.tsv"
+        runtime=RUNTIME_FILE,
     shell:
-        "{params.launcher} train --run {params.run:q} --out {params.out} --threads {threads} > {log} 2>&1"
+        "{params.launcher} train --run {params.run:q} --out {params.out} --runtime {params.runtime} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,46 @@
+"""Device and precision choices shared by the language-model trainer and the grokking study."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import UserError
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' (CUDA when available), 'cpu', 'cuda' (this process's local rank) or 'cuda:N'."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but no CUDA device is available")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (expected auto, cpu, cuda or cuda:N)") from None
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast when asked (or 'auto' on CUDA); otherwise no autocast (float32)."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def provenance(device: torch.device | None = None) -> dict:
+    """What a result was made with: package and library versions, code version, device."""
+    import platform
+
+    from . import __version__
+    from .version import code_version
+
+    out = {"stabilab": __version__, **code_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda if torch.cuda.is_available() else None, "python": platform.python_version()}
+    if device is not None:
+        out["device"] = str(device)
+        out["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                              else platform.processor() or platform.machine())
+    return out

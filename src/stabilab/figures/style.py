@@ -1,0 +1,167 @@
+"""Shared look of every figure: colours, number formats, panels, legends, saving.
+
+Conventions shared by every figure:
+- one colour per variant, the same in every figure of every study (the methods' own colours,
+  `methods.py`, then fallback colours in order of first appearance); red is kept for divergence;
+- with two or more seeds: curves are the mean over the seeds that did not diverge with a 95 %
+  bootstrap band, thin lines the single seeds; points vs depth / LR are the mean with the summary
+  table's 95 % t-interval, open circles the single seeds;
+- diverged runs stay visible: a red x where the run stopped (curves) or on the point (vs-LR /
+  vs-depth), with "k/N div." above it; a point with no value because every seed diverged is drawn
+  in a "diverged" strip at the top of the panel instead of vanishing;
+- loss axes are capped at the initial loss + 1 nat; values above are drawn at the cap (said in the
+  figure's title); variants whose curves are identical (and so hide each other) are named.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from ..errors import UserError  # noqa: E402
+from ..io import atomic_path  # noqa: E402
+from ..methods import BY_NAME  # noqa: E402
+
+DIVERGED = "#d62728"  # red: reserved for divergence markers
+SPIKE_FACTOR = 50.0  # GSS threshold of a gradient-norm spike (SPAM paper; train.spike_factor default)
+LOSS_CAP_MARGIN = 1.0  # loss axes end at initial loss + this (nats)
+DIV_CURVE_LABEL = "diverged run (not in the mean): stopped at ×"
+FALLBACK_COLOURS = ["#56b4e9", "#a6761d", "#1b9e77", "#7570b3", "#fdae61", "#999999", "#000080", "#66a61e"]
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def save(fig, out: Path, stem: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    with atomic_path(paths[0]) as tmp:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
+    with atomic_path(paths[1]) as tmp:
+        fig.savefig(tmp, bbox_inches="tight", metadata={"CreationDate": None}, format="pdf")
+    plt.close(fig)
+    return paths
+
+
+def read_summary(tables: Path, study: str) -> pd.DataFrame:
+    path = tables / f"summary_{study}.csv"
+    if not path.exists():
+        raise UserError(f"table missing: {path} (run the tables rule first)")
+    return pd.read_csv(path)
+
+
+def metric_rows(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
+    return summary[summary["metric"] == metric].copy()
+
+
+def palette_for(studies: dict) -> dict[str, tuple]:
+    """One colour per variant name, the same in every study."""
+    names: list[str] = []
+    for spec in studies.values():
+        names += [v for v in spec.get("variants", []) if v not in names]
+    palette = {v: BY_NAME[v].colour for v in names if v in BY_NAME}
+    others = [v for v in names if v not in palette]
+    colours = list(FALLBACK_COLOURS)
+    if len(others) > len(colours):
+        colours += sns.color_palette("husl", len(others) - len(colours)).as_hex()
+    palette.update(zip(others, colours))
+    return palette
+
+
+def fmt(value) -> str:
+    """1e-3 -> '1e-3', 0.003 -> '3e-3', 3.0 -> '3', 2 -> '2'."""
+    value = float(value)
+    if value == int(value) and abs(value) < 1e4:
+        return str(int(value))
+    if 0 < abs(value) < 0.05:
+        mantissa, exp = f"{value:.2g}".split("e") if "e" in f"{value:.2g}" else f"{value:.1e}".split("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exp)}"
+    text = f"{value:.3g}"
+    if "e" in text:
+        mantissa, exp = text.split("e")
+        return f"{mantissa}e{int(exp)}"
+    if abs(value) < 0.01:
+        return f"{value:.0e}".replace("e-0", "e-")
+    return text
+
+
+def seed_count(spec: dict, default: int = 1) -> int:
+    return len(spec.get("seeds", [])) or default
+
+
+def facets_of(df: pd.DataFrame, kind: str) -> list[tuple[int, float]]:
+    """(depth, lr) panels, in the order of the study's swept axis."""
+    pairs = df[["depth", "lr"]].drop_duplicates()
+    by = ["lr", "depth"] if kind == "lr" else ["depth", "lr"]
+    return [(int(d), float(lr)) for d, lr in pairs.sort_values(by)[["depth", "lr"]].itertuples(index=False)]
+
+
+def facet_title(depth: int, lr: float, kind: str, facets: list[tuple[int, float]]) -> str:
+    depths, lrs = {d for d, _ in facets}, {lr for _, lr in facets}
+    parts = []
+    if kind == "lr":
+        parts.append(f"peak LR {fmt(lr)}")
+        if len(depths) > 1:
+            parts.append(f"{depth} layers")
+    else:
+        if kind == "depth" or len(depths) > 1:
+            parts.append(f"{depth} layer{'s' if depth != 1 else ''}")
+        if kind != "depth" or len(lrs) > 1:
+            parts.append(f"peak LR {fmt(lr)}")
+    return ", ".join(parts)
+
+
+def panel_grid(n: int, width: float = 3.6, height: float = 2.9, max_cols: int = 4, **kw):
+    cols = max(1, min(max_cols, n))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.9), squeeze=False,
+                             layout="constrained", **kw)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def figure_legend(fig, handles: list, ncol: int | None = None) -> None:
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=ncol or min(len(handles), 4), frameon=False,
+                   fontsize=8.5, handlelength=2.2, columnspacing=1.4)
+
+
+def variant_handles(variants: list[str], palette: dict) -> list:
+    return [Line2D([], [], color=palette[v], lw=2, marker="o", ms=4, label=v) for v in variants]
+
+
+def div_handle(label: str = "diverged (run stopped)") -> Line2D:
+    return Line2D([], [], ls="none", marker="x", color=DIVERGED, ms=8, mew=2, label=label)
+
+
+def seed_curve_handles(n_seeds: int, any_diverged: bool) -> list:
+    """Legend entries of curve figures after the variants': the seed band, and the divergence mark."""
+    handles = []
+    if n_seeds > 1:
+        handles.append(Patch(color="0.6", alpha=0.35, label="95 % CI over seeds (thin: single seeds)"))
+    if any_diverged:
+        handles.append(div_handle(DIV_CURVE_LABEL if n_seeds > 1 else "diverged: run stopped at ×"))
+    return handles
+
+
+def no_data(ax, text: str = "no data") -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def tokens_axis(ax) -> None:
+    ax.xaxis.set_major_formatter(mticker.EngFormatter(sep=""))
+    ax.set_xlabel("tokens seen")
+

@@ -1,0 +1,25 @@
+"""Where things live: every output path pattern of the pipeline, written once.
+
+Patterns use `str.format` fields, so that Snakemake rules (which fill them with wildcards) and
+the package (which fills them with values) share them.
+"""
+
+from __future__ import annotations
+
+RESULTS = "results/{name}"
+FIGURES = "figures/{name}"
+SHARDS = "data/shards"  # under RESULTS
+# one language-model run, under RESULTS
+RUN_DIR = "runs/{study}/{variant}/L{depth}_lr{lr}_s{seed}"
+# one grokking run, under RESULTS/grokking
+GROK_RUN_DIR = "{operation}/{variant}/s{seed}"
+
+
+def format_lr(lr: float) -> str:
+    """Learning rate as it appears in run folder names: 0.003 -> '0.003', 3e-05 -> '3e-05'."""
+    return f"{lr:g}"
+
+
+def run_dir(study: str, variant: str, depth: int, lr: float | str, seed: int) -> str:
+    lr = lr if isinstance(lr, str) else format_lr(lr)
+    return RUN_DIR.format(study=study, variant=variant, depth=depth, lr=lr, seed=seed)

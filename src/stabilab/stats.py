@@ -1,0 +1,31 @@
+"""Statistics of finished runs (pure Python: the tables and figures need no torch)."""
+
+from __future__ import annotations
+
+import math
+
+# Two-sided 95 % Student-t quantiles by degrees of freedom.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+       10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(dof: int) -> float:
+    if dof <= 0:
+        return float("nan")
+    keys = [k for k in sorted(T95) if k <= dof]
+    return T95[keys[-1]] if dof <= 30 else 1.96
+
+
+def ci95(values) -> float:
+    """Half-width of the 95 % t-interval of the mean of a pandas Series (NaN with one value)."""
+    v = values.dropna()
+    return t95(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+
+
+def lr_sensitivity(final_losses: list[float], initial_loss: float) -> float:
+    """Wortsman et al. 2023: mean over LRs of min(L(lr), L0) - L*, L* the best loss of the sweep.
+    A diverged run (NaN/inf loss) counts as L0."""
+    capped = [min(loss, initial_loss) if loss == loss and abs(loss) != float("inf") else initial_loss
+              for loss in final_losses]
+    best = min(capped)
+    return sum(c - best for c in capped) / len(capped)

@@ -1,0 +1,59 @@
+"""Checkpointing of one run folder: save, load, and preparing the folder to start or resume.
+
+A checkpoint holds the model, the optimizer, the loop's counters and running statistics, and the
+RNG states, so that a resumed run continues exactly where the checkpoint was taken; metrics
+records after it belong to the lost attempt and are dropped from metrics.jsonl on resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_path, atomic_write
+
+OUTPUTS = ("ckpt.pt", "metrics.jsonl", "summary.json")  # what a fresh start removes
+
+
+class Checkpointer:
+    def __init__(self, folder: Path, device: torch.device):
+        self.folder, self.device = folder, device
+        self.path = folder / "ckpt.pt"
+
+    def save(self, state: dict) -> None:
+        state = {**state, "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def load(self) -> dict | None:
+        """The checkpoint's state (RNG states restored), or None when there is none."""
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location=self.device, weights_only=True)
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if state["rng_cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        return state
+
+    def truncate_log(self, step: int) -> None:
+        """Drop the metrics records written after `step` (they belong to the lost attempt)."""
+        log = self.folder / "metrics.jsonl"
+        if log.exists():
+            kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            atomic_write(log, "".join(line + "\n" for line in kept))
+
+    def same_config(self, config_text: str) -> bool:
+        path = self.folder / "config.json"
+        return path.exists() and path.read_text() == config_text
+
+    def start_afresh(self, config_text: str) -> None:
+        """Remove a previous attempt's outputs and write the run's config."""
+        for name in OUTPUTS:
+            (self.folder / name).unlink(missing_ok=True)
+        atomic_write(self.folder / "config.json", config_text)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,120 @@
+"""What the trainer watches: running statistics, gradient spikes, divergence, and the metrics pass.
+
+Device-side statistics are tensors updated without a host sync; a log record brings them to the
+host in one transfer (`to_floats`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from .. import metrics
+from ..config import DivergenceConfig, RunConfig
+from ..device import autocast
+
+
+def to_floats(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors as floats, in one device-to-host transfer."""
+    if not tensors:
+        return {}
+    values = torch.stack([t.detach().reshape(()).to(torch.float64) for t in tensors.values()]).tolist()
+    return dict(zip(tensors, values))
+
+
+@dataclass
+class RunningStats:
+    """Device-side running statistics, carried in checkpoints."""
+
+    loss_sum: torch.Tensor  # training cross-entropy summed since the last log record
+    loss_n: int  # micro-batches in that sum
+    gn_hist: torch.Tensor  # (window,) total grad norms of the last `window` steps, a ring buffer
+    gn_sum: torch.Tensor  # sum of every step's total grad norm so far
+    spikes: torch.Tensor  # steps whose grad norm exceeded spike_factor x the mean of the earlier ones
+
+    @classmethod
+    def zeros(cls, window: int, device: torch.device) -> RunningStats:
+        z = torch.zeros((), device=device)
+        return cls(z.clone(), 0, torch.zeros(window, device=device), z.clone(), z.clone())
+
+    def record_grad_norm(self, grad_norm: torch.Tensor, step: int, spike_factor: float) -> None:
+        """Gradient-spike statistics (SPAM paper): GSS = norm / running mean of earlier norms;
+        `step` counts the steps before this one."""
+        if step >= 1:
+            self.spikes += (grad_norm > spike_factor * self.gn_sum / step).float()
+        self.gn_sum += grad_norm
+        self.gn_hist[step % self.gn_hist.numel()] = grad_norm
+
+    def grad_norm_var(self, step: int) -> torch.Tensor:
+        window = min(step, self.gn_hist.numel())
+        return self.gn_hist[:window].var(correction=0)
+
+    def state_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> RunningStats:
+        return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+
+class DivergenceMonitor:
+    """A run diverges when its loss is non-finite, or more than `margin` nats above its first
+    logged loss for `patience` steps (counted at log steps)."""
+
+    def __init__(self, cfg: DivergenceConfig, log_every: int):
+        self.cfg, self.log_every = cfg, log_every
+        self.initial_loss: float | None = None
+        self.above_steps = 0
+        self.verdict: dict | None = None  # {"step", "reason"} once diverged
+
+    def check(self, step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            self.verdict = {"step": step, "reason": "non-finite loss"}
+            return
+        if self.initial_loss is None:
+            self.initial_loss = loss
+        if loss > self.initial_loss + self.cfg.margin:
+            self.above_steps += self.log_every
+            if self.above_steps >= self.cfg.patience:
+                self.verdict = {"step": step, "reason": f"loss above initial + {self.cfg.margin} "
+                                                        f"for {self.above_steps} steps"}
+        else:
+            self.above_steps = 0
+
+
+class StabilityProbe:
+    """The metrics of METHODS.md §3 on a fixed batch (the first `metrics_batch` validation
+    sequences): one forward pass for the attention-logit maxima, logit statistics and collapse
+    fractions (compiled with the model when `compile`), plus the embedding and gradient statistics."""
+
+    def __init__(self, model, cfg: RunConfig, device: torch.device, batch: tuple[torch.Tensor, torch.Tensor],
+                 compile: bool):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.batch = tuple(t[: cfg.train.metrics_batch] for t in batch)
+        self.output_metrics = torch.compile(self._output_metrics) if compile else self._output_metrics
+
+    @torch.no_grad()
+    def _output_metrics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(self.device, self.cfg.train.dtype):
+            logits, attn_max = self.model.logits_and_attention_max(x)
+        out = {f"attn_logit_max_l{i}": m for i, m in enumerate(attn_max.unbind())}
+        out.update(metrics.logit_stats(logits))
+        out.update(metrics.collapse_fractions(logits, y, self.cfg.loss.kind))
+        return out
+
+    @torch.no_grad()
+    def measure(self, stats: RunningStats, step: int) -> dict[str, torch.Tensor]:
+        m, vocab = self.model, self.cfg.model.vocab_size
+        m.eval()
+        out = self.output_metrics(*self.batch)
+        m.train()
+        out["tev_mean"], out["tev_std"] = metrics.tev(m.wte.weight[:vocab])
+        out["mu_norm"] = metrics.mu_norm(m.output_embedding())
+        if not self.cfg.model.tie_embeddings:
+            out["tev_lm_head_mean"], out["tev_lm_head_std"] = metrics.tev(m.output_embedding())
+            out["mu_norm_wte"] = metrics.mu_norm(m.wte.weight[:vocab])
+        out["grad_norm_var"] = stats.grad_norm_var(step)
+        out["spike_count"] = stats.spikes
+        return out

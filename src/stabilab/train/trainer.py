@@ -1,0 +1,317 @@
+"""Train one run: from a resolved RunConfig into a run folder.
+
+Outputs: config.json (resolved), metrics.jsonl, ckpt.pt (while running, resumable),
+summary.json (written last and atomically: a folder without it is an unfinished run). On steps
+that neither log nor measure, the loop never waits for the device.
+
+The trainer is assembled from parts: `Checkpointer` (save, load, folder preparation),
+`RunningStats` / `DivergenceMonitor` / `StabilityProbe` (monitoring), `RunLog` (JSONL,
+TensorBoard, console) and the post-step hooks of the run's methods; `run()` is the loop.
+
+Data parallel: under `torchrun` (WORLD_SIZE > 1) each process takes every WORLD_SIZE-th
+micro-batch of the step's `grad_accum` micro-batches, so the global batch, and the batches
+themselves, are those of a single-process run. Rank 0 alone evaluates and writes files.
+
+Preemption: on SIGTERM the run stops at the next log step (all ranks agree on it), writes a
+checkpoint and exits with PREEMPTED_EXIT_CODE; the next attempt resumes from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, RuntimeConfig
+from ..device import autocast, pick_device, provenance
+from ..errors import UserError
+from ..io import write_json
+from ..methods import post_step_hooks
+from ..metrics import grad_group_norms
+from ..model import GPT, attention_params_by_hand
+from ..optim import build_optimizer, lr_at
+from ..shards import eval_batches, open_shards, train_batch
+from .checkpoint import Checkpointer
+from .distributed import Processes
+from .monitor import DivergenceMonitor, RunningStats, StabilityProbe, to_floats
+from .sinks import ConsoleSink, JSONLSink, RunLog, TensorBoardSink
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on SIGTERM, the job may be requeued
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, runtime: RuntimeConfig | None = None):
+        self.runtime = runtime or RuntimeConfig()
+        self.out = Path(out_dir)
+        t = cfg.train
+        self.procs = Processes()
+        if self.procs.world > 1 and t.grad_accum % self.procs.world:
+            raise UserError(f"train.grad_accum ({t.grad_accum}) must be a multiple of the process count "
+                            f"({self.procs.world})")
+        self.device = pick_device(self.runtime.device, self.procs.local_rank)
+        self.procs.init(self.device)
+        self.compiled = self.runtime.compile is True or (self.runtime.compile == "auto" and self.device.type == "cuda")
+        if self.procs.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.meta, data = open_shards(cfg.data.shards, cfg.data.tokenizer, cfg.data.vocab_size)
+        self.train_tokens = data["train"]
+        vocab = self.meta["tokenizer"]["vocab_size"]
+        if cfg.model.vocab_size not in (0, vocab):
+            raise UserError(f"model.vocab_size is {cfg.model.vocab_size} but the shards have {vocab} tokens")
+        # the run's config with the vocabulary filled in (the caller's config is left as it was)
+        self.cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": vocab})}, deep=True)
+        self.model = GPT(self.cfg.model).to(self.device)
+        self.forward = self.model
+        if self.procs.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                   if self.device.type == "cuda" else None)
+        # Model and fused head loss compile as one graph (its forward and written-out backward
+        # become one reduction and one elementwise kernel over the logits); SPAM's and perpGrad's
+        # updates compile to a fused kernel per tensor; the metrics pass compiles with the model.
+        self.loss_fn = torch.compile(self._loss) if self.compiled else self._loss
+        self.opt = build_optimizer(self.model, self.cfg.optim, self.device, compile=self.compiled)
+        self.hooks = post_step_hooks(self.cfg)
+        self.val = [self.to_device(x, y) for x, y in eval_batches(data["val"], t.eval_batches, t.batch_size,
+                                                                  self.cfg.model.block_size)]
+        self.probe = StabilityProbe(self.model, self.cfg, self.device, self.val[0], self.compiled)
+        self.groups = {"embedding": [self.model.wte.weight, self.model.wpe.weight]}
+        for i, block in enumerate(self.model.blocks):
+            self.groups[f"block{i}"] = list(block.parameters())
+        self.groups["head"] = list(self.model.ln_f.parameters()) + (
+            [] if self.cfg.model.tie_embeddings else [self.model.lm_head.weight])
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.stats = RunningStats.zeros(t.grad_var_window, self.device)
+        self.divergence = DivergenceMonitor(t.divergence, t.log_every)
+        self.checkpoints = Checkpointer(self.out, self.device)
+        self.step = 0
+        self.lr = 0.0
+        self.elapsed = 0.0
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ data
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor):
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
+
+    @property
+    def tokens_per_step(self) -> int:
+        """The global batch in tokens (all processes, all micro-batches)."""
+        t = self.cfg.train
+        return t.batch_size * t.grad_accum * self.cfg.model.block_size
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> None:
+        if self.procs.is_main:
+            d = self.divergence
+            self.checkpoints.save({
+                "step": self.step, "initial_loss": d.initial_loss, "above_steps": d.above_steps,
+                "elapsed": self.elapsed, "stats": self.stats.state_dict(),
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict()})
+
+    def prepare_folder(self) -> bool:
+        """Resume from the checkpoint of the same config, else start the folder afresh."""
+        config = json.dumps(self.cfg.to_dict(), indent=2) + "\n"
+        if self.checkpoints.same_config(config):
+            state = self.checkpoints.load()
+            if state is not None:
+                self.model.load_state_dict(state["model"])
+                self.opt.load_state_dict(state["optimizer"])
+                self.step, self.elapsed = state["step"], state["elapsed"]
+                self.divergence.initial_loss, self.divergence.above_steps = state["initial_loss"], state["above_steps"]
+                self.stats = RunningStats.from_state_dict(state["stats"])
+                if self.procs.is_main:  # records after the checkpoint belong to the lost attempt
+                    self.checkpoints.truncate_log(self.step)
+                return True
+        self.procs.barrier()  # no rank may still be reading an old checkpoint
+        if self.procs.is_main:
+            self.checkpoints.start_afresh(config)
+        return False
+
+    # ------------------------------------------------------------------ steps
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(x, y, self.cfg.loss)
+
+    def train_step(self, measure: bool) -> dict[str, torch.Tensor]:
+        """One optimizer step; with `measure`, also the per-group gradient norms and SPAM's
+        clipped fraction. Returns device tensors (no host sync)."""
+        cfg, t, procs = self.cfg, self.cfg.train, self.procs
+        self.lr = lr_at(self.step, cfg.optim, t.steps)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+        micro_batches = range(procs.rank, t.grad_accum, procs.world)  # this process's share
+        for i, micro in enumerate(micro_batches):
+            x, y = self.to_device(*train_batch(self.train_tokens, cfg.seed, self.step, micro, t.batch_size,
+                                               cfg.model.block_size))
+            sync = procs.world == 1 or i == len(micro_batches) - 1  # all-reduce gradients once per step
+            with autocast(self.device, t.dtype), (contextlib.nullcontext() if sync else self.forward.no_sync()):
+                loss, ce = self.loss_fn(x, y)
+                # DDP averages over processes: scale so the result is the mean over all micro-batches
+                (loss * procs.world / t.grad_accum).backward()
+            self.stats.loss_sum += ce.detach()
+        self.stats.loss_n += len(micro_batches)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True).float()
+        out = {"grad_norm": grad_norm}
+        if measure:
+            out.update(grad_group_norms(self.groups))
+            self.opt.count_clipped = True
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        for hook in self.hooks:
+            hook(self.model)
+        self.stats.record_grad_norm(grad_norm, self.step, t.spike_factor)
+        if measure:
+            self.opt.count_clipped = False
+            if getattr(self.opt, "clipped_fraction", None) is not None:
+                out["spam_clipped_frac"] = self.opt.clipped_fraction
+        self.step += 1
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for x, y in self.val:
+            with autocast(self.device, self.cfg.train.dtype):
+                total += self.model(x, y, self.cfg.loss)[1]
+        self.model.train()
+        return (total / len(self.val)).item()
+
+    def stability_metrics(self) -> dict[str, torch.Tensor]:
+        """METHODS.md §3 on the fixed metrics batch (device tensors)."""
+        return self.probe.measure(self.stats, self.step)
+
+    def log_record(self, step: int, out: dict, measure: bool, evaluating: bool, seconds: float,
+                   steps_done: int) -> dict:
+        """Gather one metrics record (the only place the loop waits for the device)."""
+        s = self.stats
+        loss = self.procs.sum_(torch.stack([s.loss_sum, torch.tensor(float(s.loss_n), device=self.device)]))
+        values = {"train_loss": loss[0] / loss[1].clamp(min=1), **out}
+        s.loss_sum.zero_()
+        s.loss_n = 0
+        if self.procs.is_main and measure:
+            values.update(self.stability_metrics())
+        values = to_floats(values)  # the record's one wait for the device
+        rec = {"step": step, "tokens": step * self.tokens_per_step, "train_loss": values.pop("train_loss"),
+               "lr": self.lr, **values}
+        if self.procs.is_main and evaluating:
+            rec["val_loss"] = self.evaluate()
+        rec["tokens_per_s"] = steps_done * self.tokens_per_step / max(seconds, 1e-9)
+        return rec
+
+    def _agree_to_stop(self) -> bool:
+        """All ranks stop together: on divergence (rank 0's verdict) or any rank's SIGTERM."""
+        d = self.divergence
+        if self.procs.world == 1:
+            return self.stop_requested or d.verdict is not None
+        flags = self.procs.max_(torch.tensor([float(self.stop_requested), float(d.verdict is not None)],
+                                             device=self.device))
+        self.stop_requested = bool(flags[0])
+        if flags[1] and d.verdict is None:
+            d.verdict = {"step": self.step, "reason": "diverged (rank 0)"}
+        return bool(flags.max())
+
+    # ------------------------------------------------------------------ loop
+
+    def _sinks(self) -> RunLog:
+        if not self.procs.is_main:
+            return RunLog([])
+        sinks = [JSONLSink(self.out)]
+        if self.runtime.tensorboard:
+            sinks.append(TensorBoardSink(self.out))
+        sinks.append(ConsoleSink(self.cfg.train.steps, self.step, f"{self.cfg.variant} L{self.cfg.model.n_layer}"))
+        return RunLog(sinks)
+
+    def run(self) -> dict:
+        t = self.cfg.train
+        resumed = self.prepare_folder()
+        if resumed and self.procs.is_main:
+            print(f"resumed from step {self.step}", flush=True)
+        log = self._sinks()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        tick, tick_step = time.time(), self.step
+        try:
+            while self.step < t.steps:
+                step = self.step + 1  # the step about to complete
+                measure = step % t.metrics_every == 0 or step == t.steps
+                out = self.train_step(measure)
+                logging = step == 1 or step % t.log_every == 0 or step == t.steps
+                evaluating = step % t.eval_every == 0 or step == t.steps
+                if logging or evaluating or measure:
+                    now = time.time()
+                    self.elapsed += now - tick
+                    rec = self.log_record(step, out, measure, evaluating, now - tick, step - tick_step)
+                    if self.procs.is_main:
+                        self.divergence.check(step, rec["train_loss"])
+                        verdict = self.divergence.verdict
+                        log.write(rec, f" DIVERGED ({verdict['reason']})" if verdict else "")
+                    tick, tick_step = time.time(), step
+                    if self._agree_to_stop():
+                        break
+                else:
+                    log.tick()
+                if self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                    self.save_checkpoint()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            log.close()
+        if self.stop_requested and self.step < t.steps and self.divergence.verdict is None:
+            self.save_checkpoint()
+            self.procs.barrier()
+            if self.procs.is_main:
+                print(f"SIGTERM: checkpoint written at step {self.step}; exiting for requeue", flush=True)
+            raise SystemExit(PREEMPTED_EXIT_CODE)
+        summary = self.finish() if self.procs.is_main else {}
+        self.procs.barrier()
+        return summary
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def finish(self) -> dict:
+        cfg, verdict = self.cfg, self.divergence.verdict
+        val_loss = None if verdict else self._last_val_loss()
+        summary = {
+            "study": cfg.study, "variant": cfg.variant, "depth": cfg.model.n_layer, "lr": cfg.optim.lr,
+            "seed": cfg.seed, "steps": self.step, "tokens": self.step * self.tokens_per_step,
+            "final_val_loss": val_loss,
+            "final_val_ppl": math.exp(val_loss) if val_loss is not None and val_loss < 700 else None,
+            "initial_loss": self.divergence.initial_loss, "diverged": verdict is not None,
+            "diverged_step": verdict["step"] if verdict else None,
+            "divergence_reason": verdict["reason"] if verdict else None,
+            "params": self.model.num_params(), "params_non_embedding": self.model.num_params(non_embedding=True),
+            "attention_params_per_layer": attention_params_by_hand(cfg.model),
+            "wall_time_s": self.elapsed, "device": str(self.device), "processes": self.procs.world,
+            "provenance": {**provenance(self.device), "compiled": self.compiled,
+                           "tokenizer_sha256": self.meta["tokenizer"].get("sha256")},
+        }
+        write_json(self.out / "summary.json", summary)
+        if not self.runtime.keep_checkpoint:
+            self.checkpoints.remove()
+        return summary
+
+    def _last_val_loss(self) -> float | None:
+        for line in reversed((self.out / "metrics.jsonl").read_text().splitlines()):
+            rec = json.loads(line)
+            if rec.get("val_loss") is not None:
+                return rec["val_loss"]
+        return None
+
+
+def train(cfg: RunConfig, out_dir: str | Path, runtime: RuntimeConfig | None = None) -> dict:
+    try:
+        return Trainer(cfg, out_dir, runtime).run()
+    finally:
+        Processes.shutdown()

@@ -1,0 +1,179 @@
+"""The shape of the code: methods declared once, one source of truth for the config, light
+planning imports, presets that hold only their differences, overrides with types."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from stabilab import config as C
+from stabilab.config import RunConfig, Section, load_run_config, parse_overrides
+from stabilab.errors import UserError
+from stabilab.experiment import Experiment, load_experiment, run_config, runs
+from stabilab.methods import BASELINE, BY_NAME, METHODS, label, markdown_table, post_step_hooks, variants_of
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "stabilab"
+
+
+def all_sections() -> list[type[BaseModel]]:
+    """Every config model reachable from the experiment config."""
+    seen: list[type[BaseModel]] = []
+
+    def visit(tp):
+        for member in C._unwrap(tp):
+            args = typing.get_args(member)
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                if member not in seen:
+                    seen.append(member)
+                    for f in member.model_fields.values():
+                        visit(f.annotation)
+            for a in args:
+                visit(a)
+
+    visit(Experiment)
+    return seen
+
+
+def test_every_config_field_has_a_one_line_doc_and_the_schema_is_generated_from_them():
+    sections = all_sections()
+    assert RunConfig in [s for s in sections] or C.ModelConfig in sections
+    for model in sections:
+        assert issubclass(model, Section), model
+        for name, f in model.model_fields.items():
+            assert f.description and "\n" not in f.description, f"{model.__name__}.{name} has no one-line doc"
+    schema = json.loads(subprocess.run([sys.executable, "-m", "stabilab.cli", "schema"], capture_output=True,
+                                       text=True, check=True).stdout)
+    spam = schema["$defs"]["SPAMConfig"]["properties"]["threshold"]
+    assert spam["minimum"] == 0 and spam["default"] == 5000.0 and spam["description"].startswith("theta")
+    assert schema["$defs"]["OptimConfig"]["properties"]["lr"]["exclusiveMinimum"] == 0
+    assert schema["$defs"]["ModelConfig"]["additionalProperties"] is False
+
+
+def test_each_method_is_declared_once_with_keys_that_exist():
+    defaults = C.leaves(C.defaults())
+    names = [m.name for m in (BASELINE, *METHODS)]
+    assert len(set(names)) == len(names)
+    assert len({m.label for m in METHODS}) == len(METHODS)
+    assert len({m.colour for m in (BASELINE, *METHODS)}) == len(names)
+    for m in METHODS:
+        assert m.part in ("model", "loss", "optim", "post_step", "metrics")
+        assert m.colour.lower() != "#d62728", "red marks divergence"
+        for key in m.keys:
+            assert key in defaults or any(k.startswith(key + ".") for k in defaults), (m.name, key)
+        assert set(C.leaves(m.overlay)) <= set(defaults), m.name
+        assert list(m.overlay) == [m.part] or m.part == "metrics", (m.name, "overlay section != part")
+    assert label("mlra+oec_center") == "MLRA + μ-centering" and label("custom") == "custom"
+
+
+def test_post_step_methods_run_as_hooks_from_their_declaration():
+    centering = load_run_config({"post_step": {"mu_centering": True}})
+    hooks = post_step_hooks(centering)
+    assert [h.__name__ for h in hooks] == ["center_output_embedding"]
+    assert post_step_hooks(load_run_config({})) == []
+    trainer_source = (SRC / "train" / "trainer.py").read_text()
+    assert "mu_centering" not in trainer_source  # the loop knows hooks, not methods
+
+
+def test_no_overlay_name_is_hard_coded_outside_methods_py():
+    """Variant names that are not also config values (such as 'spam', an optimizer name) may
+    appear in quotes only in methods.py."""
+    values = {str(v) for v in C.leaves(C.defaults()).values()} | {"spam", "stablemax", "mlra", "perpgrad"}
+    names = [m.name for m in METHODS if m.name not in values]
+    assert {"oec_center", "zloss", "softcap"} <= set(names)
+    pattern = re.compile(r"""["'](""" + "|".join(map(re.escape, names)) + r""")["']""")
+    files = [p for p in SRC.rglob("*.py") if p.name != "methods.py"] + list((ROOT / "workflow").rglob("*.smk"))
+    files += [ROOT / "Snakefile", *(ROOT / "benchmarks").glob("*.py")]
+    found = [(str(p.relative_to(ROOT)), m.group(0)) for p in files for m in pattern.finditer(p.read_text())]
+    assert not found
+
+
+def test_the_readme_methods_table_is_the_generated_one():
+    assert markdown_table() in (ROOT / "README.md").read_text(), "run: stabilab methods --markdown"
+
+
+def test_no_source_module_is_over_500_lines():
+    long = {str(p.relative_to(ROOT)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    assert not long
+
+
+def test_planning_and_help_import_no_torch_or_matplotlib():
+    code = ("import sys; from stabilab.cli import build_parser; build_parser(); "
+            "import stabilab.experiment, stabilab.studies, stabilab.methods, stabilab.layout; "
+            "import stabilab.grokking.config, stabilab.grokking.figures; "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'pandas', 'seaborn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    smk = "\n".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
+    imported = set(re.findall(r"^from (stabilab[\w.]*) import", smk, re.M))
+    assert imported <= {"stabilab.errors", "stabilab.experiment", "stabilab.grokking.config",
+                        "stabilab.grokking.figures", "stabilab.layout", "stabilab.studies"}
+
+
+def test_atomic_writes_and_run_folder_pattern_are_written_once():
+    sources = {p: p.read_text() for p in SRC.rglob("*.py")}
+    renames = [str(p.relative_to(SRC)) for p, s in sources.items() if "os.replace(" in s or ".replace(out" in s]
+    assert renames == ["io.py"]
+    patterns = [str(p.relative_to(SRC)) for p, s in sources.items() if "_lr{" in s]
+    assert patterns == ["layout.py"]
+    assert not any("_lr{" in p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
+
+
+# ----------------------------------------------------------------------------- overrides and presets
+
+
+def test_overrides_from_the_command_line_have_yaml_types():
+    assert parse_overrides(["train.steps=50", "optim.grad_clip=null", "model.mlra.targets=[q, k]",
+                            "optim.lr=1e-3", "model.tie_embeddings=false"]) == {
+        "train": {"steps": 50}, "optim": {"grad_clip": None, "lr": 1e-3},
+        "model": {"mlra": {"targets": ["q", "k"]}, "tie_embeddings": False}}
+    with pytest.raises(UserError, match="bad override 'steps'"):
+        parse_overrides(["steps"])
+    cfg = load_experiment(ROOT / "config.yaml", parse_overrides(["train.steps=7", "studies.lr.seeds=[0,1]"]))
+    assert cfg["train"]["steps"] == 7 and {r.seed for r in runs(cfg) if r.study == "lr"} == {0, 1}
+    proc = subprocess.run([sys.executable, "-m", "stabilab.cli", "check-config", str(ROOT / "config.yaml"),
+                           "train.steps=many"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "bad value for config key 'train.steps': 'many'" in proc.stderr
+
+
+def test_a_preset_holds_only_its_differences(tmp_path):
+    base = yaml.safe_load((ROOT / "config.yaml").read_text())
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    preset = {"base": "base.yaml", "name": "small", "train": {"steps": 30},
+              "studies": {"only": {"kind": "compare", "variants": ["baseline", "zloss"], "depths": [1],
+                                   "lrs": [1e-3]}}}
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "small.yaml").write_text(yaml.safe_dump({**preset, "base": "../base.yaml"}))
+    cfg = load_experiment(tmp_path / "presets" / "small.yaml")
+    assert list(cfg["studies"]) == ["only"]  # the base's studies are not inherited
+    run = load_run_config(run_config(cfg, runs(cfg)[1], "s"))
+    assert run.train.steps == 30 and run.train.batch_size == base["train"]["batch_size"]
+    assert run.model.n_embd == base["model"]["n_embd"] and run.loss.z_loss == 1e-4
+    (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"base": "loop.yaml", "name": "x"}))
+    with pytest.raises(UserError, match="cycle"):
+        load_experiment(tmp_path / "loop.yaml")
+
+
+def test_the_paper_preset_defines_no_variants_of_its_own():
+    preset = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+    assert "variants" not in preset and preset["base"] == "../config.yaml"
+    cfg = load_experiment(ROOT / "configs" / "paper.yaml")
+    assert set(variants_of(cfg)) >= set(BY_NAME)
+
+
+def test_runtime_choices_are_not_part_of_a_run(tmp_path):
+    cfg = load_experiment(ROOT / "config.yaml")
+    first = runs(cfg)[0]
+    plain = run_config(cfg, first, "s")
+    cfg2 = load_experiment(ROOT / "config.yaml", {"runtime": {"tensorboard": True, "device": "cpu",
+                                                               "keep_checkpoint": True, "compile": False}})
+    assert run_config(cfg2, first, "s") == plain
+    assert not set(C.RuntimeConfig.model_fields) & set(C.TrainConfig.model_fields)
