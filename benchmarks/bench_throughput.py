@@ -10,10 +10,10 @@ one after the other in one process; for each: `--warmup` untimed steps (compilat
 there; SPAM is warmed up past its spike-clipping grace period), then `--steps` timed steps
 between two device synchronizations.
 
-MFU follows nanoGPT's `estimate_mfu` (PaLM appendix B):
+MFU follows nanoGPT's `estimate_mfu` (PaLM appendix B), `GPT.flops_per_token`:
     FLOPs/token = 6 N + 12 L H Q T
-with N the model's parameter count without position embeddings (tied wte/lm_head counted
-once; for MLRA the factorized attention parameters, i.e. the matmul parameters actually used),
+with N the parameters that enter a matmul: all but position embeddings and, when untied, the
+input embedding (tied wte/lm_head counted once; for MLRA the factorized attention parameters),
 L layers, H heads, Q = n_embd / H the head dim and T the sequence length; MFU = FLOPs/token x
 tokens/s / peak, peak 989 TFLOP/s (H100 SXM, dense bf16) by default.
 
@@ -54,7 +54,7 @@ from bench_variants import (  # noqa: E402  (also puts the checkout's src/ on sy
 )
 from stabilab.config import RuntimeConfig  # noqa: E402
 from stabilab.device import pick_device  # noqa: E402
-from stabilab.model import GPT, padded_vocab  # noqa: E402
+from stabilab.model import padded_vocab  # noqa: E402
 from stabilab.optim import raise_recompile_limit  # noqa: E402
 from stabilab.train import Trainer  # noqa: E402
 
@@ -70,13 +70,6 @@ class RandomTokenTrainer(Trainer):
         vocab, shape = self.cfg.model.vocab_size, tuple(x.shape)
         return (torch.randint(0, vocab, shape, device=self.device),
                 torch.randint(0, vocab, shape, device=self.device))
-
-
-def flops_per_token(model: GPT) -> int:
-    """nanoGPT estimate_mfu: 6 N + 12 L H Q T, N = parameters without position embeddings."""
-    c = model.cfg
-    n = model.num_params(non_embedding=True)
-    return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -189,7 +182,7 @@ def _bench_variant(args, experiment, name, overrides, runtime, device, tokens_pe
     try:
         tr = RandomTokenTrainer(cfg, run_dir, runtime)
         row.update(params=tr.model.num_params(), params_non_embedding=tr.model.num_params(non_embedding=True),
-                   flops_per_token=flops_per_token(tr.model))
+                   flops_per_token=tr.model.flops_per_token())
         t0 = time.perf_counter()
         for _ in range(warmup_steps_for(cfg, args.warmup)):
             tr.train_step(False)

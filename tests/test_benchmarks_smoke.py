@@ -100,21 +100,6 @@ def test_bench_throughput_tiny(bench_throughput, bench_variants, tmp_path):
     assert (out / "throughput.md").exists()
 
 
-def test_flops_per_token_gpt2_small(bench_throughput):
-    """The FLOPs formula on GPT-2 124M shapes, from the parameter count alone (no model built)."""
-    from stabilab.config import ModelConfig
-
-    class Stub:
-        cfg = ModelConfig(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024)
-
-        def num_params(self, non_embedding=False):
-            return 123_587_328 if non_embedding else 124_373_760  # bias-free GPT-2, vocab padded to 50304
-
-    flops = bench_throughput.flops_per_token(Stub())
-    assert flops == 6 * 123_587_328 + 12 * 12 * 12 * 64 * 1024
-    assert flops == pytest.approx(0.8548e9, rel=1e-3)
-
-
 def test_bench_throughput_under_torchrun_reports_the_global_rate(tmp_path):
     """Two gloo processes (what `torchrun --nproc_per_node 2` does on two GPUs): rank 0 writes one
     table whose header names the process count, with the global batch and a per-device MFU."""

@@ -86,7 +86,10 @@ def test_post_step_methods_run_as_hooks_from_their_declaration():
 def test_no_overlay_name_is_hard_coded_outside_methods_py():
     """Variant names that are not also config values (such as 'spam', an optimizer name) may
     appear in quotes only in methods.py."""
-    values = {str(v) for v in C.leaves(C.defaults()).values()} | {"spam", "stablemax", "mlra", "perpgrad"}
+    literals = {str(a) for model in all_sections() for f in model.model_fields.values()
+                for a in C._literals(f.annotation)}
+    fields = {name for model in all_sections() for name in model.model_fields}  # e.g. optim.perpgrad
+    values = {str(v) for v in C.leaves(C.defaults()).values()} | literals | fields
     names = [m.name for m in METHODS if m.name not in values]
     assert {"oec_center", "zloss", "softcap"} <= set(names)
     pattern = re.compile(r"""["'](""" + "|".join(map(re.escape, names)) + r""")["']""")

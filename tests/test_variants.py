@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from stabilab.config import LossConfig, MLRAConfig, ModelConfig, load_run_config
 from stabilab.errors import UserError
 from stabilab.experiment import Run, run_config
+from stabilab.layers import LowRankHeads, LowRankOut
 from stabilab.losses import head_loss, objective, token_losses
 from stabilab.methods import METHODS, builtin_variants, variant_overlay
-from stabilab.model import GPT, LowRankHeads, LowRankOut, attention_params_by_hand
+from stabilab.model import GPT, attention_params_by_hand
 from stabilab.optim import SPAM, PerpGrad
 from stabilab.train import Trainer
 

@@ -72,6 +72,17 @@ class ModelConfig(Section):
     bias: bool = knob(False, "biases in the linear layers and LayerNorms")
     dropout: float = knob(0.0, "dropout probability", ge=0, le=1)
     tie_embeddings: bool = knob(True, "lm_head shares wte's weight; false: a separate output embedding")
+    norm: Literal["layernorm", "rmsnorm"] = knob("layernorm", "the blocks' and the final norm (learnable gain)")
+    qk_norm: Literal["none", "layernorm", "rmsnorm"] = knob(
+        "none", "per-head norm of q and k over d_head, learnable gain shared by the heads, before RoPE")
+    position: Literal["learned", "rope"] = knob("learned", "learned position embedding (wpe) or rotary (RoPE)")
+    rope_fraction: float = knob(1.0, "share of each head's dims RoPE rotates (OEC code: 0.5)", gt=0, le=1)
+    rope_base: float = knob(10000.0, "RoPE base theta", gt=1)
+    mlp: Literal["gelu", "swiglu"] = knob("gelu", "GELU MLP (GPT-2) or SwiGLU W2(silu(W1 x) * W3 x) (LLaMA)")
+    mlp_hidden: int | None = knob(None, "MLP width; null: 4d (GELU), 256 * ceil(int(8d/3) / 256) (SwiGLU)", ge=1)
+    init: Literal["gpt2", "llama", "oec"] = knob(
+        "gpt2", "gpt2: N(0, 0.02), residual projections / sqrt(2L); llama: N(0, 0.02); oec: the OEC code's")
+    head_fp32: bool = knob(False, "the output layer's matmul and logits in float32 under bf16 autocast")
     logit_softcap: float | None = knob(None, "Gemma 2 soft-capping c: l <- c tanh(l / c); null: off", gt=0)
     mlra: MLRAConfig = section(MLRAConfig, "multi-head low-rank attention")
 
@@ -104,7 +115,9 @@ class OptimConfig(Section):
     lr: float = knob(3e-3, "peak learning rate (the LR studies sweep it)", gt=0, allow_inf_nan=False)
     betas: list[float] = knob([0.9, 0.95], "Adam betas (beta1, beta2)", min_length=2, max_length=2)
     eps: float = knob(1e-8, "Adam epsilon", gt=0)
-    weight_decay: float = knob(0.1, "decoupled weight decay on matrices (not on biases and norms)", ge=0)
+    weight_decay: float = knob(0.1, "weight decay on matrices (not on biases, norms and gains)", ge=0)
+    weight_decay_mode: Literal["decoupled", "independent"] = knob(
+        "decoupled", "decoupled: p -= lr_t wd p (PyTorch); independent: p -= s_t wd p (Wortsman et al.)")
     grad_clip: float | None = knob(1.0, "global grad-norm clip; null: no clipping", gt=0)
     warmup_steps: int = knob(20, "linear LR warmup steps", ge=0)
     min_lr_ratio: float = knob(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)

@@ -38,7 +38,8 @@ class Method:
     summary: str  # one line: what it does
     colour: str  # the same in every figure; never red (red marks divergence)
     knobs: tuple[str, ...] = ()  # further config keys (or sections) that are its hyperparameters
-    role: Literal["method", "control"] = "method"  # controls: comparators and ablations
+    role: Literal["method", "option", "control"] = "method"  # options: architecture / optimizer
+    # choices of the papers' model families; controls: comparators and ablations
     overhead_target_pct: float | None = None  # step-time target vs the baseline on a GPU
     post_step: str | None = None  # "module:function(model)" run after optimizer.step() when active
 
@@ -86,6 +87,22 @@ METHODS: tuple[Method, ...] = (
     Method("spam", "SPAM", "SPAM, arXiv 2501.06842", "optim", {"optim": {"name": "spam"}},
            "spike clipping sign(g) sqrt(θ v), moment reset every ΔT, cosine LR warmup after resets",
            "#6a3d9a", knobs=("optim.spam",), overhead_target_pct=3.0),
+    Method("qk_norm", "qk-norm", "Wortsman et al., arXiv 2309.14322", "model", {"model": {"qk_norm": "layernorm"}},
+           "per-head LayerNorm of q and k (learnable gain): bounds every attention logit", "#1f9e89",
+           knobs=("model.qk_norm",), role="option"),
+    Method("rope", "RoPE", "RoFormer, arXiv 2104.09864", "model", {"model": {"position": "rope"}},
+           "rotary position embedding instead of the learned wpe", "#9c9ede",
+           knobs=("model.rope_fraction", "model.rope_base"), role="option"),
+    Method("swiglu", "SwiGLU", "LLaMA, arXiv 2302.13971", "model", {"model": {"mlp": "swiglu"}},
+           "MLP W2(silu(W1 x) ⊙ W3 x) instead of GELU", "#e6ab02", knobs=("model.mlp_hidden",), role="option"),
+    Method("rmsnorm", "RMSNorm", "LLaMA, arXiv 2302.13971", "model", {"model": {"norm": "rmsnorm"}},
+           "RMSNorm instead of LayerNorm in the blocks and before the head", "#8da0cb", role="option"),
+    Method("indep_wd", "independent WD", "Wortsman et al., arXiv 2309.14322", "optim",
+           {"optim": {"weight_decay_mode": "independent"}},
+           "weight decay not scaled by the peak LR: p <- p - s_t λ p", "#a65628", role="option"),
+    Method("fp32_head", "float32 head", "control (issue 13)", "model", {"model": {"head_fp32": True}},
+           "output-layer matmul and logits in float32: separates OEC's effect from bf16 logit resolution",
+           "#4d4d4d", role="control"),
     Method("adamw_noclip", "AdamW, no clipping", "comparator", "optim", {"optim": {"grad_clip": None}},
            "AdamW without global grad-norm clipping", "#17a3c7", role="control"),
     Method("untied", "untied", "comparator", "model", {"model": {"tie_embeddings": False}},

@@ -208,18 +208,23 @@ class PerpGrad:
         self.base.load_state_dict(state)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (and MLRA factor tensors), not biases and norms (nanoGPT)."""
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Decay matrices (and MLRA factor tensors), not biases, norms and gains (nanoGPT).
+
+    Both optimizers decay by p <- p (1 - lr_t wd_group), lr_t = s_t lr the scheduled LR. Decoupled
+    (PyTorch's AdamW): wd_group = weight_decay. Independent (Wortsman et al.): wd_group =
+    weight_decay / lr, so that each step decays by s_t weight_decay, whatever the peak LR."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    wd = cfg.weight_decay / cfg.lr if cfg.weight_decay_mode == "independent" else cfg.weight_decay
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, compile: bool = False):
     """AdamW (fused on CUDA) or SPAM, optionally wrapped by perpGrad; `compile` compiles SPAM's and
     perpGrad's updates (AdamW is fused already)."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg)
     if cfg.name == "adamw":
         kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)

@@ -22,10 +22,13 @@ def ci95(values) -> float:
     return t95(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
 
 
-def lr_sensitivity(final_losses: list[float], initial_loss: float) -> float:
-    """Wortsman et al. 2023: mean over LRs of min(L(lr), L0) - L*, L* the best loss of the sweep.
-    A diverged run (NaN/inf loss) counts as L0."""
+def lr_sensitivity(final_losses: list[float], initial_loss: float, divide_by: str = "K") -> float:
+    """LR sensitivity over a sweep of K learning rates: sum over LRs of min(L(lr), L0) - L*, L*
+    the best loss of the sweep, divided by K (Wortsman et al. 2023, with L0 the loss at
+    initialization) or by K - 1 (the OEC code, with a fixed L0 = ln V). A diverged run (NaN/inf
+    loss) counts as L0."""
     capped = [min(loss, initial_loss) if loss == loss and abs(loss) != float("inf") else initial_loss
               for loss in final_losses]
     best = min(capped)
-    return sum(c - best for c in capped) / len(capped)
+    k = len(capped) if divide_by == "K" else len(capped) - 1
+    return sum(c - best for c in capped) / k if k > 0 else float("nan")

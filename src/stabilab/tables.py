@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -74,15 +75,28 @@ def _aggregate(df: pd.DataFrame, by: list[str], metrics: tuple[str, ...]) -> pd.
 
 
 def lr_sensitivity_rows(runs: pd.DataFrame) -> list[dict]:
-    """LR sensitivity per variant (and depth): one value per seed over the swept LRs, then mean and CI."""
+    """Per variant (and depth), one value per seed over the swept LRs, then mean and CI:
+    - `lr_sensitivity`: Wortsman et al.'s, L0 the measured initial loss, divided by K;
+    - `lr_sensitivity_oec`: the OEC code's, L0 = ln(V padded to a multiple of 64) (10.83 for GPT-2's
+      vocabulary), divided by K - 1; OEC's published numbers are in this convention;
+    - `best_val_loss`: the best final validation loss of the sweep (what the sensitivity is measured from)."""
     rows = []
     for (variant, depth), group in runs.groupby(["variant", "depth"]):
         l0 = float(group["initial_loss"].dropna().mean())
-        per_seed = [lr_sensitivity(g["final_val_loss"].astype(float).fillna(np.inf).tolist(), l0)
-                    for _, g in group.groupby("seed")]
-        s = pd.Series(per_seed)
-        rows.append({"variant": variant, "depth": depth, "lr": np.nan, "metric": "lr_sensitivity",
-                     "mean": s.mean(), "ci95": ci95(s), "n": len(s), "n_diverged": int(group["diverged"].sum())})
+        vocab = group["vocab_size"].dropna() if "vocab_size" in group else pd.Series(dtype=float)
+        l0_oec = math.log(64 * math.ceil(float(vocab.iloc[0]) / 64)) if len(vocab) else float("nan")
+        per_seed = {"lr_sensitivity": [], "lr_sensitivity_oec": [], "best_val_loss": []}
+        for _, g in group.groupby("seed"):
+            losses = g["final_val_loss"].astype(float).fillna(np.inf).tolist()
+            per_seed["lr_sensitivity"].append(lr_sensitivity(losses, l0))
+            per_seed["lr_sensitivity_oec"].append(lr_sensitivity(losses, l0_oec, divide_by="K-1"))
+            per_seed["best_val_loss"].append(min(losses))
+        for metric, values in per_seed.items():
+            if metric == "lr_sensitivity_oec" and not math.isfinite(l0_oec):
+                continue  # runs made before the summary recorded the vocabulary
+            s = pd.Series(values).replace([np.inf, -np.inf], np.nan)
+            rows.append({"variant": variant, "depth": depth, "lr": np.nan, "metric": metric, "mean": s.mean(),
+                         "ci95": ci95(s), "n": int(s.notna().sum()), "n_diverged": int(group["diverged"].sum())})
     return rows
 
 

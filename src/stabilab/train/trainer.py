@@ -82,7 +82,8 @@ class Trainer:
         self.val = [self.to_device(x, y) for x, y in eval_batches(data["val"], t.eval_batches, t.batch_size,
                                                                   self.cfg.model.block_size)]
         self.probe = StabilityProbe(self.model, self.cfg, self.device, self.val[0], self.compiled)
-        self.groups = {"embedding": [self.model.wte.weight, self.model.wpe.weight]}
+        wpe = [self.model.wpe.weight] if self.model.wpe is not None else []  # none with RoPE
+        self.groups = {"embedding": [self.model.wte.weight, *wpe]}
         for i, block in enumerate(self.model.blocks):
             self.groups[f"block{i}"] = list(block.parameters())
         self.groups["head"] = list(self.model.ln_f.parameters()) + (
@@ -294,6 +295,9 @@ class Trainer:
             "params": self.model.num_params(), "params_non_embedding": self.model.num_params(non_embedding=True),
             "attention_params_per_layer": attention_params_by_hand(cfg.model),
             "wall_time_s": self.elapsed, "device": str(self.device), "processes": self.procs.world,
+            "vocab_size": cfg.model.vocab_size, "flops_per_token": self.model.flops_per_token(),
+            "peak_memory_gib": (torch.cuda.max_memory_allocated(self.device) / 2**30
+                                if self.device.type == "cuda" else None),
             "provenance": {**provenance(self.device), "compiled": self.compiled,
                            "tokenizer_sha256": self.meta["tokenizer"].get("sha256")},
         }

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Train a preset's whole grid (or a slice) on one machine, and measure it: wall time, the grid's
+model FLOPs, aggregate MFU, each run's tokens/s and peak memory.
+
+Every step goes through the pipeline's own launch path, the `stabilab` subcommands the Snakemake
+rules call with the same arguments: data preparation (`corpus`, `tokenizer`, `tokenize`, skipped
+when the shards exist), one `stabilab train --run <resolved config> --out <run folder>` process per
+run (`--jobs` at a time, sharing the GPU like the `gpu` profile's `gpu_slots`), then `tables` and
+`figures`. Results land where the pipeline puts them (`results/<name>/`, `figures/<name>/`), so
+the same grid can be finished or redrawn with Snakemake afterwards; runs that already have a
+summary.json are skipped, as Snakemake would.
+
+Model FLOPs per run: `flops_per_token` (6 N + 12 L H Q T, N the parameters in matmuls;
+`GPT.flops_per_token`) x the tokens it trained on, from its summary.json. Aggregate MFU = the
+grid's FLOPs / (wall time x peak), peak 989 TFLOP/s (dense bf16, H100/H200 SXM) by default.
+
+Usage:
+    python benchmarks/bench_grid.py --config configs/oec.yaml --jobs 6 --out benchmarks/results/oec_grid
+    python benchmarks/bench_grid.py --config configs/oec.yaml --seeds 0 --lrs 0.1 0.3   # a slice
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import stabilab  # noqa: F401
+except ImportError:  # not installed (e.g. on a bare GPU box): use the checkout's src/
+    sys.path.insert(0, str(REPO / "src"))
+
+from stabilab.config import parse_overrides
+from stabilab.experiment import load_experiment, run_config, runs, shards_dir, write_runtime
+from stabilab.layout import FIGURES, RESULTS
+
+PEAK_TFLOPS = 989.0
+STABILAB = [sys.executable, "-m", "stabilab.cli"]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="experiment config (a preset)")
+    p.add_argument("--jobs", type=int, default=4, help="runs training at once (they share the GPU)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per run (the gpu profile's)")
+    p.add_argument("--studies", nargs="*", help="only these studies")
+    p.add_argument("--variants", nargs="*", help="only these variants")
+    p.add_argument("--lrs", nargs="*", type=float, help="only these learning rates")
+    p.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
+    p.add_argument("--order", default="seed,-lr", help="launch order: comma-separated keys, '-' for descending")
+    p.add_argument("--deadline", type=float, default=None, help="launch no run after this many seconds")
+    p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS)
+    p.add_argument("--no-report", action="store_true", help="skip the tables and figures at the end")
+    p.add_argument("--out", default=None, help="folder for grid.md and grid.csv")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="experiment-config overrides")
+    return p.parse_args(argv)
+
+
+def run_cli(args: list[str], log: Path) -> int:
+    """One `stabilab` subcommand, as a rule runs it, its output into `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as f:
+        return subprocess.run(STABILAB + args, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
+
+
+def prepare_data(cfg: dict, res: Path) -> None:
+    """The data rules (corpus -> tokenizer -> tokenize) unless the token shards exist."""
+    shards = Path(shards_dir(cfg))
+    if (REPO / shards / "meta.json").exists():
+        return
+    data = res / "data"
+    tok = cfg["tokenizer"]
+    steps = [
+        (["corpus", "--spec", json.dumps(cfg["data"], sort_keys=True), "--out", str(data / "corpus")], "corpus"),
+        (["tokenizer", "--kind", tok.get("kind", "bpe"), "--vocab-size", str(tok.get("vocab_size", 2048)),
+          "--corpus", str(data / "corpus"), "--out", str(data / "tokenizer.json")], "tokenizer"),
+        (["tokenize", "--tokenizer", str(data / "tokenizer.json"), "--corpus", str(data / "corpus"),
+          "--out", str(shards)], "tokenize"),
+    ]
+    for cli_args, name in steps:
+        if run_cli(cli_args, res / "logs" / f"{name}.log") != 0:
+            raise SystemExit(f"{name} failed: see {res / 'logs' / f'{name}.log'}")
+
+
+def chosen_runs(cfg: dict, args) -> list:
+    grid = [r for r in runs(cfg) if (not args.studies or r.study in args.studies)
+            and (not args.variants or r.variant in args.variants)
+            and (not args.lrs or any(abs(r.lr - lr) <= 1e-12 * lr for lr in args.lrs))
+            and (not args.seeds or r.seed in args.seeds)]
+    for key in reversed(args.order.split(",")):
+        name = key.lstrip("-")
+        grid.sort(key=lambda r, name=name: getattr(r, name), reverse=key.startswith("-"))
+    return grid
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = load_experiment(args.config, parse_overrides(args.overrides))
+    res = REPO / RESULTS.format(name=cfg["name"])
+    start = time.time()
+    prepare_data(cfg, res)
+    t_data = time.time() - start
+    runtime = write_runtime(cfg, res / "runtime.json")
+    grid = chosen_runs(cfg, args)
+    todo = [r for r in grid if not (res / r.path / "summary.json").exists()]
+    print(f"{len(grid)} runs in the slice, {len(todo)} to train, {args.jobs} at a time", flush=True)
+    lock, done, failed, skipped = threading.Lock(), [], [], []
+
+    def train(run) -> None:
+        if args.deadline is not None and time.time() - start > args.deadline:
+            with lock:
+                skipped.append(run)
+            return
+        spec = res / "grid_configs" / (run.path.replace("/", "_") + ".json")
+        spec.parent.mkdir(parents=True, exist_ok=True)
+        spec.write_text(json.dumps(run_config(cfg, run, shards_dir(cfg)), sort_keys=True))
+        t0 = time.time()
+        code = run_cli(["train", "--run", str(spec), "--out", str(res / run.path), "--runtime", runtime,
+                        "--threads", str(args.threads)], res / "logs" / f"{run.path}.log")
+        with lock:
+            (done if code == 0 else failed).append(run)
+            print(f"[{len(done) + len(failed)}/{len(todo)}] {run.path}: exit {code} in {time.time() - t0:.0f} s "
+                  f"(at {time.time() - start:.0f} s)", flush=True)
+
+    t_train = time.time()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(train, todo))
+    t_train = time.time() - t_train
+    summaries = [res / r.path / "summary.json" for r in grid if (res / r.path / "summary.json").exists()]
+    if summaries and not args.no_report:
+        tables = res / "tables"
+        run_cli(["tables", *map(str, summaries), "--studies", json.dumps(cfg["studies"]), "--out", str(tables)],
+                res / "logs" / "tables.log")
+        run_cli(["figures", "--tables", str(tables), "--out", str(REPO / FIGURES.format(name=cfg["name"]))],
+                res / "logs" / "figures.log")
+    return report(args, cfg, res, [r for r in grid if r in done], t_train, t_data, failed, skipped)
+
+
+def report(args, cfg, res: Path, trained: list, wall: float, t_data: float, failed: list, skipped: list) -> dict:
+    rows = []
+    for run in trained:
+        s = json.loads((res / run.path / "summary.json").read_text())
+        flops = s.get("flops_per_token", 0) * s["tokens"]
+        rows.append({"run": run.path, "tokens": s["tokens"], "steps": s["steps"], "wall_time_s": s["wall_time_s"],
+                     "tokens_per_s": s["tokens"] / max(s["wall_time_s"], 1e-9), "model_flops": flops,
+                     "peak_memory_gib": s.get("peak_memory_gib"), "diverged": s["diverged"],
+                     "final_val_loss": s["final_val_loss"]})
+    total = sum(r["model_flops"] for r in rows)
+    mfu = 100 * total / max(wall, 1e-9) / (args.peak_tflops * 1e12)
+    lines = [f"# Grid benchmark: {args.config} ({len(rows)} runs trained, {args.jobs} at a time)", "",
+             f"- wall time of the training phase: {wall:.1f} s (data preparation before it: {t_data:.1f} s)",
+             f"- model FLOPs of the trained runs: {total / 1e15:.2f} PFLOP; aggregate MFU {mfu:.1f} % "
+             f"of {args.peak_tflops:g} TFLOP/s",
+             f"- failed: {len(failed)}; not started (deadline): {len(skipped)}", "",
+             "| run | tokens | run wall (s) | tokens/s (own wall time) | peak memory (GiB) | final val loss |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
+        loss = "diverged" if r["diverged"] else f"{r['final_val_loss']:.4f}"
+        lines.append(f"| {r['run']} | {r['tokens']:,} | {r['wall_time_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{mem} | {loss} |")
+    markdown = "\n".join(lines)
+    print(markdown, flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "grid.md").write_text(markdown + "\n")
+        (out / "grid.json").write_text(json.dumps({"wall_s": wall, "model_flops": total, "mfu_pct": mfu,
+                                                   "jobs": args.jobs, "runs": rows}, indent=2) + "\n")
+    return {"rows": rows, "mfu_pct": mfu, "wall_s": wall, "failed": failed, "skipped": skipped}
+
+
+if __name__ == "__main__":
+    result = main()
+    sys.exit(1 if result["failed"] else 0)
