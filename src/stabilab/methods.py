@@ -102,7 +102,7 @@ METHODS: tuple[Method, ...] = (
            "weight decay not scaled by the peak LR: p <- p - s_t λ p", "#a65628", role="option"),
     Method("fp32_head", "float32 head", "control (issue 13)", "model", {"model": {"head_fp32": True}},
            "output-layer matmul and logits in float32: separates OEC's effect from bf16 logit resolution",
-           "#4d4d4d", role="control"),
+           "#6baed6", role="control"),
     Method("adamw_noclip", "AdamW, no clipping", "comparator", "optim", {"optim": {"grad_clip": None}},
            "AdamW without global grad-norm clipping", "#17a3c7", role="control"),
     Method("untied", "untied", "comparator", "model", {"model": {"tie_embeddings": False}},

@@ -45,7 +45,7 @@ KINDS: dict[str, StudyKind] = {k.name: k for k in (
     StudyKind(
         "lr", "OEC / Wortsman et al.: μ-centering and μ-loss lower LR sensitivity; ‖μ‖ and logits stay bounded",
         "Learning-rate study (OEC)",
-        ("final_val_loss", "mu_norm", "logits_absmax", "logits_mean", "attn_logit_max"),
+        ("final_val_loss", "mu_norm", "logits_absmax", "logits_mean", "logits_mean_abs", "attn_logit_max"),
         {**LOSS_CURVES, "loss_vs_lr": "loss_vs_lr.rst", "lr_sensitivity": "lr_sensitivity.rst",
          "mu_norm_logits_vs_lr": "mu_norm_logits_vs_lr.rst"},
         "stabilab.figures.lr:draw", extra_rows="stabilab.tables:lr_sensitivity_rows"),
@@ -56,8 +56,8 @@ KINDS: dict[str, StudyKind] = {k.name: k for k in (
         "stabilab.figures.spikes:draw"),
     StudyKind(
         "compare", "the remaining methods side by side", "Variants side by side",
-        ("final_val_loss", "final_val_ppl", "params", "tev_mean", "mu_norm", "logits_absmax", "collapse_frac",
-         "wall_time_s"),
+        ("final_val_loss", "final_val_ppl", "params", "flops_per_token", "tev_mean", "mu_norm", "logits_absmax",
+         "collapse_frac", "wall_time_s"),
         {**LOSS_CURVES, "final_loss": "final_loss.rst"},
         "stabilab.figures.compare:draw"),
 )}

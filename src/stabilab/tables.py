@@ -3,7 +3,8 @@
 - `steps.csv`: one row per run and logged step (every metric column of metrics.jsonl).
 - `runs.csv`: one row per run (summary.json, its provenance flattened, plus run-level metrics).
 - `summary_<study>.csv`: per study, the exact numbers its figures show, in long form:
-  study, kind, variant, depth, lr, metric, mean, ci95, n, n_diverged; which metrics, and which
+  study, kind, variant, depth, lr, metric, mean, gmean, min, max, ci95, n, n_runs, n_diverged (`spread`);
+  which metrics, and which
   extra rows (LR sensitivity), the study kind's record says (`studies.KINDS`).
 """
 
@@ -47,6 +48,7 @@ def run_level(summary: dict, steps: pd.DataFrame) -> dict:
     last = measured.iloc[-1] if len(measured) else None
     for col in LAST_VALUE:
         row[col] = float(last[col]) if last is not None and col in last and pd.notna(last[col]) else np.nan
+    row["logits_mean_abs"] = abs(row["logits_mean"])  # for log axes: OEC's mean logit is large and positive
     attn = [c for c in steps.columns if c.startswith("attn_logit_max_l")]
     row["attn_logit_max"] = float(last[attn].max()) if last is not None and attn else np.nan
     if "grad_norm_var" in measured and len(measured):
@@ -61,6 +63,17 @@ def run_level(summary: dict, steps: pd.DataFrame) -> dict:
     return row
 
 
+def spread(values: pd.Series) -> dict:
+    """What the tables say about one point's values over seeds: the mean, the geometric mean (for
+    log axes; NaN unless all values are positive), the range (min, max: the interval the figures
+    draw), the 95 % t-interval half-width (for reference; with few seeds it is wide: t = 12.7 for
+    two), and how many values there are."""
+    v = values.dropna()
+    gmean = float(np.exp(np.log(v).mean())) if len(v) and (v > 0).all() else np.nan
+    return {"mean": v.mean() if len(v) else np.nan, "gmean": gmean, "min": v.min() if len(v) else np.nan,
+            "max": v.max() if len(v) else np.nan, "ci95": ci95(v), "n": int(len(v))}
+
+
 def _aggregate(df: pd.DataFrame, by: list[str], metrics: tuple[str, ...]) -> pd.DataFrame:
     rows = []
     for keys, group in df.groupby(by, dropna=False, sort=True):
@@ -68,14 +81,14 @@ def _aggregate(df: pd.DataFrame, by: list[str], metrics: tuple[str, ...]) -> pd.
         for metric in metrics:
             if metric not in group:
                 continue
-            values = group[metric].astype(float)
-            rows.append({**dict(zip(by, keys)), "metric": metric, "mean": values.mean(), "ci95": ci95(values),
-                         "n": int(values.notna().sum()), "n_diverged": int(group["diverged"].sum())})
+            values = group[metric].astype(float).replace([np.inf, -np.inf], np.nan)
+            rows.append({**dict(zip(by, keys)), "metric": metric, **spread(values), "n_runs": len(group),
+                         "n_diverged": int(group["diverged"].sum())})
     return pd.DataFrame(rows)
 
 
 def lr_sensitivity_rows(runs: pd.DataFrame) -> list[dict]:
-    """Per variant (and depth), one value per seed over the swept LRs, then mean and CI:
+    """Per variant (and depth), one value per seed that ran every swept LR, then mean and CI:
     - `lr_sensitivity`: Wortsman et al.'s, L0 the measured initial loss, divided by K;
     - `lr_sensitivity_oec`: the OEC code's, L0 = ln(V padded to a multiple of 64) (10.83 for GPT-2's
       vocabulary), divided by K - 1; OEC's published numbers are in this convention;
@@ -86,7 +99,10 @@ def lr_sensitivity_rows(runs: pd.DataFrame) -> list[dict]:
         vocab = group["vocab_size"].dropna() if "vocab_size" in group else pd.Series(dtype=float)
         l0_oec = math.log(64 * math.ceil(float(vocab.iloc[0]) / 64)) if len(vocab) else float("nan")
         per_seed = {"lr_sensitivity": [], "lr_sensitivity_oec": [], "best_val_loss": []}
+        swept = set(group["lr"])
         for _, g in group.groupby("seed"):
+            if set(g["lr"]) != swept:  # a seed run at only some LRs has no sensitivity over the sweep
+                continue
             losses = g["final_val_loss"].astype(float).fillna(np.inf).tolist()
             per_seed["lr_sensitivity"].append(lr_sensitivity(losses, l0))
             per_seed["lr_sensitivity_oec"].append(lr_sensitivity(losses, l0_oec, divide_by="K-1"))
@@ -94,9 +110,9 @@ def lr_sensitivity_rows(runs: pd.DataFrame) -> list[dict]:
         for metric, values in per_seed.items():
             if metric == "lr_sensitivity_oec" and not math.isfinite(l0_oec):
                 continue  # runs made before the summary recorded the vocabulary
-            s = pd.Series(values).replace([np.inf, -np.inf], np.nan)
-            rows.append({"variant": variant, "depth": depth, "lr": np.nan, "metric": metric, "mean": s.mean(),
-                         "ci95": ci95(s), "n": int(s.notna().sum()), "n_diverged": int(group["diverged"].sum())})
+            s = pd.Series(values, dtype=float).replace([np.inf, -np.inf], np.nan)
+            rows.append({"variant": variant, "depth": depth, "lr": np.nan, "metric": metric, **spread(s),
+                         "n_runs": len(group), "n_diverged": int(group["diverged"].sum())})
     return rows
 
 

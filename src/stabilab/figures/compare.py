@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
+from ..methods import label
 from .context import StudyTables
 from .style import DIVERGED, div_handle, figure_legend, fmt, no_data, save, seed_count
 
@@ -18,8 +19,10 @@ def draw(t: StudyTables) -> list[Path]:
 
 
 def _compare_final(summary, runs, variants, study, spec, palette):
-    """Final validation loss per variant (dot +- CI; diverged marked), and what each costs:
-    parameters and wall-clock time per run."""
+    """Final validation loss per variant (mean and the seeds' range; diverged marked), and what
+    each costs: parameters and model FLOPs per token. (Step time is measured apart, in paired
+    rounds, by benchmarks/bench_variants.py: runs of a pipeline share the machine, so their wall
+    times are not comparable.)"""
     n = seed_count(spec)
     combos = list(summary[["depth", "lr"]].drop_duplicates().sort_values(["depth", "lr"]).itertuples(index=False))
     rows = []
@@ -27,8 +30,8 @@ def _compare_final(summary, runs, variants, study, spec, palette):
         for depth, lr in combos:
             sel = (summary["variant"] == variant) & (summary["depth"] == depth) & np.isclose(summary["lr"], lr)
             if sel.any():
-                label = variant if len(combos) == 1 else f"{variant}\n(L{int(depth)}, LR {fmt(lr)})"
-                rows.append((label, variant, depth, lr))
+                name = label(variant) if len(combos) == 1 else f"{label(variant)}\n(L{int(depth)}, LR {fmt(lr)})"
+                rows.append((name, variant, depth, lr))
     fig, axes = plt.subplots(1, 3, figsize=(max(10.5, 3 * 0.55 * len(rows) + 6), 4.2), layout="constrained",
                              gridspec_kw={"width_ratios": [1.6, 1, 1]})
     if not rows:
@@ -41,19 +44,23 @@ def _compare_final(summary, runs, variants, study, spec, palette):
     def value(metric, variant, depth, lr):
         r = summary[(summary["metric"] == metric) & (summary["variant"] == variant) & (summary["depth"] == depth)
                     & np.isclose(summary["lr"], lr)]
-        return (float(r["mean"].iloc[0]), float(r["ci95"].iloc[0]), int(r["n_diverged"].iloc[0])) if len(r) else \
-            (np.nan, np.nan, 0)
+        if not len(r):
+            return np.nan, np.nan, np.nan, 0
+        row = r.iloc[0]
+        ranged = row.get("n", 1) > 1 and "min" in row
+        return (float(row["mean"]), float(row["min"]) if ranged else np.nan, float(row["max"]) if ranged else np.nan,
+                int(row["n_diverged"]))
 
     ax = axes[0]
     l0 = float(runs["initial_loss"].dropna().mean()) if "initial_loss" in runs and runs["initial_loss"].notna().any() \
         else np.nan
     any_div = False
     for x, (_, variant, depth, lr) in zip(xs, rows):
-        m, c, k = value("final_val_loss", variant, depth, lr)
+        m, lo, hi, k = value("final_val_loss", variant, depth, lr)
         colour = palette[variant]
         if np.isfinite(m):
-            ax.errorbar([x], [m], yerr=[[c]] if np.isfinite(c) else None, fmt="o", ms=7, color=colour, capsize=4,
-                        elinewidth=1.3, zorder=4)
+            ax.errorbar([x], [m], yerr=[[m - lo], [hi - m]] if np.isfinite(lo) else None, fmt="o", ms=7,
+                        color=colour, capsize=4, elinewidth=1.3, zorder=4)
             ax.annotate(f"{m:.3f}", (x, m), xytext=(9, 0), textcoords="offset points", va="center", fontsize=7.5)
             r = runs[(runs["variant"] == variant) & (runs["depth"] == depth) & np.isclose(runs["lr"], lr)]
             if n > 1 and len(r):
@@ -74,19 +81,16 @@ def _compare_final(summary, runs, variants, study, spec, palette):
     ax.set_xticks(xs, labels, rotation=30, ha="right")
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set(ylabel="final validation loss (nats; lower is better)")
-    ax.set_title("final validation loss" + (f" (mean ± 95 % CI, {n} seeds)" if n > 1 else " (one seed)"),
+    ax.set_title("final validation loss" + (f" (mean, bar: range of {n} seeds)" if n > 1 else " (one seed)"),
                  fontsize=10)
 
     for ax, metric, ylabel, title, scale in [
             (axes[1], "params", "parameters (thousands)", "model size", 1e-3),
-            (axes[2], "wall_time_s", "wall-clock time per run (s)", "training time", 1.0)]:
+            (axes[2], "flops_per_token", "model FLOPs per token (millions)", "compute (6N + 12LHQT)", 1e-6)]:
         vals = [value(metric, v, d, lr) for _, v, d, lr in rows]
-        means = np.array([m for m, _, _ in vals]) * scale
-        cis = np.array([c for _, c, _ in vals]) * scale
+        means = np.array([m for m, *_ in vals]) * scale
         ax.bar(xs, np.nan_to_num(means), color=[palette[v] for _, v, _, _ in rows], width=0.65, edgecolor="0.2",
                lw=0.6)
-        if np.isfinite(cis).any():
-            ax.errorbar(xs, means, yerr=np.where(np.isfinite(cis), cis, 0), fmt="none", ecolor="0.15", capsize=3)
         for x, m in zip(xs, means):
             ax.text(x, np.nan_to_num(m), "n/a" if not np.isfinite(m) else f"{m:.0f}" if m >= 10 else f"{m:.2g}",
                     ha="center", va="bottom", fontsize=7.5)
@@ -94,8 +98,6 @@ def _compare_final(summary, runs, variants, study, spec, palette):
         ax.set(ylabel=ylabel)
         ax.set_title(title, fontsize=10)
         ax.margins(y=0.12)
-    if any_div:
-        axes[2].set_title("training time\n(diverged runs stopped early: not comparable)", fontsize=10)
     depths = sorted({int(d) for _, _, d, _ in rows})
     lrs = sorted({float(lr) for *_, lr in rows})
     setting = f"{', '.join(map(str, depths))} layer{'s' if depths != [1] else ''}, peak LR {', '.join(map(fmt, lrs))}"

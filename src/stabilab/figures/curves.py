@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
+from ..methods import label
 from .points import seed_band
 from .style import (
     DIVERGED,
@@ -87,7 +88,7 @@ def loss_curves(steps: pd.DataFrame, runs: pd.DataFrame, study: str, spec: dict,
                 ax.plot(mv.index, mv.to_numpy(), color=colour, ls="--", marker="o", ms=3.5, lw=1.3, zorder=4)
         same = _identical_variants(sub, [v for v in variants if v in set(sub["variant"])])
         if same:  # otherwise one curve would silently hide the other
-            text = "identical curves (hidden under each other):\n" + "\n".join(" = ".join(g) for g in same)
+            text = "identical curves (hidden under each other):\n" + "\n".join(" = ".join(map(label, g)) for g in same)
             ax.text(0.97, 0.96, text,
                     transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.3",
                     bbox=dict(facecolor="white", edgecolor="0.7", alpha=0.9, pad=2, lw=0.5))

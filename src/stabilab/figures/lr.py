@@ -31,31 +31,35 @@ def _lr_figures(summary, runs, variants, folder, study, spec, palette) -> list[P
     fig, ax = plt.subplots(figsize=(5.4, 4.2), layout="constrained")
     df = one_depth(metric_rows(summary, "final_val_loss"))
     l0 = float(runs["initial_loss"].dropna().mean()) if "initial_loss" in runs else float("nan")
-    some, alld = vs_x(ax, df, "lr", variants, palette, n, logx=True, runs=runs,
-                       hline=(l0, f"loss at init L0 = {l0:.2f}"))
+    some, alld = vs_x(ax, df, "lr", variants, palette, n, logx=True, runs=runs)
     ax.set(xlabel="peak learning rate (log scale)", ylabel="final validation loss (nats)")
-    ax.set_title(f"{study}: final loss vs learning rate{depth_note}", fontsize=10.5)
+    ax.set_title(f"{study}: final loss vs learning rate{depth_note}\n(loss at init L0 = {l0:.2f})", fontsize=10.5)
     vs_x_legend(fig, variants, palette, some, alld, n, band)
     written += save(fig, folder, "loss_vs_lr")
 
     written += save(_lr_sensitivity(summary, variants, study, spec, palette), folder, "lr_sensitivity")
 
-    panels = [("mu_norm", "mean output embedding μ", "‖μ‖ (log scale)"),
-              ("logits_absmax", "logit size", "max |logit|, mean over positions (log)"),
-              ("attn_logit_max", "attention logits", "max q·k/√d_head over layers (log)")]
+    panels = [("mu_norm", "mean output embedding μ", "‖μ‖ (log)"),
+              ("logits_mean_abs", "mean logit (over positions and vocabulary)", "|mean logit| (log)"),
+              ("logits_absmax", "logit size: max over the vocabulary, mean over positions", "max |logit| (log)"),
+              ("attn_logit_max", "attention logits: max over layers, heads, pairs", "max q·k/√d_head (log)")]
     panels = [p for p in panels if (summary["metric"] == p[0]).any()]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.1 * max(1, len(panels)), 4.0), squeeze=False,
+    cols = 2 if len(panels) > 2 else max(1, len(panels))
+    rows_ = -(-max(1, len(panels)) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.2 * cols, 3.9 * rows_ + 0.8), squeeze=False,
                              layout="constrained")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     some_all = [False, False]
-    for ax, (metric, title, ylabel) in zip(axes[0], panels):
+    for ax, (metric, title, ylabel) in zip(axes.flat, panels):
         some, alld = vs_x(ax, one_depth(metric_rows(summary, metric)), "lr", variants, palette, n, logx=True, logy=True,
                            runs=runs)
         some_all = [some_all[0] or some, some_all[1] or alld]
         ax.set(xlabel="peak learning rate (log scale)", ylabel=ylabel)
         ax.set_title(title, fontsize=10)
     if not panels:
-        no_data(axes[0][0])
-    fig.suptitle(f"{study}: output-embedding mean, logit size and attention logits vs LR{depth_note}\n"
+        no_data(axes.flat[0])
+    fig.suptitle(f"{study}: output-embedding mean, logits and attention logits vs LR{depth_note}\n"
                  "(last measurement of each run; a diverged run's last measurement before it stopped)",
                  fontsize=10.5)
     vs_x_legend(fig, variants, palette, *some_all, n, band)
@@ -64,24 +68,55 @@ def _lr_figures(summary, runs, variants, folder, study, spec, palette) -> list[P
 
 
 
+SENSITIVITY_PANELS = [
+    ("lr_sensitivity", "LR sensitivity, Wortsman et al.:\nΣ_η [min(L(η), L0) − L*] / K, L0 measured", "{:.3f}"),
+    ("lr_sensitivity_oec", "LR sensitivity, OEC code:\nΣ_η [min(L(η), ln V) − L*] / (K − 1)", "{:.3f}"),
+    ("best_val_loss", "best final loss of the sweep L*\n(what the sensitivity is measured from)", "{:.3f}"),
+]
+
+
 def _lr_sensitivity(summary, variants, study, spec, palette):
-    sens = metric_rows(summary, "lr_sensitivity")
-    n_lrs = len(spec.get("lrs", [])) or int(summary["lr"].nunique())
-    total = seed_count(spec) * n_lrs
-    rows = bar_rows(sens, variants, ["depth"], lambda depth: f"{int(depth)} layers")
-    fig, ax = plt.subplots(figsize=(max(4.6, 1.25 * len(rows) + 1.6), 4.1), layout="constrained")
-    if not rows:
-        no_data(ax)
-        return fig
-    means, cis, err = draw_bars(ax, rows, palette)
-    top = float(np.nanmax(means + err)) if np.isfinite(means).any() else 1.0
-    label_bars(ax, rows, means, cis, total, top, lambda m, c: f"{m:.3f}" + (f" ± {c:.3f}" if np.isfinite(c) else ""),
-                pad=0.02, fontsize=8)
-    ax.set_ylim(0, top * 1.18 if top > 0 else 1)
-    ax.set(xlabel="", ylabel="LR sensitivity (nats; lower is better)")
+    """LR sensitivity in both normalizations beside the sweep's best loss, one bar per variant."""
+    panels = [p for p in SENSITIVITY_PANELS if (summary["metric"] == p[0]).any()]
+    n_bars = max(1, len([v for v in variants if v in set(summary["variant"])]))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(max(4.6, 0.9 * n_bars + 1.4) * max(1, len(panels)) * 0.8,
+                                                             4.4), squeeze=False, layout="constrained")
+    for ax, (metric, title, number) in zip(axes[0], panels):
+        rows = bar_rows(metric_rows(summary, metric), variants, ["depth"], lambda depth: f"{int(depth)} layers")
+        if not rows:
+            no_data(ax)
+            continue
+        if metric == "best_val_loss":  # differences of hundredths of a nat: dots on a zoomed axis, not bars
+            _dots(ax, rows, palette, number)
+            ax.set_title(title, fontsize=9)
+            ax.set(xlabel="", ylabel="nats (lower is better)")
+            continue
+        means, lows, highs = draw_bars(ax, rows, palette)
+        top = float(np.nanmax(np.fmax(means, np.nan_to_num(highs)))) if np.isfinite(means).any() else 1.0
+        label_bars(ax, rows, means, highs, top, lambda m, r, number=number: number.format(m) + (
+            f"\n({number.format(r['min'])}–{number.format(r['max'])})" if r.get("n", 1) > 1 else ""),
+            pad=0.02, fontsize=7.5)
+        ax.set_ylim(0, top * 1.25 if top > 0 else 1)
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.set_title(title, fontsize=9)
+        ax.set(xlabel="", ylabel="nats (lower is better)")
     lrs = ", ".join(fmt(x) for x in spec.get("lrs", [])) or "swept LRs"
-    ci_note = f"bars: mean over {seed_count(spec)} seeds ± 95 % CI" if seed_count(spec) > 1 else "one seed: no CI"
-    ax.set_title(f"{study}: LR sensitivity  mean_η[min(L(η), L0) − L*]\nover LR ∈ {{{lrs}}}; "
-                 f"diverged runs count as L0; {ci_note}", fontsize=9.5)
+    n = seed_count(spec)
+    seeds = ("mean over the seeds that ran every LR, bar: their range" if n > 1 else "one seed")
+    fig.suptitle(f"{study}: sensitivity to the learning rate over η ∈ {{{lrs}}} ({seeds});\n"
+                 "a diverged run counts as L0", fontsize=10)
     return fig
 
+
+def _dots(ax, rows, palette, number: str) -> None:
+    """One dot per variant (mean over seeds, bar: range), its value beside it."""
+    xs = np.arange(len(rows))
+    for x, (_, variant, r) in zip(xs, rows):
+        m = float(r["mean"])
+        ranged = r.get("n", 1) > 1
+        ax.errorbar([x], [m], yerr=[[m - r["min"]], [r["max"] - m]] if ranged else None, fmt="o", ms=7,
+                    color=palette[variant], capsize=4, elinewidth=1.3)
+        ax.annotate(number.format(m), (x, m), xytext=(8, 0), textcoords="offset points", va="center", fontsize=7.5)
+    ax.set_xticks(xs, [name for name, _, _ in rows], rotation=30)
+    ax.set_xlim(-0.6, len(rows) - 0.2)
+    ax.margins(y=0.2)

@@ -9,12 +9,14 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from .style import DIVERGED, div_handle, figure_legend, fmt, no_data, variant_handles
+from ..methods import label
+from .style import DIVERGED, POINT_LEGEND, div_handle, figure_legend, fmt, no_data, variant_handles
 
 
 def seed_band(ax, data: pd.DataFrame, x: str, y: str, colour, diverged=(), **line) -> None:
-    """Seed mean with a 95 % bootstrap band over the steps all seeds reached, single seeds thin.
-    Diverged seeds are left out of the mean and drawn on their own (ending where they stopped)."""
+    """Seed mean with the range of the seeds (min to max) as a band over the steps all seeds
+    reached, single seeds thin. Diverged seeds are left out of the mean and drawn on their own
+    (ending where they stopped)."""
     data = data.dropna(subset=[y])
     if data.empty:
         return
@@ -34,18 +36,9 @@ def seed_band(ax, data: pd.DataFrame, x: str, y: str, colour, diverged=(), **lin
     table = data.pivot_table(index=x, columns="seed", values=y, aggfunc="mean").dropna()  # steps all seeds reached
     if table.empty:
         return
-    mean, lo, hi = bootstrap_ci(table.to_numpy(float))
-    ax.fill_between(table.index, lo, hi, color=colour, alpha=0.18, lw=0)
-    ax.plot(table.index, mean, color=colour, **line)
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """Row means of `values` (points x seeds) and their 95 % percentile-bootstrap interval over seeds
-    (what seaborn's errorbar=("ci", 95) computes, vectorized over points; deterministic)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.shape[1], size=(n_boot, values.shape[1]))
-    boots = values[:, idx].mean(axis=-1)  # points x n_boot
-    return values.mean(axis=1), np.percentile(boots, 2.5, axis=1), np.percentile(boots, 97.5, axis=1)
+    values = table.to_numpy(float)
+    ax.fill_between(table.index, values.min(axis=1), values.max(axis=1), color=colour, alpha=0.18, lw=0)
+    ax.plot(table.index, values.mean(axis=1), color=colour, **line)
 
 
 def _dodge(x: np.ndarray, i: int, k: int, log: bool, spacing: float) -> np.ndarray:
@@ -56,8 +49,10 @@ def _dodge(x: np.ndarray, i: int, k: int, log: bool, spacing: float) -> np.ndarr
 def vs_x(ax, df: pd.DataFrame, x: str, variants: list[str], palette: dict, n_runs: int, logx: bool = False,
           logy: bool = False, runs: pd.DataFrame | None = None,
           hline: tuple[float, str] | None = None) -> tuple[bool, bool]:
-    """Mean +- 95 % CI per variant along x (depth or LR), single seeds as small open circles (from
-    `runs`, when given and there are several seeds), diverged points marked.
+    """Per variant along x (depth or LR): the mean over seeds (the geometric mean on a log axis) with
+    the seeds' range (min to max) as its bar, single seeds as small open circles (from `runs`, when
+    given and there are several seeds), diverged points marked. `n_runs` is the planned number of
+    seeds; each point's note counts its own runs (`n_runs` column of the summary).
 
     Returns (some point has diverged runs, some point has no value because all its runs diverged)."""
     xs = np.array(sorted(df[x].dropna().unique()), dtype=float)
@@ -67,7 +62,8 @@ def vs_x(ax, df: pd.DataFrame, x: str, variants: list[str], palette: dict, n_run
     spacing = (np.log10(xs.max() / xs.min()) / max(1, len(xs) - 1) if logx else
                (xs.max() - xs.min()) / max(1, len(xs) - 1)) or 1.0
     shown = [v for v in variants if v in set(df["variant"])]
-    finite = df["mean"].replace([np.inf, -np.inf], np.nan)
+    centre = "gmean" if logy and "gmean" in df else "mean"
+    finite = df[centre].replace([np.inf, -np.inf], np.nan)
     positive = finite[finite > 0] if logy else finite.dropna()
     floor = float(positive.min()) / 3 if logy and len(positive) else None
     some_div, all_div = False, False
@@ -77,11 +73,12 @@ def vs_x(ax, df: pd.DataFrame, x: str, variants: list[str], palette: dict, n_run
     for i, variant in enumerate(shown):
         d = df[df["variant"] == variant].sort_values(x)
         px = _dodge(d[x].to_numpy(float), i, len(shown), logx, spacing)
-        mean, ci = d["mean"].to_numpy(float), d["ci95"].to_numpy(float)
+        mean = d[centre].to_numpy(float)
+        lo, hi = (d["min"].to_numpy(float), d["max"].to_numpy(float)) if "min" in d else (mean, mean)
         ok = np.isfinite(mean) & ((mean > 0) if logy else True)
         px_all += list(px)
         colour = palette[variant]
-        ax.plot(px[ok], mean[ok], marker="o", ms=4.5, lw=1.8, color=colour, label=variant, zorder=3)
+        ax.plot(px[ok], mean[ok], marker="o", ms=4.5, lw=1.8, color=colour, label=label(variant), zorder=3)
         metric = str(d["metric"].iloc[0]) if len(d) else ""
         if runs is not None and n_runs > 1 and metric in runs:
             r = runs[runs["variant"] == variant].merge(d[["depth", "lr"]], on=["depth", "lr"])
@@ -89,14 +86,12 @@ def vs_x(ax, df: pd.DataFrame, x: str, variants: list[str], palette: dict, n_run
             pos = dict(zip(d[x].to_numpy(float), px))
             rx = [pos.get(float(v), np.nan) for v in r[x]]
             ax.scatter(rx, r[metric], s=14, facecolor="none", edgecolor=colour, lw=0.8, alpha=0.8, zorder=4)
-        band = ok & np.isfinite(ci)
+        band = ok & np.isfinite(lo) & np.isfinite(hi) & (hi > lo)
         if band.any():
-            lo, hi = mean - ci, mean + ci
-            if logy:  # an interval reaching below zero runs off the bottom of a log axis
-                lo = np.maximum(lo, floor)
             ax.errorbar(px[band], mean[band], yerr=[mean[band] - lo[band], hi[band] - mean[band]], fmt="none",
                         ecolor=colour, elinewidth=1, capsize=2.5, zorder=3)
         nd = d["n_diverged"].to_numpy(int)
+        runs_at = dict(zip(px, d["n_runs"].to_numpy(int) if "n_runs" in d else [n_runs] * len(d)))
         x_of = dict(zip(px, d[x].to_numpy(float)))
         for xi, m, k, good in zip(px, mean, nd, ok):
             if k <= 0:
@@ -104,7 +99,7 @@ def vs_x(ax, df: pd.DataFrame, x: str, variants: list[str], palette: dict, n_run
             if good:
                 some_div = True
                 ax.scatter([xi], [m], marker="x", s=60, lw=2, color=DIVERGED, zorder=6)
-                partial.setdefault(x_of[xi], []).append((variant, k))
+                partial.setdefault(x_of[xi], []).append((variant, f"{k}/{runs_at[xi]}"))
             else:
                 all_div = True
                 lost.append((x_of[xi], (i - (len(shown) - 1) / 2) * 9.0, colour))
@@ -138,9 +133,9 @@ def vs_x(ax, df: pd.DataFrame, x: str, variants: list[str], palette: dict, n_run
     for xv, entries in partial.items():  # one note per x, in a strip above the data
         ks = {k for _, k in entries}
         if len(ks) == 1 and len(entries) == len(shown):
-            notes[xv] = f"{ks.pop()}/{n_runs} div."
+            notes[xv] = f"{ks.pop()} div."
         else:
-            notes[xv] = "\n".join(f"{v}: {k}/{n_runs} div." for v, k in entries)
+            notes[xv] = "\n".join(f"{label(v)}: {k} div." for v, k in entries)
     lines = max((t.count("\n") + 1 for t in notes.values()), default=0)
     frac = (0.13 if lost else 0.0) + (0.045 * lines + 0.03 if notes else 0.0)
     if frac:  # headroom: the data keep the lower (1 - frac) of the panel
@@ -159,7 +154,7 @@ def vs_x(ax, df: pd.DataFrame, x: str, variants: list[str], palette: dict, n_run
                        zorder=5, clip_on=False)
             ax.scatter([xv], [1 - 0.065], transform=t, marker="x", s=28, lw=1.8, color=DIVERGED, zorder=6,
                        clip_on=False)
-        ax.text(0.02, 1 - 0.065, f"no value, all {n_runs} runs diverged:", transform=ax.transAxes, fontsize=7.5,
+        ax.text(0.02, 1 - 0.065, "no value, all runs diverged:", transform=ax.transAxes, fontsize=7.5,
                 color=DIVERGED, va="center", ha="left")
         top = 1 - 0.14
     for xv, text in notes.items():  # at the first / last x, align the note inwards so it stays in the panel
@@ -172,40 +167,42 @@ def vs_x(ax, df: pd.DataFrame, x: str, variants: list[str], palette: dict, n_run
 def vs_x_legend(fig, variants, palette, some_div, all_div, n_runs, band: bool) -> None:
     handles = variant_handles(variants, palette)
     if band:
-        handles.append(Line2D([], [], color="0.3", marker="|", ms=11, mew=1.3, ls="none",
-                              label="mean ± 95 % CI over seeds (t-interval)"))
+        handles.append(Line2D([], [], color="0.3", marker="|", ms=11, mew=1.3, ls="none", label=POINT_LEGEND))
         handles.append(Line2D([], [], color="0.3", marker="o", ms=4.5, mfc="none", ls="none", label="single seeds"))
     if some_div:
-        handles.append(div_handle(f"k of {n_runs} runs diverged"))
+        handles.append(div_handle("k of n runs diverged (n: the point's runs)"))
     if all_div:
         handles.append(Patch(color=DIVERGED, alpha=0.15, label="no value: all runs diverged"))
     figure_legend(fig, handles, ncol=2 if fig.get_figwidth() < 6 else 4)
 
 
 def draw_bars(ax, rows, palette):
-    """One bar per (label, variant, summary row) with its 95 % CI; returns (means, cis, error bars)."""
+    """One bar per (label, variant, summary row): the mean over seeds, the seeds' range as its
+    error bar; returns (means, lows, highs) (NaN range with one seed)."""
     xs = np.arange(len(rows))
     means = np.array([float(r["mean"]) for _, _, r in rows])
-    cis = np.array([float(r["ci95"]) for _, _, r in rows])
+    lows = np.array([float(r.get("min", np.nan)) if r.get("n", 1) > 1 else np.nan for _, _, r in rows])
+    highs = np.array([float(r.get("max", np.nan)) if r.get("n", 1) > 1 else np.nan for _, _, r in rows])
     ax.bar(xs, np.nan_to_num(means), color=[palette[v] for _, v, _ in rows], width=0.62, edgecolor="0.2", lw=0.6)
-    err = np.where(np.isfinite(cis), cis, 0)
-    if np.isfinite(cis).any():
-        ax.errorbar(xs, means, yerr=err, fmt="none", ecolor="0.15", elinewidth=1.2, capsize=5)
-    return means, cis, err
+    ranged = np.isfinite(lows) & np.isfinite(highs)
+    if ranged.any():
+        ax.errorbar(xs[ranged], means[ranged], yerr=[means[ranged] - lows[ranged], highs[ranged] - means[ranged]],
+                    fmt="none", ecolor="0.15", elinewidth=1.2, capsize=5)
+    return means, lows, highs
 
 
-def label_bars(ax, rows, means, cis, runs_per_bar, top, value_text, pad, fontsize):
-    """Each bar's value above it, its label below, and 'k/N runs diverged' under the label."""
+def label_bars(ax, rows, means, highs, top, value_text, pad, fontsize):
+    """Each bar's value above it, and its label below, with 'k/n div.' when k of its n runs diverged."""
     xs = np.arange(len(rows))
-    for x, m, c in zip(xs, means, cis):
-        text = "n/a" if not np.isfinite(m) else value_text(m, c)
-        ax.text(x, np.nan_to_num(m) + np.nan_to_num(c) + pad * top, text, ha="center", va="bottom", fontsize=fontsize)
-    ax.set_xticks(xs, [lab for lab, _, _ in rows])
-    for tick, (_, _, r) in zip(xs, rows):
+    for x, m, h, (_, _, r) in zip(xs, means, highs, rows):
+        text = "n/a" if not np.isfinite(m) else value_text(m, r)
+        y = max(np.nan_to_num(m), np.nan_to_num(h))
+        ax.text(x, y + pad * top, text, ha="center", va="bottom", fontsize=fontsize)
+    ticks = []
+    for name, _, r in rows:
         k = int(r["n_diverged"])
-        ax.annotate(f"{k}/{runs_per_bar} runs diverged", (tick, 0), xycoords=("data", "axes fraction"),
-                    xytext=(0, -24), textcoords="offset points", ha="center", va="top", fontsize=7.5,
-                    color=DIVERGED if k else "0.4")
+        ticks.append(f"{name}\n({k}/{int(r.get('n_runs', r['n']))} div.)" if k else name)
+    ax.set_xticks(xs, ticks)
 
 
 def bar_rows(table: pd.DataFrame, variants: list[str], keys: list[str], describe) -> list[tuple]:
@@ -221,7 +218,7 @@ def bar_rows(table: pd.DataFrame, variants: list[str], keys: list[str], describe
                 mask &= np.isclose(table[key], value)
             r = table[mask]
             if len(r):
-                label = variant if len(combos) == 1 else f"{variant}\n({describe(*values)})"
-                rows.append((label, variant, r.iloc[0]))
+                name = label(variant)
+                rows.append((name if len(combos) == 1 else f"{name}\n({describe(*values)})", variant, r.iloc[0]))
     return rows
 

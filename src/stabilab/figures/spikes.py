@@ -11,6 +11,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from ..methods import label
 from .context import StudyTables
 from .points import bar_rows, draw_bars, label_bars
 from .style import (
@@ -82,8 +83,8 @@ def _spike_figures(summary, steps, runs, variants, folder, study, spec, palette)
                 ax.scatter([step], [g["grad_norm"].iloc[-1]], marker="x", s=80, lw=2.2, color=DIVERGED, zorder=8)
                 flags["div"] = True
         ax.set_yscale("log")
-        label = variant + (f"  ({depth} layers, peak LR {fmt(lr)})" if multi else "")
-        ax.set_title(label, loc="left", fontsize=9.5, fontweight="bold", color=colour, pad=3)
+        title = label(variant) + (f"  ({depth} layers, peak LR {fmt(lr)})" if multi else "")
+        ax.set_title(title, loc="left", fontsize=9.5, fontweight="bold", color=colour, pad=3)
         ax.set_ylabel("grad norm\n(before clipping)")
     if not panels:
         no_data(axes[0])
@@ -115,14 +116,14 @@ def _spike_counts(summary, variants, study, spec, palette):
         no_data(ax)
         return fig
     n = seed_count(spec)
-    means, cis, err = draw_bars(ax, rows, palette)
-    top = max(1.0, float(np.nanmax(np.nan_to_num(means) + err)))
-    label_bars(ax, rows, means, cis, n, top, lambda m, c: f"{m:.3g}" + (f" ± {c:.2g}" if np.isfinite(c) else ""),
-                pad=0.03, fontsize=8.5)
+    means, lows, highs = draw_bars(ax, rows, palette)
+    top = max(1.0, float(np.nanmax(np.fmax(np.nan_to_num(means), np.nan_to_num(highs)))))
+    label_bars(ax, rows, means, highs, top, lambda m, r: f"{m:.3g}" + (
+        f" ({r['min']:.3g}–{r['max']:.3g})" if r.get("n", 1) > 1 else ""), pad=0.03, fontsize=8.5)
     ax.set_ylim(0, top * 1.2)
     ax.yaxis.set_major_locator(mticker.MaxNLocator(integer=True))
     ax.set(xlabel="", ylabel=f"gradient-norm spikes per run\n(norm > {SPIKE_FACTOR:g}× running mean)")
-    note = f"mean over {n} seeds ± 95 % CI" if n > 1 else "one seed per variant"
+    note = f"mean over {n} seeds, bar: their range" if n > 1 else "one seed per variant"
     ax.set_title(f"{study}: gradient-norm spikes per run\n(whole run, every step; {note})", fontsize=10)
     if np.nansum(means) == 0:
         ax.text(0.5, 0.55, "no spikes detected in any run", transform=ax.transAxes, ha="center", color="0.35",

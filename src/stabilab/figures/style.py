@@ -3,9 +3,11 @@
 Conventions shared by every figure:
 - one colour per variant, the same in every figure of every study (the methods' own colours,
   `methods.py`, then fallback colours in order of first appearance); red is kept for divergence;
-- with two or more seeds: curves are the mean over the seeds that did not diverge with a 95 %
-  bootstrap band, thin lines the single seeds; points vs depth / LR are the mean with the summary
-  table's 95 % t-interval, open circles the single seeds;
+- variants are named as the papers write them (`methods.label`);
+- one interval convention everywhere, for any number of seeds: the range of the seeds (min to
+  max). Curves are the mean over the seeds that did not diverge with that range as a band, thin
+  lines the single seeds; points vs depth / LR are the mean (on log axes the geometric mean) with
+  the range as the bar, open circles the single seeds; bars are the mean with the range;
 - diverged runs stay visible: a red x where the run stopped (curves) or on the point (vs-LR /
   vs-depth), with "k/N div." above it; a point with no value because every seed diverged is drawn
   in a "diverged" strip at the top of the panel instead of vanishing;
@@ -30,11 +32,12 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
 from ..io import atomic_path  # noqa: E402
-from ..methods import BY_NAME  # noqa: E402
+from ..methods import BY_NAME, label  # noqa: E402
 
 DIVERGED = "#d62728"  # red: reserved for divergence markers
 SPIKE_FACTOR = 50.0  # GSS threshold of a gradient-norm spike (SPAM paper; train.spike_factor default)
 LOSS_CAP_MARGIN = 1.0  # loss axes end at initial loss + this (nats)
+POINT_LEGEND = "mean over seeds (geometric on log axes), bar: their range (min-max)"
 DIV_CURVE_LABEL = "diverged run (not in the mean): stopped at ×"
 FALLBACK_COLOURS = ["#56b4e9", "#a6761d", "#1b9e77", "#7570b3", "#fdae61", "#999999", "#000080", "#66a61e"]
 
@@ -140,7 +143,7 @@ def figure_legend(fig, handles: list, ncol: int | None = None) -> None:
 
 
 def variant_handles(variants: list[str], palette: dict) -> list:
-    return [Line2D([], [], color=palette[v], lw=2, marker="o", ms=4, label=v) for v in variants]
+    return [Line2D([], [], color=palette[v], lw=2, marker="o", ms=4, label=label(v)) for v in variants]
 
 
 def div_handle(label: str = "diverged (run stopped)") -> Line2D:
@@ -151,7 +154,7 @@ def seed_curve_handles(n_seeds: int, any_diverged: bool) -> list:
     """Legend entries of curve figures after the variants': the seed band, and the divergence mark."""
     handles = []
     if n_seeds > 1:
-        handles.append(Patch(color="0.6", alpha=0.35, label="95 % CI over seeds (thin: single seeds)"))
+        handles.append(Patch(color="0.6", alpha=0.35, label="range of the seeds (thin: single seeds)"))
     if any_diverged:
         handles.append(div_handle(DIV_CURVE_LABEL if n_seeds > 1 else "diverged: run stopped at ×"))
     return handles
