@@ -100,6 +100,7 @@ def test_bench_throughput_tiny(bench_throughput, bench_variants, tmp_path):
     assert (out / "throughput.md").exists()
 
 
+@pytest.mark.slow
 def test_bench_throughput_under_torchrun_reports_the_global_rate(tmp_path):
     """Two gloo processes (what `torchrun --nproc_per_node 2` does on two GPUs): rank 0 writes one
     table whose header names the process count, with the global batch and a per-device MFU."""

@@ -26,6 +26,7 @@ def train_cmd(run_file, out) -> list[str]:
     return [sys.executable, "-m", "stabilab.cli", "train", "--run", str(run_file), "--out", str(out), "--threads", "1"]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
     """Same global batch (2 micro-batches per step): one process accumulates both, two processes
     take one each and all-reduce. Losses agree to float32 summation-order noise (rel 1e-4)."""
@@ -51,6 +52,7 @@ def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
     assert summary["processes"] == 2 and summary["tokens"] == 20 * 2 * 8 * 32
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_matches(tiny_data, tmp_path):
     run = tiny_run(tiny_data["shards"], train={"steps": 300, "log_every": 1, "eval_every": 100,
                                                "metrics_every": 50, "checkpoint_every": 1000})

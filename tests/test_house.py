@@ -142,6 +142,8 @@ def test_overrides_from_the_command_line_have_yaml_types():
         parse_overrides(["steps"])
     cfg = load_experiment(ROOT / "config.yaml", parse_overrides(["train.steps=7", "studies.lr.seeds=[0,1]"]))
     assert cfg["train"]["steps"] == 7 and {r.seed for r in runs(cfg) if r.study == "lr"} == {0, 1}
+    cfg = load_experiment(ROOT / "config.yaml", {"set": "train.steps=9 'optim.grad_clip=null'"})
+    assert cfg["train"]["steps"] == 9 and cfg["optim"]["grad_clip"] is None and "set" not in cfg
     proc = subprocess.run([sys.executable, "-m", "stabilab.cli", "check-config", str(ROOT / "config.yaml"),
                            "train.steps=many"], capture_output=True, text=True)
     assert proc.returncode == 2 and "bad value for config key 'train.steps': 'many'" in proc.stderr

@@ -166,3 +166,79 @@ def test_lr_sensitivity_in_the_oec_convention_reproduces_the_papers_numbers():
     assert lr_sensitivity(baseline, 10.83, divide_by="K-1") == pytest.approx(0.306, abs=5e-4)
     assert lr_sensitivity(baseline, 10.83) == pytest.approx(0.306 * 6 / 7, abs=5e-4)
     assert lr_sensitivity([5.0, math.nan, 4.0], 10.83, divide_by="K-1") == pytest.approx((1 + 6.83) / 2)
+
+
+# ----------------------------------------------------------------------------- SPAM's gradient spike score
+
+
+def test_gradient_spike_score_counts_match_the_definition_in_float64():
+    """GSS_t(g_i) = |g_i,t| / ((1/(t+1)) sum_{j<=t} |g_i,j|), a spike where GSS > 50 (SPAM paper),
+    recomputed from the whole history at every step in float64, against the online counts."""
+    from stabilab.metrics import gss_update
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (11,)]
+    history = [[torch.randn(s, generator=gen) * 1e-3 for s in shapes] for _ in range(120)]
+    history[80][0][2, 3] = 5.0  # planted spikes, far above the running mean of |g|
+    history[100][1][4] = -2.0
+    history[101][1][4] = 1e-2  # right after a spike the mean is inflated: not a spike
+    sums = [torch.zeros(s) for s in shapes]
+    seen = torch.zeros(())
+    spikes_at = {}
+    for t, grads in enumerate(history):
+        seen += 1
+        counts = gss_update(sums, grads, seen, 50.0)
+        for i in range(len(shapes)):
+            past = torch.stack([h[i].double().abs() for h in history[: t + 1]])
+            gss = grads[i].double().abs() / past.mean(dim=0)
+            assert counts[i].item() == int((gss > 50).sum()), (t, i)
+            if counts[i]:
+                spikes_at[t] = spikes_at.get(t, 0) + int(counts[i])
+    assert spikes_at == {80: 1, 100: 1}  # the planted ones, and nothing else
+
+
+def test_parameter_kinds_of_the_oec_model():
+    from stabilab.metrics import param_kind
+
+    cfg = ModelConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False,
+                      qk_norm="layernorm", position="rope", mlp="swiglu")
+    kinds = {name: param_kind(name) for name, _ in GPT(cfg).named_parameters()}
+    assert kinds["wte.weight"] == "embedding" and kinds["lm_head.weight"] == "head"
+    assert kinds["blocks.0.attn.q_norm.weight"] == "norm" and kinds["blocks.1.ln_2.weight"] == "norm"
+    assert kinds["ln_f.weight"] == "norm" and kinds["blocks.0.attn.dense.weight"] == "attn"
+    assert kinds["blocks.0.mlp.c_fc.weight"] == "mlp" and kinds["blocks.1.attn.c_proj.weight"] == "attn"
+
+
+def test_spike_scores_in_the_trainer_log_counts_and_every_steps_grad_norm(tiny_data, tmp_path):
+    run = tiny_run(tiny_data["shards"], train={"spike_scores": True, "steps": 30, "checkpoint_every": 10})
+    summary = Trainer(load_run_config(run), tmp_path / "full").run()
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    norms = dict(line.split(",") for line in (tmp_path / "full" / "grad_norm.csv").read_text().splitlines())
+    assert sorted(map(int, norms)) == list(range(1, 31))
+    for r in records:  # the logged steps' norms are the same numbers
+        assert float(norms[str(r["step"])]) == pytest.approx(r["grad_norm"], rel=1e-12)
+        assert {"gss_spikes", "gss_spikes_norm", "gss_spikes_embedding"} <= set(r)
+    counts = [r["gss_spikes"] for r in records]
+    assert counts == sorted(counts) and summary["steps"] == 30  # cumulative
+
+    class Killed(Exception):
+        pass
+
+    first = Trainer(load_run_config(run), tmp_path / "resumed")
+    original = first.train_step
+
+    def die_at_step_25(measure):
+        if first.step == 25:
+            raise Killed
+        return original(measure)
+
+    first.train_step = die_at_step_25
+    with pytest.raises(Killed):
+        first.run()
+    Trainer(load_run_config(run), tmp_path / "resumed").run()
+    for name in ("metrics.jsonl", "grad_norm.csv"):
+        a, b = ((tmp_path / d / name).read_text().splitlines() for d in ("full", "resumed"))
+        if name == "metrics.jsonl":
+            a, b = ([{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
+                    for lines in (a, b))
+        assert a == b, name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,7 +33,8 @@ def tiny_experiment(text_dir: Path) -> dict:
         # lr 1e3 without clipping diverges: it must be recorded, not crash the pipeline
         "lr": {"kind": "lr", "variants": ["baseline", "oec_center+zloss"], "depths": [1], "lrs": [1e-2, 1e3],
                "overrides": {"optim": {"grad_clip": None}}},
-        "spikes": {"kind": "spikes", "variants": ["adamw_noclip", "spam"], "depths": [1], "lrs": [1e-2]},
+        "spikes": {"kind": "spikes", "variants": ["adamw_noclip", "spam"], "depths": [1], "lrs": [1e-2],
+                   "overrides": {"train": {"spike_scores": True}}},
     }
     cfg["grokking"] = {"modulus": 23, "epochs": 20, "eval_every": 10}  # all four variants, briefly
     return cfg
@@ -65,6 +67,10 @@ def test_pipeline_end_to_end(tmp_path):
     sens = pd.read_csv(tables / "summary_lr.csv").query("metric == 'lr_sensitivity'")
     assert set(sens.variant) == {"baseline", "oec_center+zloss"} and (sens["mean"] > 0).all()
     assert (tables / "summary_spikes.csv").exists()
+    norms = pd.read_csv(tables / "grad_norms.csv")  # every step's grad norm, for the spike study only
+    assert set(norms.study) == {"spikes"} and len(norms) == 2 * 20
+    assert {"gss_spikes", "gss_spikes_norm"} <= set(runs_csv.columns)
+    assert runs_csv["git_commit"].notna().all() and "torch" in runs_csv  # provenance columns
 
     figures = tmp_path / "figures" / "tiny"
     for png in expected_figures(cfg["studies"]):
@@ -83,6 +89,13 @@ def test_pipeline_end_to_end(tmp_path):
     assert redraw.returncode == 0, redraw.stderr
     assert all((figures / png).exists() for png in expected_figures(cfg["studies"]))
 
-    # Nothing left to do: a second snakemake call is a no-op.
+    # Nothing left to do: a second snakemake call is a no-op, also with other runtime choices
+    # (they are not part of a run's identity); a changed run value re-plans exactly its runs.
     again = subprocess.run(cmd + ["-n"], capture_output=True, text=True)
     assert "Nothing to be done" in again.stdout + again.stderr
+    runtime = subprocess.run(cmd + ["-n", "--config", "set=runtime.tensorboard=true runtime.keep_checkpoint=true"],
+                             capture_output=True, text=True)
+    assert "Nothing to be done" in runtime.stdout + runtime.stderr, runtime.stdout[-2000:]
+    changed = subprocess.run(cmd + ["-n", "--config", "set=studies.spikes.overrides.train.steps=25"],
+                             capture_output=True, text=True)
+    assert re.search(r"\btrain\s+2\b", changed.stdout), changed.stdout[-3000:]

@@ -141,6 +141,9 @@ def _skip_or_fail(reason: str):
     pytest.skip(reason)
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster():
     """A single-node SLURM cluster on localhost, stopped again by its last user.

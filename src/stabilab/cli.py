@@ -125,6 +125,12 @@ def cmd_targets(args) -> None:
 def cmd_methods(args) -> None:
     from .methods import BASELINE, METHODS, markdown_table
 
+    if args.update_readme:
+        from .methods import update_readme
+
+        changed = update_readme(args.update_readme)
+        print(f"{args.update_readme}: methods table {'updated' if changed else 'already up to date'}")
+        return
     if args.markdown:
         print(markdown_table())
         return
@@ -208,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the methods (variants) the pipeline knows")
     p.add_argument("--markdown", action="store_true", help="the README's methods table")
+    p.add_argument("--update-readme", metavar="README", help="rewrite the methods table in this file")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("schema", help="print the experiment config's JSON schema (generated from the config classes)")

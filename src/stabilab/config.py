@@ -150,6 +150,8 @@ class TrainConfig(Section):
     metrics_batch: int = knob(8, "sequences of the fixed metrics batch (the first of the validation set)", ge=1)
     grad_var_window: int = knob(50, "window of the grad-norm variance", ge=2)
     spike_factor: float = knob(50.0, "GSS threshold of a gradient-norm spike (SPAM paper)", gt=0)
+    spike_scores: bool = knob(False, "per-element GSS (SPAM) counted by parameter kind every step, and every "
+                                     "step's total grad norm in grad_norm.csv")
     checkpoint_every: int = knob(100, "write ckpt.pt every this many steps", ge=1)
     dtype: Literal["auto", "float32", "bfloat16"] = knob("auto", "autocast dtype; auto: bf16 on CUDA, float32 on CPU")
     divergence: DivergenceConfig = section(DivergenceConfig, "when a run counts as diverged")
@@ -372,11 +374,3 @@ def parse_overrides(items: list[str]) -> dict:
         except yaml.YAMLError:
             raise UserError(f"bad override '{item}': the value is not valid YAML") from None
     return nest(dotted)
-
-
-def expand_dotted(config: dict) -> dict:
-    """Top-level keys with dots (`snakemake --config train.steps=50`) merged into the nested
-    config, after (so over) everything else."""
-    dotted = {k: v for k, v in config.items() if isinstance(k, str) and "." in k}
-    plain = {k: v for k, v in config.items() if k not in dotted}
-    return deep_merge(plain, nest(dotted)) if dotted else plain

@@ -6,12 +6,14 @@ sections of `config.RunConfig`), runtime choices (`runtime`, never part of a run
 extra variants, its studies (each a grid of variants x depths x LRs x seeds) and the grokking
 study. A preset holds only its differences from another config: `base: ../config.yaml` deep-merges
 the preset onto that file; a preset's `studies` replace the base's whole (a grid belongs to its
-preset). Command-line overrides (`train.steps=50`) come last.
+preset). Command-line overrides (`train.steps=50`, or `snakemake --config set="train.steps=50"`)
+come last.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +32,9 @@ from .config import (
     Section,
     TrainConfig,
     deep_merge,
-    expand_dotted,
     knob,
     load_run_config,
+    parse_overrides,
     section,
     validated,
     yaml12_numbers,
@@ -122,6 +124,7 @@ class StudySection(Section):
 class Experiment(Section):
     name: Name = knob(..., "outputs go to results/<name>/ and figures/<name>/")
     base: str | None = knob(None, "config file this one overlays (resolved before validation)")
+    set: str | None = knob(None, "overrides applied last, as key.path=value words (snakemake --config set=...)")
     data: DataSection = section(DataSection, "corpus source and split")
     tokenizer: TokenizerSection = section(TokenizerSection, "tokenizer")
     model: ModelConfig = section(ModelConfig, "base run config: the network")
@@ -230,7 +233,6 @@ def read_yaml(path: str | Path) -> dict:
 def resolve_base(config: dict, folder: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """`config` deep-merged onto its `base:` file (recursively; paths relative to `folder`, the
     folder of the file `config` came from). The base's `studies` are not inherited."""
-    config = expand_dotted(config)
     if not config.get("base"):
         return config
     path = (Path(folder) / config["base"]).resolve()
@@ -245,7 +247,14 @@ def resolve_base(config: dict, folder: str | Path, seen: tuple[Path, ...] = ()) 
 def prepare(config: dict, folder: str | Path = ".") -> dict:
     """What the pipeline works from: `base:` resolved, dotted overrides applied, validated,
     defaults filled in, every run checked."""
-    config = yaml12_numbers(resolve_base(config, folder))
+    config = resolve_base(config, folder)
+    if config.get("set"):  # `snakemake --config set="train.steps=50 optim.lr=1e-3"`
+        try:
+            words = shlex.split(str(config["set"]))
+        except ValueError as e:
+            raise UserError(f"config key 'set': {e}") from None
+        config = deep_merge({k: v for k, v in config.items() if k != "set"}, parse_overrides(words))
+    config = yaml12_numbers(config)
     validate(config)
     config = with_defaults(config)
     check_runs(config)

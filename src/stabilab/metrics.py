@@ -53,3 +53,32 @@ def grad_group_norms(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, t
         if grads:
             out[f"grad_norm_{name}"] = torch.stack(torch._foreach_norm(grads)).float().norm()
     return out
+
+
+PARAM_KINDS = ("embedding", "attn", "mlp", "norm", "head")
+
+
+def param_kind(name: str) -> str:
+    """The kind of a GPT parameter by its name: embedding, attn, mlp, norm (every norm gain,
+    qk-norm's too) or head (an untied lm_head)."""
+    if name.startswith(("wte.", "wpe.")):
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "head"
+    if ".q_norm." in name or ".k_norm." in name or name.startswith("ln_f.") or ".ln_" in name:
+        return "norm"
+    return "attn" if ".attn." in name else "mlp"
+
+
+def gss_update(abs_sums: list[torch.Tensor], grads: list[torch.Tensor], steps_seen: torch.Tensor,
+               threshold: float) -> torch.Tensor:
+    """One step of SPAM's gradient spike score, per element: with S the running sum of |g| over
+    the steps so far including this one, GSS = |g| / (S / (t + 1)); counts the elements with
+    GSS > threshold per tensor (returns a (n_tensors,) tensor) and updates S in place.
+    `steps_seen` is t + 1 as a 0-d tensor (no recompilation per step when compiled)."""
+    counts = []
+    for s, g in zip(abs_sums, grads):
+        a = g.detach().abs().float()
+        s.add_(a)
+        counts.append((a * steps_seen > threshold * s).sum())
+    return torch.stack(counts)

@@ -51,7 +51,8 @@ KINDS: dict[str, StudyKind] = {k.name: k for k in (
         "stabilab.figures.lr:draw", extra_rows="stabilab.tables:lr_sensitivity_rows"),
     StudyKind(
         "spikes", "SPAM: spike-aware clipping and moment reset beat Adam", "Gradient spikes (SPAM)",
-        ("final_val_loss", "spike_count", "max_grad_norm", "spam_clipped_frac"),
+        ("final_val_loss", "spike_count", "max_grad_norm", "spam_clipped_frac", "gss_spikes", "gss_spikes_embedding",
+         "gss_spikes_attn", "gss_spikes_mlp", "gss_spikes_norm", "gss_spikes_head"),
         {**LOSS_CURVES, "grad_norm_traces": "grad_norm_traces.rst", "spike_counts": "spike_counts.rst"},
         "stabilab.figures.spikes:draw"),
     StudyKind(

@@ -2,6 +2,7 @@
 
 - `steps.csv`: one row per run and logged step (every metric column of metrics.jsonl).
 - `runs.csv`: one row per run (summary.json, its provenance flattened, plus run-level metrics).
+- `grad_norms.csv`: every step's total grad norm, for runs with `train.spike_scores`.
 - `summary_<study>.csv`: per study, the exact numbers its figures show, in long form:
   study, kind, variant, depth, lr, metric, mean, gmean, min, max, ci95, n, n_runs, n_diverged (`spread`);
   which metrics, and which
@@ -57,6 +58,8 @@ def run_level(summary: dict, steps: pd.DataFrame) -> dict:
     else:
         row["grad_norm_var"] = np.nan
     row["max_grad_norm"] = float(steps["grad_norm"].max()) if "grad_norm" in steps else np.nan
+    for col in [c for c in steps.columns if c.startswith("gss_spikes")]:  # cumulative counts: the last
+        row[col] = float(steps[col].dropna().iloc[-1]) if steps[col].notna().any() else np.nan
     if "spam_clipped_frac" in steps:
         row["spam_clipped_frac"] = float(steps["spam_clipped_frac"].mean())
     row.update(summary.get("provenance", {}))  # last: the columns added after the numbers
@@ -130,14 +133,22 @@ def study_summary(runs: pd.DataFrame, study: str, kind: str) -> pd.DataFrame:
 def write_tables(summary_paths: list[str], out_dir: str | Path, studies: dict | None = None) -> list[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_rows, step_frames = [], []
+    run_rows, step_frames, norm_frames = [], [], []
     for path in summary_paths:
         summary, steps = read_run(path)
         run_rows.append(run_level(summary, steps))
         step_frames.append(steps)
+        norms = Path(path).parent / "grad_norm.csv"
+        if norms.exists():
+            frame = pd.read_csv(norms, names=["step", "grad_norm"])
+            for key in reversed(RUN_KEYS):
+                frame.insert(0, key, summary[key])
+            norm_frames.append(frame)
     runs = pd.DataFrame(run_rows)
     steps = pd.concat(step_frames, ignore_index=True)
     written = {"runs.csv": runs, "steps.csv": steps}
+    if norm_frames:
+        written["grad_norms.csv"] = pd.concat(norm_frames, ignore_index=True)
     for study, spec in (studies or {}).items():
         if study in set(runs["study"]):
             written[f"summary_{study}.csv"] = study_summary(runs, study, spec["kind"])

@@ -48,19 +48,22 @@ def draw_figures(tables_dir: str | Path, out_dir: str | Path, studies: dict | No
             raise UserError(f"study '{study}': unknown kind '{spec.get('kind')}' (one of {', '.join(KINDS)})")
     runs, steps = load_tables(tables)
 
+    import pandas as pd
     import seaborn as sns
 
     from .context import StudyTables
     from .curves import loss_curves
     from .style import palette_for, read_summary, save
 
+    norms = pd.read_csv(tables / "grad_norms.csv") if (tables / "grad_norms.csv").exists() else None
     palette = palette_for(studies)
     written: list[Path] = []
     with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.15):
         for study, spec in studies.items():
             folder = out / study
             t = StudyTables(study, spec, read_summary(tables, study), steps[steps["study"] == study],
-                            runs[runs["study"] == study], palette, folder)
+                            runs[runs["study"] == study], palette, folder,
+                            norms[norms["study"].astype(str) == study] if norms is not None else None)
             written += save(loss_curves(steps, runs, study, spec, palette), folder, "loss_curves")
             written += KINDS[spec["kind"]].function("draw")(t)
     return written

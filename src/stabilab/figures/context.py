@@ -17,6 +17,7 @@ class StudyTables:
     runs: pd.DataFrame  # runs.csv rows of this study
     palette: dict  # variant -> colour, shared by every study
     folder: Path  # figures/<name>/<study>/
+    grad_norms: pd.DataFrame | None = None  # grad_norms.csv rows of this study (runs with spike_scores)
 
     @property
     def variants(self) -> list[str]:

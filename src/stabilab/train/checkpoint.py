@@ -14,7 +14,7 @@ import torch
 
 from ..io import atomic_path, atomic_write
 
-OUTPUTS = ("ckpt.pt", "metrics.jsonl", "summary.json")  # what a fresh start removes
+OUTPUTS = ("ckpt.pt", "metrics.jsonl", "grad_norm.csv", "summary.json")  # what a fresh start removes
 
 
 class Checkpointer:
@@ -39,11 +39,15 @@ class Checkpointer:
         return state
 
     def truncate_log(self, step: int) -> None:
-        """Drop the metrics records written after `step` (they belong to the lost attempt)."""
+        """Drop the records written after `step` (they belong to the lost attempt)."""
         log = self.folder / "metrics.jsonl"
         if log.exists():
             kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
             atomic_write(log, "".join(line + "\n" for line in kept))
+        norms = self.folder / "grad_norm.csv"
+        if norms.exists():
+            kept = [line for line in norms.read_text().splitlines() if line and int(line.split(",")[0]) <= step]
+            atomic_write(norms, "".join(line + "\n" for line in kept))
 
     def same_config(self, config_text: str) -> bool:
         path = self.folder / "config.json"

@@ -59,6 +59,41 @@ class RunningStats:
         return cls(**{f.name: state[f.name] for f in fields(cls)})
 
 
+class SpikeScores:
+    """SPAM's per-element gradient spike score (METHODS.md §3) on the raw gradients of every
+    step, counted by parameter kind (`metrics.PARAM_KINDS`); the counts are cumulative."""
+
+    def __init__(self, model, threshold: float, device: torch.device, compile: bool):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        kinds = {id(p): metrics.param_kind(name) for name, p in model.named_parameters()}
+        self.kind_of = torch.tensor([metrics.PARAM_KINDS.index(kinds[id(p)]) for p in self.params], device=device)
+        self.sums = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.counts = torch.zeros(len(metrics.PARAM_KINDS), device=device)
+        self.steps_seen = torch.zeros((), device=device)
+        self.threshold = threshold
+        self.update = torch.compile(metrics.gss_update, dynamic=False) if compile else metrics.gss_update
+
+    def record(self) -> None:
+        """Score this step's gradients (call before clipping: SPAM scores the raw gradient)."""
+        self.steps_seen += 1
+        per_tensor = self.update(self.sums, [p.grad for p in self.params], self.steps_seen, self.threshold)
+        self.counts.index_add_(0, self.kind_of, per_tensor.float())
+
+    def values(self) -> dict[str, torch.Tensor]:
+        out = {f"gss_spikes_{k}": self.counts[i] for i, k in enumerate(metrics.PARAM_KINDS)}
+        out["gss_spikes"] = self.counts.sum()
+        return out
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums, "counts": self.counts, "steps_seen": self.steps_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, saved in zip(self.sums, state["sums"]):
+            s.copy_(saved)
+        self.counts.copy_(state["counts"])
+        self.steps_seen.copy_(state["steps_seen"])
+
+
 class DivergenceMonitor:
     """A run diverges when its loss is non-finite, or more than `margin` nats above its first
     logged loss for `patience` steps (counted at log steps)."""

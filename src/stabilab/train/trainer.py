@@ -38,10 +38,11 @@ from ..optim import build_optimizer, lr_at
 from ..shards import eval_batches, open_shards, train_batch
 from .checkpoint import Checkpointer
 from .distributed import Processes
-from .monitor import DivergenceMonitor, RunningStats, StabilityProbe, to_floats
+from .monitor import DivergenceMonitor, RunningStats, SpikeScores, StabilityProbe, to_floats
 from .sinks import ConsoleSink, JSONLSink, RunLog, TensorBoardSink
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on SIGTERM, the job may be requeued
+GRAD_NORMS = "grad_norm.csv"  # step,grad_norm for every step (train.spike_scores)
 
 
 class Trainer:
@@ -90,6 +91,9 @@ class Trainer:
             [] if self.cfg.model.tie_embeddings else [self.model.lm_head.weight])
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.stats = RunningStats.zeros(t.grad_var_window, self.device)
+        self.spike_scores = SpikeScores(self.model, t.spike_factor, self.device, self.compiled) \
+            if t.spike_scores else None
+        self.recent_grad_norms: list[torch.Tensor] = []  # steps since the last record (spike_scores)
         self.divergence = DivergenceMonitor(t.divergence, t.log_every)
         self.checkpoints = Checkpointer(self.out, self.device)
         self.step = 0
@@ -113,11 +117,13 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
+        self.flush_grad_norms()  # the file must hold every step up to the checkpoint
         if self.procs.is_main:
             d = self.divergence
             self.checkpoints.save({
                 "step": self.step, "initial_loss": d.initial_loss, "above_steps": d.above_steps,
                 "elapsed": self.elapsed, "stats": self.stats.state_dict(),
+                "spike_scores": self.spike_scores.state_dict() if self.spike_scores is not None else None,
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict()})
 
     def prepare_folder(self) -> bool:
@@ -131,6 +137,8 @@ class Trainer:
                 self.step, self.elapsed = state["step"], state["elapsed"]
                 self.divergence.initial_loss, self.divergence.above_steps = state["initial_loss"], state["above_steps"]
                 self.stats = RunningStats.from_state_dict(state["stats"])
+                if self.spike_scores is not None:
+                    self.spike_scores.load_state_dict(state["spike_scores"])
                 if self.procs.is_main:  # records after the checkpoint belong to the lost attempt
                     self.checkpoints.truncate_log(self.step)
                 return True
@@ -162,6 +170,8 @@ class Trainer:
                 (loss * procs.world / t.grad_accum).backward()
             self.stats.loss_sum += ce.detach()
         self.stats.loss_n += len(micro_batches)
+        if self.spike_scores is not None:
+            self.spike_scores.record()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True).float()
         out = {"grad_norm": grad_norm}
@@ -173,6 +183,8 @@ class Trainer:
         for hook in self.hooks:
             hook(self.model)
         self.stats.record_grad_norm(grad_norm, self.step, t.spike_factor)
+        if self.spike_scores is not None:
+            self.recent_grad_norms.append(grad_norm)
         if measure:
             self.opt.count_clipped = False
             if getattr(self.opt, "clipped_fraction", None) is not None:
@@ -204,13 +216,25 @@ class Trainer:
         s.loss_n = 0
         if self.procs.is_main and measure:
             values.update(self.stability_metrics())
+        if self.spike_scores is not None:
+            values.update(self.spike_scores.values())
         values = to_floats(values)  # the record's one wait for the device
+        self.flush_grad_norms()
         rec = {"step": step, "tokens": step * self.tokens_per_step, "train_loss": values.pop("train_loss"),
                "lr": self.lr, **values}
         if self.procs.is_main and evaluating:
             rec["val_loss"] = self.evaluate()
         rec["tokens_per_s"] = steps_done * self.tokens_per_step / max(seconds, 1e-9)
         return rec
+
+    def flush_grad_norms(self) -> None:
+        """Append the total grad norms of the steps since the last flush to grad_norm.csv."""
+        if self.recent_grad_norms and self.procs.is_main:
+            norms = torch.stack(self.recent_grad_norms).tolist()
+            first = self.step - len(norms) + 1
+            with open(self.out / GRAD_NORMS, "a") as f:
+                f.writelines(f"{first + i},{v!r}\n" for i, v in enumerate(norms))
+        self.recent_grad_norms = []
 
     def _agree_to_stop(self) -> bool:
         """All ranks stop together: on divergence (rank 0's verdict) or any rank's SIGTERM."""
