@@ -108,7 +108,7 @@ def test_the_compiled_metrics_pass_equals_the_eager_one(tiny_data, tmp_path):
     """`runtime.compile` compiles the forward-pass metrics (attention maxima, logit statistics,
     collapse fractions); they are the eager ones up to float32 rounding."""
     tr = Trainer(load_run_config(tiny_run(tiny_data["shards"])), tmp_path, RuntimeConfig(compile=True))
-    x, y = (t[:4] for t in tr.val[0])
+    x, y = (t[:4] for t in tr.val_batches[0])
     tr.model.eval()
     eager, compiled = to_floats(tr.probe._output_metrics(x, y)), to_floats(tr.probe.output_metrics(x, y))
     assert compiled.keys() == eager.keys() and len(eager) == 2 + 5

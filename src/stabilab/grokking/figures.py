@@ -5,15 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io import atomic_path
+from ..methods import BY_NAME
 
 OP_SYMBOL = {"add": "+", "mul": "*"}
-# legend label per (variant, loss dtype) and its colour, in legend order
+# legend label per (variant, loss dtype) and its colour, in legend order: the language-model
+# figures' colours where the method is the same (baseline grey for plain softmax, StableMax's and
+# ⊥Grad's own), never red (red marks divergence in every figure)
 PALETTE = {
-    ("softmax_fp32", "float32"): ("softmax, float32", "#d62728"),
-    ("softmax_fp64", "float64"): ("softmax, float64", "#ff7f0e"),
-    ("stablemax", "float32"): ("StableMax, float32", "#9467bd"),
-    ("stablemax", "float64"): ("StableMax, float64 loss", "#1f77b4"),
-    ("perpgrad", "float32"): ("⊥AdamW, float32", "#2ca02c"),
+    ("softmax_fp32", "float32"): ("softmax, float32", BY_NAME["baseline"].colour),
+    ("softmax_fp64", "float64"): ("softmax, float64", "#a0a0a0"),
+    ("stablemax", "float32"): ("StableMax, float32", "#c49c94"),
+    ("stablemax", "float64"): ("StableMax, float64 loss", BY_NAME["stablemax"].colour),
+    ("perpgrad", "float32"): ("⊥AdamW, float32", BY_NAME["perpgrad"].colour),
 }
 # figure file stem -> what it shows (each written as .png and .pdf)
 FIGURES = {

@@ -80,9 +80,9 @@ class Trainer:
         self.loss_fn = torch.compile(self._loss) if self.compiled else self._loss
         self.opt = build_optimizer(self.model, self.cfg.optim, self.device, compile=self.compiled)
         self.hooks = post_step_hooks(self.cfg)
-        self.val = [self.to_device(x, y) for x, y in eval_batches(data["val"], t.eval_batches, t.batch_size,
+        self.val_batches = [self.to_device(x, y) for x, y in eval_batches(data["val"], t.eval_batches, t.batch_size,
                                                                   self.cfg.model.block_size)]
-        self.probe = StabilityProbe(self.model, self.cfg, self.device, self.val[0], self.compiled)
+        self.probe = StabilityProbe(self.model, self.cfg, self.device, self.val_batches[0], self.compiled)
         wpe = [self.model.wpe.weight] if self.model.wpe is not None else []  # none with RoPE
         self.groups = {"embedding": [self.model.wte.weight, *wpe]}
         for i, block in enumerate(self.model.blocks):
@@ -196,11 +196,11 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         total = torch.zeros((), device=self.device)
-        for x, y in self.val:
+        for x, y in self.val_batches:
             with autocast(self.device, self.cfg.train.dtype):
                 total += self.model(x, y, self.cfg.loss)[1]
         self.model.train()
-        return (total / len(self.val)).item()
+        return (total / len(self.val_batches)).item()
 
     def stability_metrics(self) -> dict[str, torch.Tensor]:
         """METHODS.md §3 on the fixed metrics batch (device tensors)."""
