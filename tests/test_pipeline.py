@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import subprocess
@@ -99,3 +100,22 @@ def test_pipeline_end_to_end(tmp_path):
     changed = subprocess.run(cmd + ["-n", "--config", "set=studies.spikes.overrides.train.steps=25"],
                              capture_output=True, text=True)
     assert re.search(r"\btrain\s+2\b", changed.stdout), changed.stdout[-3000:]
+
+    # A refused input never deletes a finished result: an edited meta.json stops the workflow
+    # when it plans, before any run is re-planned (and its summary removed).
+    meta = tmp_path / "results" / "tiny" / "data" / "shards" / "meta.json"
+    original = meta.read_text()
+    edited = json.loads(original)
+    edited["tokenizer"]["vocab_size"] = 512
+    meta.write_text(json.dumps(edited))
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode != 0 and "was changed after the shards were written" in refused.stdout + refused.stderr
+    assert all((tmp_path / "results" / "tiny" / r.path / "summary.json").exists() for r in expected)
+    meta.write_text(original)
+
+    # Data files are inputs: adding one re-plans data preparation and everything after it.
+    write_text_files(tmp_path / "text_extra", make_documents(1, 50, seed=9))
+    shutil.copy(tmp_path / "text_extra" / "doc000.txt", tmp_path / "text" / "doc999.txt")
+    added = subprocess.run(cmd + ["-n"], capture_output=True, text=True)
+    assert re.search(r"\bcorpus\s+1\b", added.stdout) and re.search(r"\btokenize\s+1\b", added.stdout), \
+        added.stdout[-3000:]

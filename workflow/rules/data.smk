@@ -2,6 +2,8 @@
 
 
 rule corpus:
+    input:
+        SOURCE_FILES,
     output:
         train=f"{RES}/data/corpus/train.jsonl.gz",
         val=f"{RES}/data/corpus/val.jsonl.gz",

@@ -2,19 +2,27 @@
 
 A checkpoint holds the model, the optimizer, the loop's counters and running statistics, and the
 RNG states, so that a resumed run continues exactly where the checkpoint was taken; metrics
-records after it belong to the lost attempt and are dropped from metrics.jsonl on resume.
+records after it belong to the lost attempt and are dropped from metrics.jsonl on resume. The
+file carries the sha256 of its payload, checked before anything is loaded: a corrupt checkpoint
+stops the run with one line instead of resuming from garbage.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..io import atomic_path, atomic_write
 
 OUTPUTS = ("ckpt.pt", "metrics.jsonl", "grad_norm.csv", "summary.json")  # what a fresh start removes
+
+
+MAGIC = b"stabilab-checkpoint-v1\n"  # then the payload's sha256 (64 hex digits and a newline), then torch.save bytes
 
 
 class Checkpointer:
@@ -23,16 +31,30 @@ class Checkpointer:
         self.path = folder / "ckpt.pt"
 
     def save(self, state: dict) -> None:
+        """One file, written atomically, that carries the sha256 of its own payload."""
         state = {**state, "rng_cpu": torch.get_rng_state(),
                  "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = buffer.getbuffer()
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+            f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+            f.write(payload)
 
     def load(self) -> dict | None:
-        """The checkpoint's state (RNG states restored), or None when there is none."""
+        """The checkpoint's state (RNG states restored), or None when there is none; a checkpoint
+        whose bytes do not match its sha256 (truncated, empty, flipped) is a UserError."""
         if not self.path.exists():
             return None
-        state = torch.load(self.path, map_location=self.device, weights_only=True)
+        blob = self.path.read_bytes()
+        head = len(MAGIC) + 65
+        fix = f"delete {self.path} to restart the run from step 0"
+        if not blob.startswith(MAGIC) or len(blob) < head:
+            raise UserError(f"checkpoint {self.path} is corrupt or not a stabilab checkpoint: {fix}")
+        digest, payload = blob[len(MAGIC):head - 1].decode("ascii", "replace"), memoryview(blob)[head:]
+        if hashlib.sha256(payload).hexdigest() != digest:
+            raise UserError(f"checkpoint {self.path} is corrupt (its sha256 does not match): {fix}")
+        state = torch.load(io.BytesIO(payload), map_location=self.device, weights_only=True)
         torch.set_rng_state(state["rng_cpu"].cpu())
         if state["rng_cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)

@@ -60,7 +60,8 @@ class Trainer:
         if self.procs.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        self.meta, data = open_shards(cfg.data.shards, cfg.data.tokenizer, cfg.data.vocab_size)
+        self.meta, data = open_shards(cfg.data.shards, cfg.data.tokenizer, cfg.data.vocab_size,
+                                      cfg.data.tokenizer_file or None)
         self.train_tokens = data["train"]
         vocab = self.meta["tokenizer"]["vocab_size"]
         if cfg.model.vocab_size not in (0, vocab):

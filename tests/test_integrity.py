@@ -1,0 +1,148 @@
+"""Nothing corrupt is trusted, nothing finished is lost: content hashes on shards and checkpoints
+(fault injection), the tokenizer check, one-line errors for bad inputs and unwritable folders."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import make_documents, tiny_run, write_text_files
+from stabilab.config import load_run_config
+from stabilab.corpus import write_split
+from stabilab.errors import UserError
+from stabilab.shards import check_shards, open_shards, read_meta
+from stabilab.tokenizer import train_bpe
+from stabilab.train import Trainer
+from stabilab.train.checkpoint import Checkpointer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flip_byte(path: Path, rng: random.Random) -> int:
+    data = bytearray(path.read_bytes())
+    i = rng.randrange(len(data))
+    data[i] ^= 1 << rng.randrange(8)
+    path.write_bytes(bytes(data))
+    return i
+
+
+def test_a_flipped_byte_anywhere_in_a_shard_is_detected(tiny_data, tmp_path):
+    rng = random.Random(0)
+    for trial in range(12):
+        copy = tmp_path / f"shards{trial}"
+        shutil.copytree(tiny_data["shards"], copy)
+        split = rng.choice(["train", "val"])
+        at = flip_byte(copy / f"{split}.bin", rng)
+        with pytest.raises(UserError, match=f"{split}.bin is corrupt: its sha256 differs") as info:
+            open_shards(copy, "bpe", 300)
+        assert "re-tokenize" in str(info.value) and "\n" not in str(info.value), at
+    open_shards(tiny_data["shards"], "bpe", 300)  # the untouched original opens
+
+
+def test_an_edited_meta_is_refused_even_when_it_is_valid_json(tiny_data, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_data["shards"], copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["tokenizer"]["vocab_size"] = 512
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="was changed after the shards were written"):
+        read_meta(copy)
+    (copy / "meta.json").write_text('{"tokenizer": ')
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_meta(copy)
+
+
+def test_the_shards_tokenizer_must_be_the_runs(tiny_data, tmp_path):
+    root = Path(tiny_data["shards"]).parent
+    check_shards(tiny_data["shards"], "bpe", 300, root / "tokenizer.json")
+    other = train_bpe(make_documents(10, 50, seed=5), 290)
+    other.save(tmp_path / "tokenizer.json")
+    with pytest.raises(UserError, match="made with another tokenizer than"):
+        check_shards(tiny_data["shards"], "bpe", 300, tmp_path / "tokenizer.json")
+
+
+def _checkpoint(tiny_data, folder: Path) -> Path:
+    run = tiny_run(tiny_data["shards"], train={"steps": 10, "checkpoint_every": 5})
+    trainer = Trainer(load_run_config(run), folder)
+    trainer.prepare_folder()
+    for _ in range(5):
+        trainer.train_step(False)
+    trainer.save_checkpoint()
+    return folder / "ckpt.pt"
+
+
+def test_a_flipped_byte_anywhere_in_a_checkpoint_is_detected(tiny_data, tmp_path):
+    rng = random.Random(1)
+    good = _checkpoint(tiny_data, tmp_path / "run")
+    assert Checkpointer(good.parent, torch.device("cpu")).load()["step"] == 5
+    for trial in range(12):
+        bad = tmp_path / f"bad{trial}"
+        bad.mkdir()
+        shutil.copy(good, bad / "ckpt.pt")
+        flip_byte(bad / "ckpt.pt", rng)
+        with pytest.raises(UserError, match="ckpt.pt is corrupt") as info:
+            Checkpointer(bad, torch.device("cpu")).load()
+        assert "delete" in str(info.value) and "\n" not in str(info.value)
+    for content in (b"", good.read_bytes()[:100], good.read_bytes()[:-7]):  # empty, truncated
+        (tmp_path / "bad0" / "ckpt.pt").write_bytes(content)
+        with pytest.raises(UserError, match="corrupt"):
+            Checkpointer(tmp_path / "bad0", torch.device("cpu")).load()
+
+
+def test_a_corrupt_checkpoint_stops_the_run_with_one_line(tiny_data, tmp_path):
+    folder = tmp_path / "run"
+    ckpt = _checkpoint(tiny_data, folder)
+    run = folder / "config.json"
+    ckpt.write_bytes(ckpt.read_bytes()[:-1])
+    proc = subprocess.run([sys.executable, "-m", "stabilab.cli", "train", "--run", str(run), "--out", str(folder)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "ckpt.pt is corrupt" in proc.stderr and "delete" in proc.stderr
+
+
+def test_an_unwritable_run_folder_is_one_line(tiny_data, tmp_path):
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(tiny_run(tiny_data["shards"], train={"steps": 2})))
+    proc = subprocess.run([sys.executable, "-m", "stabilab.cli", "train", "--run", str(run),
+                           "--out", "/proc/stabilab-test/run"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot access /proc/stabilab-test")
+    assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("record, message", [({"text": 3}, "field 'text' is int, not text"),
+                                             ({"text": ["a"]}, "field 'text' is list, not text")])
+def test_a_jsonl_text_field_that_is_not_text_is_one_line(tmp_path, record, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(UserError, match=message):
+        write_split({"source": "text", "paths": [str(path)]}, tmp_path / "out")
+
+
+def test_a_vocabulary_the_corpus_cannot_fill_is_caught_at_tokenizer_training():
+    with pytest.raises(UserError, match="yields only .* BPE tokens"):
+        train_bpe(["the king the queen"] * 5, 5000)
+
+
+def test_every_local_profile_retries_a_preempted_job():
+    for profile in ("default", "gpu", "slurm"):
+        cfg = yaml.safe_load((ROOT / "workflow" / "profiles" / profile / "config.yaml").read_text())
+        assert cfg.get("retries", 0) >= 1, profile
+
+
+def test_data_files_are_inputs_of_the_corpus_rule(tmp_path):
+    from stabilab.experiment import source_files
+
+    write_text_files(tmp_path / "text", make_documents(3, 20))
+    files = source_files({"data": {"source": "text", "paths": [str(tmp_path / "text")]}})
+    assert len(files) == 3 and all(f.endswith(".txt") for f in files)
+    assert source_files({"data": {"source": "embedded"}}) == []
+    with pytest.raises(UserError, match="data file not found"):
+        source_files({"data": {"source": "text", "paths": [str(tmp_path / "missing")]}})
