@@ -106,3 +106,11 @@ def test_snakemake_stops_on_a_bad_config_with_one_line(tmp_path):
     out = proc.stdout + proc.stderr
     assert "config error: bad value for config key 'runtime.device': 'tpu'" in out
     assert "Traceback" not in out
+
+
+def test_a_study_named_dotdot_is_refused():
+    """A study's name is a folder under results/<name>/runs and figures/<name>/."""
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["studies"][".."] = {"kind": "lr", "variants": ["baseline"], "depths": [1], "lrs": [1e-3]}
+    with pytest.raises(UserError, match="not '.' or '..'"):
+        validate(cfg)

@@ -76,7 +76,9 @@ def test_sigterm_checkpoints_and_resume_matches(tiny_data, tmp_path):
     assert (out / "ckpt.pt").exists() and not (out / "summary.json").exists()
     import torch
 
-    state = torch.load(out / "ckpt.pt", weights_only=True)  # loads without arbitrary unpickling
+    from stabilab.train.checkpoint import Checkpointer
+
+    state = Checkpointer(out, torch.device("cpu")).load()  # hash-checked, then torch.load(weights_only=True)
     assert 30 <= state["step"] < 300
 
     again = subprocess.run(train_cmd(tmp_path / "run.json", out), capture_output=True, text=True)

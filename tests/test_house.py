@@ -110,7 +110,7 @@ def test_no_source_module_is_over_500_lines():
 
 def test_planning_and_help_import_no_torch_or_matplotlib():
     code = ("import sys; from stabilab.cli import build_parser; build_parser(); "
-            "import stabilab.experiment, stabilab.studies, stabilab.methods, stabilab.layout; "
+            "import stabilab.experiment, stabilab.studies, stabilab.methods, stabilab.layout, stabilab.shards; "
             "import stabilab.grokking.config, stabilab.grokking.figures; "
             "print(sorted(m for m in ('torch', 'matplotlib', 'pandas', 'seaborn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -118,7 +118,7 @@ def test_planning_and_help_import_no_torch_or_matplotlib():
     smk = "\n".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
     imported = set(re.findall(r"^from (stabilab[\w.]*) import", smk, re.M))
     assert imported <= {"stabilab.errors", "stabilab.experiment", "stabilab.grokking.config",
-                        "stabilab.grokking.figures", "stabilab.layout", "stabilab.studies"}
+                        "stabilab.grokking.figures", "stabilab.layout", "stabilab.shards", "stabilab.studies"}
 
 
 def test_atomic_writes_and_run_folder_pattern_are_written_once():
