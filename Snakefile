@@ -28,3 +28,11 @@ rule all:
     input:
         lm_targets(),
         grokking_targets(),
+
+
+onsuccess:
+    # where everything is, and the headline numbers (not on a dry run)
+    if RUNS and os.path.exists(f"{RES}/tables/headline.csv"):
+        from stabilab.summary import print_summary
+
+        print_summary(f"{RES}/tables", FIG)

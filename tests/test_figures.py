@@ -138,3 +138,25 @@ def test_missing_table_is_a_user_error(tables, tmp_path, missing):
     studies = None if missing == "studies.json" else {"depth": STUDIES["depth"]}
     with pytest.raises(UserError, match="table missing"):
         draw_figures(partial, tmp_path / "out", studies=studies)
+
+
+def test_headline_numbers_are_the_summary_tables_best_losses(tables, capsys):
+    """headline.csv: per study and variant the best mean final loss over its settings, where it was
+    reached and the diverged runs; LR studies add both sensitivities; the end-of-run summary prints it."""
+    from stabilab.summary import headline, print_summary
+
+    frame = headline(tables)
+    assert set(frame["study"]) == set(STUDIES)
+    lr = pd.read_csv(tables / "summary_lr.csv")
+    for variant in STUDIES["lr"]["variants"]:
+        row = frame[(frame.study == "lr") & (frame.variant == variant)].iloc[0]
+        losses = lr[(lr.metric == "final_val_loss") & (lr.variant == variant)]
+        assert row.best_final_val_loss == pytest.approx(losses["mean"].min())
+        assert row.at_lr == pytest.approx(losses.loc[losses["mean"].idxmin(), "lr"])
+        assert row.lr_sensitivity == pytest.approx(
+            lr[(lr.metric == "lr_sensitivity") & (lr.variant == variant)]["mean"].iloc[0])
+    assert frame[frame.variant == "stablemax"]["diverged"].iloc[0] == 1  # its one run diverged
+    assert frame[frame.variant == "oec_center"]["name"].iloc[0] == "μ-centering"
+    print_summary(tables, "figures/x")
+    out = capsys.readouterr().out
+    assert "best final validation loss per variant" in out and "μ-centering" in out

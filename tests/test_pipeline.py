@@ -49,6 +49,7 @@ def test_pipeline_end_to_end(tmp_path):
     cmd = ["snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--cores", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best final validation loss per variant" in proc.stdout + proc.stderr  # the end-of-run summary
 
     tables = tmp_path / "results" / "tiny" / "tables"
     runs_csv = pd.read_csv(tables / "runs.csv")
@@ -67,7 +68,7 @@ def test_pipeline_end_to_end(tmp_path):
     assert len(ppl) == 4 and (ppl["n"] == 2).all() and ppl["ci95"].notna().all()  # two seeds: a CI
     sens = pd.read_csv(tables / "summary_lr.csv").query("metric == 'lr_sensitivity'")
     assert set(sens.variant) == {"baseline", "oec_center+zloss"} and (sens["mean"] > 0).all()
-    assert (tables / "summary_spikes.csv").exists()
+    assert (tables / "summary_spikes.csv").exists() and (tables / "headline.csv").exists()
     norms = pd.read_csv(tables / "grad_norms.csv")  # every step's grad norm, for the spike study only
     assert set(norms.study) == {"spikes"} and len(norms) == 2 * 20
     assert {"gss_spikes", "gss_spikes_norm"} <= set(runs_csv.columns)

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import tiny_run
 from stabilab.config import load_run_config
+from stabilab.errors import UserError
 from stabilab.train import Trainer
 
 TIMING = {"tokens_per_s"}
@@ -21,7 +22,7 @@ def records(folder) -> list[dict]:
 
 def test_outputs_and_summary(tiny_data, tmp_path):
     summary = Trainer(load_run_config(tiny_run(tiny_data["shards"])), tmp_path).run()
-    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "metrics.jsonl", "summary.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "metrics.jsonl", "summary.json", "model.pt"}
     recs = records(tmp_path)
     assert recs[0]["step"] == 1 and recs[-1]["step"] == 40
     assert {"train_loss", "lr", "grad_norm", "tokens"} <= set(recs[0])
@@ -72,3 +73,35 @@ def test_absurd_learning_rate_is_recorded_as_divergence(tiny_data, tmp_path):
     assert summary["diverged"] and summary["diverged_step"] < 200
     assert summary["final_val_loss"] is None
     assert records(tmp_path)[-1]["step"] == summary["diverged_step"]
+
+
+def test_final_weights_live_on_for_eval_sample_and_a_new_run(tiny_data, tmp_path):
+    """model.pt (kept by default) evaluates to the run's own final validation loss, samples text
+    with the run's tokenizer, and starts another run from where this one ended."""
+    import subprocess
+    import sys
+
+    from stabilab.inference import evaluate, sample
+
+    run = tiny_run(tiny_data["shards"], data={"tokenizer_file": str(tiny_data["root"] / "tokenizer.json")})
+    summary = Trainer(load_run_config(run), tmp_path / "a").run()
+    assert (tmp_path / "a" / "model.pt").exists() and not (tmp_path / "a" / "ckpt.pt").exists()
+    result = evaluate(tmp_path / "a", device="cpu")
+    assert result["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)
+    text = sample(tmp_path / "a", "the king", tokens=12, seed=1, device="cpu")
+    assert text.startswith("the king") and len(text) > len("the king")
+    assert sample(tmp_path / "a", "the king", tokens=12, seed=1, device="cpu") == text  # seeded
+    cli = subprocess.run([sys.executable, "-m", "stabilab.cli", "eval", "--run", str(tmp_path / "a"),
+                          "--device", "cpu"], capture_output=True, text=True)
+    assert cli.returncode == 0 and '"loss"' in cli.stdout
+
+    warm = tiny_run(tiny_data["shards"], train={"steps": 10, "init_from": str(tmp_path / "a" / "model.pt")},
+                    optim={"warmup_steps": 1, "lr": 1e-4})
+    Trainer(load_run_config(warm), tmp_path / "b").run()
+    first = records(tmp_path / "b")[0]["train_loss"]
+    assert first < records(tmp_path / "a")[0]["train_loss"] - 1.0  # it starts trained
+    (tmp_path / "a" / "model.pt").unlink()
+    with pytest.raises(UserError, match="no final weights"):
+        evaluate(tmp_path / "a", device="cpu")
+    with pytest.raises(UserError, match="not a run folder"):
+        evaluate(tmp_path / "missing", device="cpu")

@@ -79,6 +79,20 @@ def cmd_train(args) -> None:
     print(f"done: {cfg.study}/{cfg.variant} L{cfg.model.n_layer} lr {cfg.optim.lr:g} seed {cfg.seed}: {state}")
 
 
+def cmd_eval(args) -> None:
+    import json
+
+    from .inference import evaluate
+
+    print(json.dumps(evaluate(args.run, args.shards, args.split, args.batches, args.device), indent=2))
+
+
+def cmd_sample(args) -> None:
+    from .inference import sample
+
+    print(sample(args.run, args.prompt, args.tokens, args.temperature, args.top_k, args.seed, args.device))
+
+
 def cmd_tables(args) -> None:
     from .experiment import load_experiment
     from .tables import write_tables
@@ -186,6 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoint", action="store_true", default=None, help="keep ckpt.pt when the run ends")
     _add_overrides(p, "run-config")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a finished run's model on token shards")
+    p.add_argument("--run", required=True, help="run folder (config.json and model.pt)")
+    p.add_argument("--shards", help="token shards to evaluate on (default: the run's own)")
+    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--batches", type=int, help="batches of train.batch_size sequences (default: train.eval_batches)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="text from a finished run's model (its tokenizer, its softmax or StableMax)")
+    p.add_argument("--run", required=True, help="run folder (config.json and model.pt)")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from end-of-text)")
+    p.add_argument("--tokens", type=int, default=50, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("tables", help="collect runs into tidy CSV tables")
     p.add_argument("summaries", nargs="+", help="summary.json files of the runs")

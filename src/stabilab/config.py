@@ -153,6 +153,7 @@ class TrainConfig(Section):
     spike_scores: bool = knob(False, "per-element GSS (SPAM) counted by parameter kind every step, and every "
                                      "step's total grad norm in grad_norm.csv")
     checkpoint_every: int = knob(100, "write ckpt.pt every this many steps", ge=1)
+    init_from: str = knob("", "model.pt of a finished run to start from (its weights; '': a fresh init)")
     dtype: Literal["auto", "float32", "bfloat16"] = knob("auto", "autocast dtype; auto: bf16 on CUDA, float32 on CPU")
     divergence: DivergenceConfig = section(DivergenceConfig, "when a run counts as diverged")
 
@@ -191,7 +192,8 @@ class RuntimeConfig(Section):
     compile: bool | Literal["auto"] = knob("auto", "torch.compile model, loss and optimizer updates; auto: on CUDA")
     threads: int = knob(0, "CPU threads for torch (0: torch's default)", ge=0)
     tensorboard: bool = knob(False, "also write TensorBoard event files (run folder/tensorboard)")
-    keep_checkpoint: bool = knob(False, "keep ckpt.pt after a finished run")
+    keep_checkpoint: bool = knob(False, "keep ckpt.pt (weights, optimizer, RNG) after a finished run")
+    keep_weights: bool = knob(True, "write the final weights to model.pt (stabilab eval, sample, train.init_from)")
 
 
 # ----------------------------------------------------------------------------- errors as one line

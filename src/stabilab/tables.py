@@ -3,6 +3,7 @@
 - `steps.csv`: one row per run and logged step (every metric column of metrics.jsonl).
 - `runs.csv`: one row per run (summary.json, its provenance flattened, plus run-level metrics).
 - `grad_norms.csv`: every step's total grad norm, for runs with `train.spike_scores`.
+- `headline.csv`: per study and variant, the best final loss and the LR sensitivities (`summary.py`).
 - `summary_<study>.csv`: per study, the exact numbers its figures show, in long form:
   study, kind, variant, depth, lr, metric, mean, gmean, min, max, ci95, n, n_runs, n_diverged (`spread`);
   which metrics, and which
@@ -156,4 +157,7 @@ def write_tables(summary_paths: list[str], out_dir: str | Path, studies: dict | 
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False)
     atomic_write(out / "studies.json", json.dumps(studies or {}, indent=2, sort_keys=True) + "\n")
-    return list(written) + ["studies.json"]
+    from .summary import write_headline
+
+    write_headline(out)
+    return list(written) + ["studies.json", "headline.csv"]

@@ -7,6 +7,19 @@ rule tables:
     output:
         runs=f"{RES}/tables/runs.csv",
         steps=f"{RES}/tables/steps.csv",
+        headline=report(
+            f"{RES}/tables/headline.csv",
+            caption="../report/headline.rst",
+            category="0. Headline numbers",
+        ),
+        summaries=[
+            report(
+                f"{RES}/tables/summary_{study}.csv",
+                caption="../report/summary_table.rst",
+                category="1. Summary tables",
+            )
+            for study in config["studies"]
+        ],
     log:
         f"{RES}/logs/tables.log",
     benchmark:

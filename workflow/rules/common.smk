@@ -6,7 +6,14 @@ import sys
 from pathlib import Path
 
 from stabilab.errors import UserError
-from stabilab.experiment import prepare, run_config, runs, shards_dir, source_files, write_runtime
+from stabilab.experiment import (
+    prepare,
+    run_config,
+    runs,
+    shards_dir,
+    source_files,
+    write_runtime,
+)
 from stabilab.grokking.config import VARIANTS as GROK_VARIANTS
 from stabilab.grokking.config import run_specs, run_subdir
 from stabilab.grokking.figures import FIGURES as GROK_FIGURES
@@ -56,7 +63,9 @@ def resolved_run(wildcards):
     """The run's resolved config as JSON (a param: Snakemake re-runs a run whose config changed)."""
     path = RUN_DIR.format(**wildcards)
     if path not in RUN_BY_PATH:
-        sys.exit(f"error: {RES}/{path} is not a run of the configured grid (see `stabilab targets`)")
+        sys.exit(
+            f"error: {RES}/{path} is not a run of the configured grid (see `stabilab targets`)"
+        )
     return json.dumps(run_config(config, RUN_BY_PATH[path], SHARDS), sort_keys=True)
 
 

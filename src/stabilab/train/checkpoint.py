@@ -19,7 +19,7 @@ import torch
 from ..errors import UserError
 from ..io import atomic_path, atomic_write
 
-OUTPUTS = ("ckpt.pt", "metrics.jsonl", "grad_norm.csv", "summary.json")  # what a fresh start removes
+OUTPUTS = ("ckpt.pt", "metrics.jsonl", "grad_norm.csv", "model.pt", "summary.json")  # a fresh start removes
 
 
 MAGIC = b"stabilab-checkpoint-v1\n"  # then the payload's sha256 (64 hex digits and a newline), then torch.save bytes
@@ -34,27 +34,14 @@ class Checkpointer:
         """One file, written atomically, that carries the sha256 of its own payload."""
         state = {**state, "rng_cpu": torch.get_rng_state(),
                  "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        payload = buffer.getbuffer()
-        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
-            f.write(payload)
+        save_checked(state, self.path)
 
     def load(self) -> dict | None:
         """The checkpoint's state (RNG states restored), or None when there is none; a checkpoint
         whose bytes do not match its sha256 (truncated, empty, flipped) is a UserError."""
         if not self.path.exists():
             return None
-        blob = self.path.read_bytes()
-        head = len(MAGIC) + 65
-        fix = f"delete {self.path} to restart the run from step 0"
-        if not blob.startswith(MAGIC) or len(blob) < head:
-            raise UserError(f"checkpoint {self.path} is corrupt or not a stabilab checkpoint: {fix}")
-        digest, payload = blob[len(MAGIC):head - 1].decode("ascii", "replace"), memoryview(blob)[head:]
-        if hashlib.sha256(payload).hexdigest() != digest:
-            raise UserError(f"checkpoint {self.path} is corrupt (its sha256 does not match): {fix}")
-        state = torch.load(io.BytesIO(payload), map_location=self.device, weights_only=True)
+        state = load_checked(self.path, self.device, f"delete {self.path} to restart the run from step 0")
         torch.set_rng_state(state["rng_cpu"].cpu())
         if state["rng_cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
@@ -83,3 +70,26 @@ class Checkpointer:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def save_checked(state: dict, path: Path) -> None:
+    """torch.save `state` into `path` atomically, behind MAGIC and the sha256 of the payload."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+        f.write(payload)
+
+
+def load_checked(path: Path, device, fix: str) -> dict:
+    """The state in a file written by `save_checked`, after checking its sha256 (a UserError naming
+    the file and `fix` otherwise); torch.load with weights_only=True (no arbitrary unpickling)."""
+    blob = Path(path).read_bytes()
+    head = len(MAGIC) + 65
+    if not blob.startswith(MAGIC) or len(blob) < head:
+        raise UserError(f"checkpoint {path} is corrupt or not a stabilab checkpoint: {fix}")
+    digest, payload = blob[len(MAGIC):head - 1].decode("ascii", "replace"), memoryview(blob)[head:]
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise UserError(f"checkpoint {path} is corrupt (its sha256 does not match): {fix}")
+    return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)

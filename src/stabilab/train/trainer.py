@@ -36,13 +36,24 @@ from ..metrics import grad_group_norms
 from ..model import GPT, attention_params_by_hand
 from ..optim import build_optimizer, lr_at
 from ..shards import eval_batches, open_shards, train_batch
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, load_checked, save_checked
 from .distributed import Processes
 from .monitor import DivergenceMonitor, RunningStats, SpikeScores, StabilityProbe, to_floats
 from .sinks import ConsoleSink, JSONLSink, RunLog, TensorBoardSink
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on SIGTERM, the job may be requeued
 GRAD_NORMS = "grad_norm.csv"  # step,grad_norm for every step (train.spike_scores)
+WEIGHTS = "model.pt"  # the final weights and the run's config (runtime.keep_weights)
+
+
+def load_weights(path: str | Path, device) -> dict:
+    """{"model": state_dict, "config": run config dict, "step": n} of a finished run's model.pt (or
+    of its folder)."""
+    path = Path(path)
+    path = path / WEIGHTS if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"no final weights at {path} (runs keep them with runtime.keep_weights: true)")
+    return load_checked(path, device, "re-train the run (its model.pt is damaged)")
 
 
 class Trainer:
@@ -69,6 +80,8 @@ class Trainer:
         # the run's config with the vocabulary filled in (the caller's config is left as it was)
         self.cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": vocab})}, deep=True)
         self.model = GPT(self.cfg.model).to(self.device)
+        if t.init_from:  # a finished run's weights instead of a fresh init (same architecture)
+            self.model.load_state_dict(load_weights(t.init_from, self.device)["model"])
         self.forward = self.model
         if self.procs.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -326,6 +339,9 @@ class Trainer:
             "provenance": {**provenance(self.device), "compiled": self.compiled,
                            "tokenizer_sha256": self.meta["tokenizer"].get("sha256")},
         }
+        if self.runtime.keep_weights:  # before the summary, which marks the run finished
+            save_checked({"model": self.model.state_dict(), "config": cfg.to_dict(), "step": self.step},
+                         self.out / WEIGHTS)
         write_json(self.out / "summary.json", summary)
         if not self.runtime.keep_checkpoint:
             self.checkpoints.remove()

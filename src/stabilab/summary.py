@@ -1,0 +1,77 @@
+"""The headline numbers of an experiment: per study and variant, the best final validation loss
+(with where it was reached and how many runs diverged), and for LR studies the LR sensitivity in
+both normalizations. Written as `tables/headline.csv` (the report opens on it) and printed at the
+end of a pipeline run with the paths of the figures and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+from .io import atomic_path
+from .methods import label
+
+SENSITIVITY = {"lr_sensitivity": "LR sensitivity (Wortsman, /K)", "lr_sensitivity_oec": "(OEC, /(K-1))"}
+
+
+def headline(tables: str | Path):
+    import numpy as np
+    import pandas as pd
+
+    tables = Path(tables)
+    studies_file = tables / "studies.json"
+    if not studies_file.exists():
+        raise UserError(f"table missing: {studies_file} (run the tables rule first)")
+    rows = []
+    for study, spec in json.loads(studies_file.read_text()).items():
+        path = tables / f"summary_{study}.csv"
+        if not path.exists():
+            continue
+        s = pd.read_csv(path)
+        loss = s[s["metric"] == "final_val_loss"]
+        for variant in spec["variants"]:
+            v = loss[loss["variant"] == variant]
+            if v.empty:
+                continue
+            finite = v[np.isfinite(v["mean"])]
+            best = finite.loc[finite["mean"].idxmin()] if len(finite) else None
+            row = {"study": study, "kind": spec["kind"], "variant": variant, "name": label(variant),
+                   "best_final_val_loss": float(best["mean"]) if best is not None else np.nan,
+                   "at_depth": int(best["depth"]) if best is not None else np.nan,
+                   "at_lr": float(best["lr"]) if best is not None else np.nan,
+                   "runs": int(v["n_runs"].sum()) if "n_runs" in v else int(v["n"].sum()),
+                   "diverged": int(v["n_diverged"].sum())}
+            for metric in ("lr_sensitivity", "lr_sensitivity_oec"):
+                m = s[(s["metric"] == metric) & (s["variant"] == variant)]
+                if len(m):
+                    row[metric] = float(m["mean"].iloc[0])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_headline(tables: str | Path) -> Path:
+    frame = headline(tables)
+    out = Path(tables) / "headline.csv"
+    with atomic_path(out) as tmp:
+        frame.to_csv(tmp, index=False)
+    return out
+
+
+def print_summary(tables: str | Path, figures: str | Path, report: str = "report.html") -> str:
+    """What a finished pipeline prints: where everything is, and the headline numbers."""
+    frame = headline(tables)
+    lines = [f"results: tables in {tables}/ (runs.csv, steps.csv, summary_<study>.csv, headline.csv)",
+             f"figures: {figures}/<study>/*.png (and .pdf)",
+             f"report:  snakemake --report {report}   (opens on the headline table, then the figures)"]
+    for study, group in frame.groupby("study", sort=False):
+        lines.append(f"\n{study} ({group['kind'].iloc[0]} study): best final validation loss per variant")
+        for r in group.itertuples(index=False):
+            extra = "".join(f", {name} {getattr(r, m):.3f}" for m, name in SENSITIVITY.items()
+                            if m in group and getattr(r, m) == getattr(r, m))
+            where = f"L{int(r.at_depth)}, LR {r.at_lr:g}" if r.at_depth == r.at_depth else "-"
+            loss = f"{r.best_final_val_loss:.4f}" if r.best_final_val_loss == r.best_final_val_loss else "n/a"
+            lines.append(f"  {r.name:24s} {loss} ({where}); {r.diverged}/{r.runs} runs diverged{extra}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
