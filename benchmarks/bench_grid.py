@@ -39,7 +39,7 @@ except ImportError:  # not installed (e.g. on a bare GPU box): use the checkout'
 
 from stabilab.config import parse_overrides
 from stabilab.experiment import load_experiment, run_config, runs, shards_dir, write_runtime
-from stabilab.layout import FIGURES, RESULTS
+from stabilab.layout import FIGURES, RESULTS, TOKENIZER
 
 PEAK_TFLOPS = 989.0
 STABILAB = [sys.executable, "-m", "stabilab.cli"]
@@ -81,8 +81,8 @@ def prepare_data(cfg: dict, res: Path) -> None:
     steps = [
         (["corpus", "--spec", json.dumps(cfg["data"], sort_keys=True), "--out", str(data / "corpus")], "corpus"),
         (["tokenizer", "--kind", tok.get("kind", "bpe"), "--vocab-size", str(tok.get("vocab_size", 2048)),
-          "--corpus", str(data / "corpus"), "--out", str(data / "tokenizer.json")], "tokenizer"),
-        (["tokenize", "--tokenizer", str(data / "tokenizer.json"), "--corpus", str(data / "corpus"),
+          "--corpus", str(data / "corpus"), "--out", str(res / TOKENIZER)], "tokenizer"),
+        (["tokenize", "--tokenizer", str(res / TOKENIZER), "--corpus", str(data / "corpus"),
           "--out", str(shards)], "tokenize"),
     ]
     for cli_args, name in steps:

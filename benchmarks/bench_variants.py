@@ -39,11 +39,10 @@ except ImportError:  # not installed (e.g. on a bare GPU box): use the checkout'
 
 import numpy as np
 import torch
-import yaml
 
 from stabilab import corpus, shards, tokenizer
 from stabilab.config import RuntimeConfig, deep_merge, load_run_config
-from stabilab.experiment import Run, run_config
+from stabilab.experiment import Run, load_experiment, run_config
 from stabilab.methods import benchmark_variants
 from stabilab.model import padded_vocab
 from stabilab.optim import raise_recompile_limit
@@ -53,12 +52,6 @@ VARIANTS = benchmark_variants()  # the baseline and every method (methods.py)
 DEFAULT_CONFIG = REPO / "config.yaml"
 
 # ----------------------------------------------------------------------------- shared helpers
-
-
-def load_experiment(path: str | Path) -> dict:
-    """config.yaml as a dict (no JSON-schema validation: the run configs are checked strictly by
-    `load_run_config`, and jsonschema need not be installed on a benchmark box)."""
-    return yaml.safe_load(Path(path).read_text()) or {}
 
 
 def build_run_config(experiment: dict, variant: str, overrides: dict, shard_dir: str = "",

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import copy
 import re
+import types
 import typing
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
 
@@ -48,6 +49,35 @@ def knob(default: Any, doc: str, **limits: Any) -> Any:
 
 def section(cls: type[Section], doc: str) -> Any:
     return Field(default_factory=cls, description=doc)
+
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
+
+
+def _safe_name(value: str) -> str:
+    if value in (".", "..") or not value or any(c not in _NAME_CHARS for c in value):
+        raise ValueError("expected letters, digits and _ . + - (not '.' or '..')")
+    return value
+
+
+def _unique(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"duplicates in {values}")
+    return values
+
+
+# a name that is one safe path component (experiments, studies, variants: they name folders)
+Name = typing.Annotated[str, AfterValidator(_safe_name)]
+
+
+def unique_list(item: Any) -> Any:
+    """A list type whose items are `item` and distinct."""
+    return typing.Annotated[list[item], AfterValidator(_unique)]
+
+
+def mlra_rank(cfg: ModelConfig) -> int:
+    """MLRA's per-head rank: model.mlra.rank, else d_head // 2 (choice, METHODS.md §2)."""
+    return cfg.mlra.rank if cfg.mlra.rank is not None else (cfg.n_embd // cfg.n_head) // 2
 
 
 # ----------------------------------------------------------------------------- model
@@ -113,7 +143,8 @@ class SPAMConfig(Section):
 class OptimConfig(Section):
     name: Literal["adamw", "spam"] = knob("adamw", "base optimizer")
     lr: float = knob(3e-3, "peak learning rate (the LR studies sweep it)", gt=0, allow_inf_nan=False)
-    betas: list[float] = knob([0.9, 0.95], "Adam betas (beta1, beta2)", min_length=2, max_length=2)
+    betas: list[typing.Annotated[float, Field(ge=0, lt=1)]] = knob([0.9, 0.95], "Adam betas (beta1, beta2)",
+                                                                  min_length=2, max_length=2)
     eps: float = knob(1e-8, "Adam epsilon", gt=0)
     weight_decay: float = knob(0.1, "weight decay on matrices (not on biases, norms and gains)", ge=0)
     weight_decay_mode: Literal["decoupled", "independent"] = knob(
@@ -165,14 +196,11 @@ class DataConfig(Section):
     tokenizer_file: str = knob("", "the run's tokenizer file: the shards' tokenizer sha256 must match ('': no check)")
 
 
-SafeName = typing.Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+$")]
-
-
 class RunConfig(Section):
     """One run, fully resolved: what `stabilab train --run` receives and `config.json` holds."""
 
-    study: SafeName = knob("default", "study the run belongs to")
-    variant: SafeName = knob("baseline", "variant name ('a+b': composed)")
+    study: Name = knob("default", "study the run belongs to")
+    variant: Name = knob("baseline", "variant name ('a+b': composed)")
     seed: int = knob(0, "seed of the initialization and the batch order", ge=0)
     model: ModelConfig = section(ModelConfig, "the network")
     loss: LossConfig = section(LossConfig, "the training objective")
@@ -204,7 +232,7 @@ def _unwrap(tp: Any) -> list[Any]:
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
         return _unwrap(typing.get_args(tp)[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return [m for t in typing.get_args(tp) for m in _unwrap(t)]
     return [tp]
 
@@ -286,16 +314,14 @@ def load_run_config(data: dict) -> RunConfig:
 
 def check_run_config(cfg: RunConfig) -> None:
     """The rules that span several fields (single-field ranges are on the fields)."""
-    m, o, t = cfg.model, cfg.optim, cfg.train
+    m, t = cfg.model, cfg.train
     if t.grad_accum % t.processes:
         raise UserError(f"train.grad_accum ({t.grad_accum}) must be a multiple of train.processes ({t.processes})")
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
-    if not all(0 <= b < 1 for b in o.betas):
-        raise UserError(f"bad value for config key 'optim.betas': {o.betas} (expected two numbers in [0, 1))")
     d_head = m.n_embd // m.n_head
     if m.mlra.enabled:
-        rank = m.mlra.rank if m.mlra.rank is not None else d_head // 2
+        rank = mlra_rank(m)
         if not 1 <= rank < d_head:
             raise UserError(f"bad value for config key 'model.mlra.rank': {rank} "
                             f"(expected 1 <= rank < d_head = {d_head})")

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
 from .config import (
     SECTIONS,
     LossConfig,
     ModelConfig,
+    Name,
     OptimConfig,
     PostStepConfig,
     RuntimeConfig,
@@ -36,37 +37,21 @@ from .config import (
     load_run_config,
     parse_overrides,
     section,
+    unique_list,
     validated,
     yaml12_numbers,
 )
 from .errors import UserError
 from .grokking.config import GrokkingConfig
-from .layout import RESULTS, SHARDS, run_dir
+from .layout import RESULTS, SHARDS, run_dir, tokenizer_beside
 from .methods import variant_overlay, variants_of
 from .studies import KINDS
 
-
-def _safe_name(value: str) -> str:
-    if value in (".", "..") or not value or any(c not in _NAME_CHARS for c in value):
-        raise ValueError("expected letters, digits and _ . + - (not '.' or '..')")
-    return value
-
-
-def _unique(values: list) -> list:
-    if len(set(values)) != len(values):
-        raise ValueError(f"duplicates in {values}")
-    return values
-
-
-_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
-Name = typing.Annotated[str, AfterValidator(_safe_name)]
 KindName = Literal.__getitem__(tuple(KINDS))
-
-
-NameList = typing.Annotated[list[Name], AfterValidator(_unique)]
-DepthList = typing.Annotated[list[typing.Annotated[int, Field(ge=1)]], AfterValidator(_unique)]
-LRList = typing.Annotated[list[typing.Annotated[float, Field(gt=0)]], AfterValidator(_unique)]
-SeedList = typing.Annotated[list[typing.Annotated[int, Field(ge=0)]], AfterValidator(_unique)]
+NameList = unique_list(Name)
+DepthList = unique_list(typing.Annotated[int, Field(ge=1)])
+LRList = unique_list(typing.Annotated[float, Field(gt=0)])
+SeedList = unique_list(typing.Annotated[int, Field(ge=0)])
 
 
 class HFSource(Section):
@@ -198,7 +183,7 @@ def run_config(config: dict, run: Run, shards: str) -> dict:
     kind = tok.get("kind", "bpe")
     resolved["data"] = {"shards": shards, "tokenizer": kind,
                         "vocab_size": int(tok.get("vocab_size", 0)) if kind == "bpe" else 0,
-                        "tokenizer_file": str(Path(shards).parent / "tokenizer.json") if shards else ""}
+                        "tokenizer_file": tokenizer_beside(shards) if shards else ""}
     resolved.update(study=run.study, variant=run.variant, seed=run.seed)
     return resolved
 
@@ -246,7 +231,7 @@ def resolve_base(config: dict, folder: str | Path, seen: tuple[Path, ...] = ()) 
 
 
 def prepare(config: dict, folder: str | Path = ".") -> dict:
-    """What the pipeline works from: `base:` resolved, dotted overrides applied, validated,
+    """What the pipeline works from: `base:` resolved, the `set` overrides applied, validated,
     defaults filled in, every run checked."""
     config = resolve_base(config, folder)
     if config.get("set"):  # `snakemake --config set="train.steps=50 optim.lr=1e-3"`

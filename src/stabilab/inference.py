@@ -15,11 +15,12 @@ import torch
 from .config import load_run_config
 from .device import autocast, pick_device
 from .errors import UserError
+from .layout import tokenizer_beside
 from .losses import normalized_logits
 from .model import GPT
 from .shards import eval_batches, open_shards
 from .tokenizer import load as load_tokenizer
-from .train.trainer import load_weights
+from .train.checkpoint import load_weights
 
 
 def load_run(run_dir: str | Path, device: str = "auto"):
@@ -46,7 +47,7 @@ def evaluate(run_dir: str | Path, shards: str | Path | None = None, split: str =
     over the split; shards made with another tokenizer are refused."""
     cfg, model, dev = load_run(run_dir, device)
     shard_dir = Path(shards) if shards else Path(cfg.data.shards)
-    tokenizer_file = shard_dir.parent / "tokenizer.json" if shards else cfg.data.tokenizer_file or None
+    tokenizer_file = tokenizer_beside(shard_dir) if shards else cfg.data.tokenizer_file or None
     _, data = open_shards(shard_dir, cfg.data.tokenizer, cfg.model.vocab_size, tokenizer_file)
     if split not in data:
         raise UserError(f"unknown split '{split}' (train or val)")
@@ -71,7 +72,7 @@ def sample(run_dir: str | Path, prompt: str, tokens: int = 50, temperature: floa
     if temperature <= 0:
         raise UserError("--temperature must be > 0")
     cfg, model, dev = load_run(run_dir, device)
-    tok_file = cfg.data.tokenizer_file or str(Path(cfg.data.shards).parent / "tokenizer.json")
+    tok_file = cfg.data.tokenizer_file or tokenizer_beside(cfg.data.shards)
     tok = load_tokenizer(tok_file)
     ids = tok.encode(prompt) or [tok.eot_id]
     gen = torch.Generator(device=dev).manual_seed(seed)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import ModelConfig, mlra_rank
 
 RMS_EPS = 1e-6  # (choice) LLaMA's RMSNorm epsilon; LayerNorm keeps PyTorch's 1e-5
 
@@ -22,11 +22,6 @@ def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
     if kind == "rmsnorm":
         return nn.RMSNorm(dim, eps=RMS_EPS)
     return nn.LayerNorm(dim, bias=bias)
-
-
-def mlra_rank(cfg: ModelConfig) -> int:
-    d_head = cfg.n_embd // cfg.n_head
-    return cfg.mlra.rank if cfg.mlra.rank is not None else d_head // 2
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:

@@ -6,13 +6,21 @@ the package (which fills them with values) share them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 RESULTS = "results/{name}"
 FIGURES = "figures/{name}"
 SHARDS = "data/shards"  # under RESULTS
+TOKENIZER = "data/tokenizer.json"  # under RESULTS, beside SHARDS: the tokenizer the shards were made with
 # one language-model run, under RESULTS
 RUN_DIR = "runs/{study}/{variant}/L{depth}_lr{lr}_s{seed}"
 # one grokking run, under RESULTS/grokking
 GROK_RUN_DIR = "{operation}/{variant}/s{seed}"
+
+
+def tokenizer_beside(shards: str | Path) -> str:
+    """The tokenizer file of a shards folder (TOKENIZER lies beside SHARDS)."""
+    return str(Path(shards).parent / Path(TOKENIZER).name)
 
 
 def format_lr(lr: float) -> str:

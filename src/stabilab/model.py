@@ -13,8 +13,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .config import LossConfig, ModelConfig
-from .layers import MLP, CausalSelfAttention, LowRankOut, SwiGLU, make_norm, mlp_hidden, mlra_rank
+from .config import LossConfig, ModelConfig, mlra_rank
+from .layers import MLP, CausalSelfAttention, LowRankOut, SwiGLU, make_norm, mlp_hidden
 from .losses import objective, real_logits
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -24,7 +24,6 @@ class StudyKind:
     figures: dict[str, str]  # figure stem -> caption file (workflow/report/)
     draw: str  # "module:function" drawing the kind's figures (beside the loss curves)
     extra_rows: str | None = None  # "module:function(runs) -> rows" added to the summary table
-    loss_curves: bool = field(default=True)  # every kind draws loss curves first
 
     def function(self, which: str) -> Callable[..., Any]:
         module, _, name = getattr(self, which).partition(":")

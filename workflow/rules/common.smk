@@ -17,7 +17,7 @@ from stabilab.experiment import (
 from stabilab.grokking.config import VARIANTS as GROK_VARIANTS
 from stabilab.grokking.config import run_specs, run_subdir
 from stabilab.grokking.figures import FIGURES as GROK_FIGURES
-from stabilab.layout import FIGURES, GROK_RUN_DIR, RESULTS, RUN_DIR
+from stabilab.layout import FIGURES, GROK_RUN_DIR, RESULTS, RUN_DIR, TOKENIZER
 from stabilab.shards import check_shards
 from stabilab.studies import expected_figures
 
@@ -41,7 +41,7 @@ try:
     if os.path.exists(f"{SHARDS}/meta.json"):
         # an edited or damaged meta.json stops here, before finished runs are re-planned (and their
         # outputs removed); the config's tokenizer is not compared: a changed one re-tokenizes
-        check_shards(SHARDS, None, 0, f"{RES}/data/tokenizer.json", verify=False)
+        check_shards(SHARDS, None, 0, f"{RES}/{TOKENIZER}", verify=False)
 except UserError as error:
     sys.exit(f"config error: {error}")
 

@@ -24,7 +24,7 @@ rule tokenizer:
     input:
         rules.corpus.output.train,
     output:
-        f"{RES}/data/tokenizer.json",
+        f"{RES}/{TOKENIZER}",
     log:
         f"{RES}/logs/tokenizer.log",
     benchmark:

@@ -12,13 +12,10 @@ Four variants, declared once here (label and colour are the figures'):
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import AfterValidator
-
-from ..config import Section, knob, validated
+from ..config import Section, knob, unique_list, validated
 from ..errors import UserError
 from ..layout import GROK_RUN_DIR
 
@@ -45,12 +42,6 @@ TARGET_ACC = 0.95  # "epochs to 95 % test accuracy"
 
 VariantName = Literal.__getitem__(VARIANTS)
 Operation = Literal.__getitem__(OPERATIONS)
-
-
-def _unique(values: list) -> list:
-    if len(set(values)) != len(values):
-        raise ValueError(f"duplicates in {values}")
-    return values
 
 
 class Overrides(Section):
@@ -83,10 +74,10 @@ class Hyper(Section):
 class GrokkingConfig(Hyper):
     """The ``grokking:`` section of the experiment config (defaults: the short CPU preset)."""
 
-    operations: typing.Annotated[list[Operation], AfterValidator(_unique)] = knob(["add"], "operations")
-    variants: typing.Annotated[list[VariantName], AfterValidator(_unique)] = knob(
+    operations: unique_list(Operation) = knob(["add"], "operations")
+    variants: unique_list(VariantName) = knob(
         list(VARIANTS), "variants to run; [] switches the study off")
-    seeds: typing.Annotated[list[int], AfterValidator(_unique)] = knob([0], "seeds (split and init)")
+    seeds: unique_list(int) = knob([0], "seeds (split and init)")
     overrides: dict[VariantName, Overrides] = knob({}, "per-variant hyperparameters")
 
 

@@ -19,7 +19,8 @@ import torch
 from ..errors import UserError
 from ..io import atomic_path, atomic_write
 
-OUTPUTS = ("ckpt.pt", "metrics.jsonl", "grad_norm.csv", "model.pt", "summary.json")  # a fresh start removes
+WEIGHTS = "model.pt"  # the final weights and the run's config (runtime.keep_weights)
+OUTPUTS = ("ckpt.pt", "metrics.jsonl", "grad_norm.csv", WEIGHTS, "summary.json")  # a fresh start removes
 
 
 MAGIC = b"stabilab-checkpoint-v1\n"  # then the payload's sha256 (64 hex digits and a newline), then torch.save bytes
@@ -93,3 +94,13 @@ def load_checked(path: Path, device, fix: str) -> dict:
     if hashlib.sha256(payload).hexdigest() != digest:
         raise UserError(f"checkpoint {path} is corrupt (its sha256 does not match): {fix}")
     return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+
+
+def load_weights(path: str | Path, device) -> dict:
+    """{"model": state_dict, "config": run config dict, "step": n} of a finished run's model.pt (or
+    of its folder)."""
+    path = Path(path)
+    path = path / WEIGHTS if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"no final weights at {path} (runs keep them with runtime.keep_weights: true)")
+    return load_checked(path, device, "re-train the run (its model.pt is damaged)")

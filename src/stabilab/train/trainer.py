@@ -36,24 +36,14 @@ from ..metrics import grad_group_norms
 from ..model import GPT, attention_params_by_hand
 from ..optim import build_optimizer, lr_at
 from ..shards import eval_batches, open_shards, train_batch
-from .checkpoint import Checkpointer, load_checked, save_checked
+from .checkpoint import WEIGHTS, Checkpointer, load_weights, save_checked
 from .distributed import Processes
 from .monitor import DivergenceMonitor, RunningStats, SpikeScores, StabilityProbe, to_floats
 from .sinks import ConsoleSink, JSONLSink, RunLog, TensorBoardSink
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on SIGTERM, the job may be requeued
 GRAD_NORMS = "grad_norm.csv"  # step,grad_norm for every step (train.spike_scores)
-WEIGHTS = "model.pt"  # the final weights and the run's config (runtime.keep_weights)
 
-
-def load_weights(path: str | Path, device) -> dict:
-    """{"model": state_dict, "config": run config dict, "step": n} of a finished run's model.pt (or
-    of its folder)."""
-    path = Path(path)
-    path = path / WEIGHTS if path.is_dir() else path
-    if not path.exists():
-        raise UserError(f"no final weights at {path} (runs keep them with runtime.keep_weights: true)")
-    return load_checked(path, device, "re-train the run (its model.pt is damaged)")
 
 
 class Trainer:
