@@ -89,6 +89,11 @@ def _compare_final(summary, runs, variants, study, spec, palette):
             (axes[2], "flops_per_token", "model FLOPs per token (millions)", "compute (6N + 12LHQT)", 1e-6)]:
         vals = [value(metric, v, d, lr) for _, v, d, lr in rows]
         means = np.array([m for m, *_ in vals]) * scale
+        ax.set_title(title, fontsize=10)
+        if not np.isfinite(means).any():  # e.g. runs recorded before summaries held flops_per_token
+            no_data(ax, "not recorded by these runs")
+            ax.set_xticks(xs, labels, rotation=30, ha="right")
+            continue
         ax.bar(xs, np.nan_to_num(means), color=[palette[v] for _, v, _, _ in rows], width=0.65, edgecolor="0.2",
                lw=0.6)
         for x, m in zip(xs, means):
@@ -96,7 +101,6 @@ def _compare_final(summary, runs, variants, study, spec, palette):
                     ha="center", va="bottom", fontsize=7.5)
         ax.set_xticks(xs, labels, rotation=30, ha="right")
         ax.set(ylabel=ylabel)
-        ax.set_title(title, fontsize=10)
         ax.margins(y=0.12)
     depths = sorted({int(d) for _, _, d, _ in rows})
     lrs = sorted({float(lr) for *_, lr in rows})

@@ -45,7 +45,6 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on SIGTERM, the job 
 GRAD_NORMS = "grad_norm.csv"  # step,grad_norm for every step (train.spike_scores)
 
 
-
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, runtime: RuntimeConfig | None = None):
         self.runtime = runtime or RuntimeConfig()
