@@ -156,7 +156,8 @@ def _save_tokenizer(tok, path: Path, cfg: RunConfig, out: Path) -> str:
         return "tokenizer: tiktoken gpt2, not converted (TOKENIZER.txt says which has the same ids)"
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=EOT, eos_token=EOT)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=EOT, eos_token=EOT,
+                                 clean_up_tokenization_spaces=False)  # decode as ours does
     hf.model_max_length = cfg.model.block_size
     hf.save_pretrained(out)
     return f"tokenizer: {path} (bpe, {tok.vocab_size} tokens)"
