@@ -27,12 +27,17 @@ CASES = {
 }
 
 
-def write_run(folder, tiny_data, loss: dict | None = None, **model) -> GPT:
+def write_run(folder, tiny_data, loss: dict | None = None, tokenizer=None, **model) -> GPT:
     """A run folder as the trainer leaves it (config.json, model.pt) with every parameter moved
-    off its init (gains not 1, biases not 0), so that each must land in its place."""
+    off its init (gains not 1, biases not 0), so that each must land in its place; the tiny
+    corpus's tokenizer unless `tokenizer` (a Tokenizer saved beside the run) is given."""
+    tok_file = tiny_data["root"] / "tokenizer.json"
+    if tokenizer is not None:
+        tok_file = folder.parent / "tokenizer.json"
+        tokenizer.save(tok_file)
     run = tiny_run(tiny_data["shards"], model={"n_head": 2, "n_embd": 32, "block_size": 32, **model},
-                   loss=loss or {}, data={"tokenizer_file": str(tiny_data["root"] / "tokenizer.json")})
-    run["model"]["vocab_size"] = tiny_data["tokenizer"].vocab_size  # 300: padded to 320 rows
+                   loss=loss or {}, data={"tokenizer_file": str(tok_file)})
+    run["model"]["vocab_size"] = (tokenizer or tiny_data["tokenizer"]).vocab_size  # 300: padded to 320 rows
     cfg = load_run_config(run)
     torch.manual_seed(0)
     gpt = GPT(cfg.model)
@@ -100,6 +105,25 @@ def test_a_trained_run_exports_with_its_tokenizer(tiny_data, tmp_path, capsys, o
     assert hf.encode(text) == ours.encode(text) and hf.decode(ours.encode(text)) == text
     assert hf.eos_token_id == hf.bos_token_id == ours.eot_id
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == ours.eot_id
+
+
+@needs_transformers
+def test_a_tiktoken_gpt2_run_gets_a_note_instead_of_a_tokenizer(tiny_data, tmp_path, capsys, monkeypatch):
+    import tiktoken
+
+    from stabilab.tokenizer import gpt2
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)  # the shipped ranks: no download
+    write_run(tmp_path / "run", tiny_data, tokenizer=gpt2())
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert "tokenizer: tiktoken gpt2, not converted" in capsys.readouterr().out
+    assert 'AutoTokenizer.from_pretrained("gpt2")' in (tmp_path / "hf" / "TOKENIZER.txt").read_text()
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["vocab_size"] == 50257 and config["eos_token_id"] == config["bos_token_id"] == 50256
 
 
 REFUSED = {
