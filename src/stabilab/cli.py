@@ -93,6 +93,12 @@ def cmd_sample(args) -> None:
     print(sample(args.run, args.prompt, args.tokens, args.temperature, args.top_k, args.seed, args.device))
 
 
+def cmd_export(args) -> None:
+    from .export import export
+
+    print("\n".join(export(args.run, args.out)))
+
+
 def cmd_tables(args) -> None:
     from .experiment import load_experiment
     from .tables import write_tables
@@ -218,6 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="a finished run's model as a Hugging Face transformers folder (GPT-2 or "
+                       "LLaMA family; needs the export extra)",
+                       description="Write a finished run's final weights as a transformers model folder "
+                       "(save_pretrained: config.json, model.safetensors, float32, the real vocabulary without "
+                       "padding): GPT-2 family runs as GPT2LMHeadModel, LLaMA family runs (RMSNorm, full "
+                       "RoPE, SwiGLU) as LlamaForCausalLM, after checking that its logits equal the run's. "
+                       "A bpe tokenizer is exported beside it (PreTrainedTokenizerFast); for a gpt2 (tiktoken) "
+                       "tokenizer a note names the Hugging Face tokenizer with the same ids. Refused, with the "
+                       "option named: MLRA, qk-norm, partial RoPE, soft-capping, StableMax, and mixes such as "
+                       "RMSNorm with learned positions.")
+    p.add_argument("--run", required=True, help="run folder (config.json and model.pt)")
+    p.add_argument("--out", required=True, help="folder to write (not the run folder)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tables", help="collect runs into tidy CSV tables")
     p.add_argument("summaries", nargs="+", help="summary.json files of the runs")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import load_run_config
+from .config import RunConfig, load_run_config
 from .device import autocast, pick_device
 from .errors import UserError
 from .layout import tokenizer_beside
@@ -37,6 +37,11 @@ def load_run(run_dir: str | Path, device: str = "auto"):
     model = GPT(cfg.model).to(dev)
     model.load_state_dict(saved["model"])
     return cfg, model.eval(), dev
+
+
+def tokenizer_file(cfg: RunConfig) -> str:
+    """The run's tokenizer: data.tokenizer_file, else the one beside its shards."""
+    return cfg.data.tokenizer_file or tokenizer_beside(cfg.data.shards)
 
 
 @torch.no_grad()
@@ -72,8 +77,7 @@ def sample(run_dir: str | Path, prompt: str, tokens: int = 50, temperature: floa
     if temperature <= 0:
         raise UserError("--temperature must be > 0")
     cfg, model, dev = load_run(run_dir, device)
-    tok_file = cfg.data.tokenizer_file or tokenizer_beside(cfg.data.shards)
-    tok = load_tokenizer(tok_file)
+    tok = load_tokenizer(tokenizer_file(cfg))
     ids = tok.encode(prompt) or [tok.eot_id]
     gen = torch.Generator(device=dev).manual_seed(seed)
     idx = torch.tensor([ids], device=dev)

@@ -14,14 +14,15 @@ import torch.nn.functional as F
 
 from .config import ModelConfig, mlra_rank
 
-RMS_EPS = 1e-6  # (choice) LLaMA's RMSNorm epsilon; LayerNorm keeps PyTorch's 1e-5
+RMS_EPS = 1e-6  # (choice) LLaMA's RMSNorm epsilon
+LN_EPS = 1e-5  # LayerNorm's: PyTorch's default, as GPT-2's
 
 
 def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
     """LayerNorm (bias if `bias`) or RMSNorm (never a bias), both with a learnable gain."""
     if kind == "rmsnorm":
         return nn.RMSNorm(dim, eps=RMS_EPS)
-    return nn.LayerNorm(dim, bias=bias)
+    return nn.LayerNorm(dim, eps=LN_EPS, bias=bias)
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:

@@ -1,0 +1,195 @@
+"""A finished run's model as a Hugging Face `transformers` model folder (`save_pretrained`:
+config.json, model.safetensors), where a transformers architecture computes exactly its function:
+
+- GPT-2 family (LayerNorm, learned positions, GELU MLP) -> `GPT2LMHeadModel`. GPT-2 always has
+  biases: a run without them is exported with zero biases, which computes the same function.
+- LLaMA family (RMSNorm, RoPE on every dim of a head, SwiGLU MLP) -> `LlamaForCausalLM`, biases
+  as `attention_bias` / `mlp_bias`. Our RoPE rotates adjacent pairs (2i, 2i+1), Llama's
+  `rotate_half` the pairs (i, i + d_head/2): the rows of W_q and W_k are permuted per head to
+  match (q.k is unchanged by the same permutation of q and k, so are the attention scores).
+
+Tied or untied heads both map (`tie_word_embeddings`). The embedding and head keep only the real
+vocabulary's rows (the padding to a multiple of 64 is dropped), so the exported logits are exactly
+the run's logits (`GPT.logits`). Options with no transformers equivalent are refused with one line
+naming the option. Training-only choices (init, losses z-loss and mu-loss, optimizer,
+mu-centering, head_fp32) need no mapping. Dropout maps onto GPT-2's three dropouts; Llama has
+attention dropout only (dropout is off at inference either way).
+
+The run's tokenizer goes beside the model: a `bpe` tokenizer as a `PreTrainedTokenizerFast`, EOT
+as bos and eos token; for a `gpt2` (tiktoken) tokenizer a note says which Hugging Face tokenizer
+has the same ids (nothing is downloaded here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .errors import UserError
+from .inference import load_run, tokenizer_file
+from .layers import LN_EPS, RMS_EPS, mlp_hidden, rotary_dims
+from .model import GPT
+from .tokenizer import EOT
+from .tokenizer import load as load_tokenizer
+from .train.checkpoint import WEIGHTS
+
+INSTALL = 'pip install -e ".[export]"'  # the extra in pyproject.toml
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+# what each family needs, keyed by model.position (the option that decides the family)
+FAMILIES = {"learned": ("gpt2", {"norm": "layernorm", "mlp": "gelu"}),
+            "rope": ("llama", {"norm": "rmsnorm", "mlp": "swiglu"})}
+GPT2_NOTE = """This run used tiktoken's "gpt2" encoding (50257 ids, <|endoftext|> = 50256).
+Hugging Face's GPT-2 tokenizer has the same ids: AutoTokenizer.from_pretrained("gpt2")
+(or convert the encoding with transformers.integrations.tiktoken.convert_tiktoken_to_fast).
+"""
+
+
+def _refuse(option: str, why: str) -> UserError:
+    return UserError(f"cannot export: {option} has no transformers equivalent ({why})")
+
+
+def family(cfg: RunConfig) -> str:
+    """'gpt2' or 'llama': the transformers architecture that computes this run's model; a
+    UserError naming the first option that none does."""
+    m = cfg.model
+    if cfg.loss.kind == "stablemax":
+        raise _refuse("loss.kind='stablemax'", "the model's distribution is StableMax of its logits, "
+                      "a transformers causal LM's is their softmax")
+    if m.logit_softcap is not None:
+        raise _refuse(f"model.logit_softcap={m.logit_softcap:g}", "neither GPT-2 nor Llama soft-caps the logits")
+    if m.mlra.enabled:
+        raise _refuse("model.mlra.enabled=true", "MLRA's per-head low-rank attention projections")
+    if m.qk_norm != "none":
+        raise _refuse(f"model.qk_norm={m.qk_norm!r}", "neither GPT-2 nor Llama normalizes q and k")
+    name, needs = FAMILIES[m.position]
+    for key, value in needs.items():
+        if getattr(m, key) != value:
+            raise _refuse(f"model.{key}={getattr(m, key)!r} with model.position={m.position!r}",
+                          f"{ARCHITECTURES[name]} needs model.{key}={value!r}")
+    d_head = m.n_embd // m.n_head
+    if name == "llama" and rotary_dims(m) != d_head:
+        raise _refuse(f"model.rope_fraction={m.rope_fraction:g}", f"RoPE on {rotary_dims(m)} of {d_head} dims "
+                      "of a head; LlamaForCausalLM rotates all of them")
+    return name
+
+
+def hf_config(cfg: RunConfig, name: str, eot_id: int | None):
+    """The transformers config of the run's model (real vocabulary, EOT as bos and eos)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    m = cfg.model
+    common = {"vocab_size": m.vocab_size, "tie_word_embeddings": m.tie_embeddings,
+              "bos_token_id": eot_id, "eos_token_id": eot_id}
+    if name == "gpt2":  # layers.MLP applies F.gelu, the exact erf GELU: "gelu" ("gelu_new" is the tanh form)
+        return GPT2Config(n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
+                          n_inner=mlp_hidden(m), activation_function="gelu", layer_norm_epsilon=LN_EPS,
+                          resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout, **common)
+    return LlamaConfig(hidden_size=m.n_embd, intermediate_size=mlp_hidden(m), num_hidden_layers=m.n_layer,
+                       num_attention_heads=m.n_head, num_key_value_heads=m.n_head, head_dim=m.n_embd // m.n_head,
+                       max_position_embeddings=m.block_size, rms_norm_eps=RMS_EPS, rope_theta=m.rope_base,
+                       hidden_act="silu", attention_bias=m.bias, mlp_bias=m.bias, attention_dropout=m.dropout,
+                       **common)
+
+
+def _bias(linear: torch.nn.Module) -> torch.Tensor:
+    """A module's bias, zeros where it has none (the same function)."""
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.weight.shape[0])
+
+
+def _conv1d(prefix: str, linear: torch.nn.Linear) -> dict:
+    """GPT-2's Conv1D stores the weight as (in, out): nn.Linear's transposed."""
+    return {f"{prefix}.weight": linear.weight.T, f"{prefix}.bias": _bias(linear)}
+
+
+def gpt2_state(model: GPT) -> dict[str, torch.Tensor]:
+    V, sd = model.cfg.vocab_size, {}
+    for i, b in enumerate(model.blocks):  # attn.dense: q, k, v stacked in that order, as c_attn
+        p = f"transformer.h.{i}"
+        sd |= {f"{p}.ln_1.weight": b.ln_1.weight, f"{p}.ln_1.bias": _bias(b.ln_1),
+               f"{p}.ln_2.weight": b.ln_2.weight, f"{p}.ln_2.bias": _bias(b.ln_2),
+               **_conv1d(f"{p}.attn.c_attn", b.attn.dense), **_conv1d(f"{p}.attn.c_proj", b.attn.c_proj),
+               **_conv1d(f"{p}.mlp.c_fc", b.mlp.c_fc), **_conv1d(f"{p}.mlp.c_proj", b.mlp.c_proj)}
+    return sd | {"transformer.wte.weight": model.wte.weight[:V], "transformer.wpe.weight": model.wpe.weight,
+                 "transformer.ln_f.weight": model.ln_f.weight, "transformer.ln_f.bias": _bias(model.ln_f),
+                 "lm_head.weight": model.lm_head.weight[:V]}
+
+
+def _halves(w: torch.Tensor | None, n_head: int) -> torch.Tensor | None:
+    """Rows of q or k (weight or bias) per head from RoPE pairs (2i, 2i+1) to pairs (i, i + d_head/2)."""
+    if w is None:
+        return None
+    d_head = w.shape[0] // n_head
+    order = torch.cat([torch.arange(0, d_head, 2), torch.arange(1, d_head, 2)])
+    return w.view(n_head, d_head, *w.shape[1:])[:, order].reshape(w.shape)
+
+
+def llama_state(model: GPT) -> dict[str, torch.Tensor]:
+    c, sd = model.cfg, {}
+    for i, b in enumerate(model.blocks):
+        p, attn, mlp = f"model.layers.{i}", b.attn, b.mlp
+        q, k, v = attn.dense.weight.split(c.n_embd)  # q, k, v stacked in that order
+        qb, kb, vb = attn.dense.bias.split(c.n_embd) if c.bias else (None, None, None)
+        gate, up = mlp.c_fc.weight.chunk(2)  # SwiGLU: silu(gate) * up, gate first
+        gate_b, up_b = mlp.c_fc.bias.chunk(2) if c.bias else (None, None)
+        linears = {"self_attn.q_proj": (_halves(q, c.n_head), _halves(qb, c.n_head)),
+                   "self_attn.k_proj": (_halves(k, c.n_head), _halves(kb, c.n_head)),
+                   "self_attn.v_proj": (v, vb), "self_attn.o_proj": (attn.c_proj.weight, attn.c_proj.bias),
+                   "mlp.gate_proj": (gate, gate_b), "mlp.up_proj": (up, up_b),
+                   "mlp.down_proj": (mlp.c_proj.weight, mlp.c_proj.bias)}
+        sd |= {f"{p}.input_layernorm.weight": b.ln_1.weight, f"{p}.post_attention_layernorm.weight": b.ln_2.weight}
+        for name, (w, bias) in linears.items():
+            sd[f"{p}.{name}.weight"] = w
+            if bias is not None:
+                sd[f"{p}.{name}.bias"] = bias
+    return sd | {"model.embed_tokens.weight": model.wte.weight[:c.vocab_size], "model.norm.weight": model.ln_f.weight,
+                 "lm_head.weight": model.lm_head.weight[:c.vocab_size]}
+
+
+def _save_tokenizer(tok, path: Path, cfg: RunConfig, out: Path) -> str:
+    """Write the run's tokenizer (bpe) or the note (gpt2) into `out`; the line that says which."""
+    if tok is None:
+        return f"no tokenizer exported ({path} not found)"
+    if tok.kind == "gpt2":
+        (out / "TOKENIZER.txt").write_text(GPT2_NOTE)
+        return "tokenizer: tiktoken gpt2, not converted (TOKENIZER.txt says which has the same ids)"
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=EOT, eos_token=EOT,
+                                 clean_up_tokenization_spaces=False)  # decode as ours does
+    hf.model_max_length = cfg.model.block_size
+    hf.save_pretrained(out)
+    return f"tokenizer: {path} (bpe, {tok.vocab_size} tokens)"
+
+
+@torch.no_grad()
+def export(run_dir: str | Path, out: str | Path) -> list[str]:
+    """Write the run's model (float32) and tokenizer as a transformers folder `out`, after checking
+    that its logits equal the run's model's; the lines that say what was written."""
+    run_dir, out = Path(run_dir), Path(out)
+    if out.resolve() == run_dir.resolve() or (out / WEIGHTS).exists():
+        raise UserError(f"--out {out} is a run folder: export into a folder of its own")
+    cfg, model, _ = load_run(run_dir, "cpu")
+    name = family(cfg)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"{run_dir}: model.pt holds NaN or inf weights (a diverged run?): nothing to export")
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(f"stabilab export needs transformers: {INSTALL}") from None
+    transformers.utils.logging.disable_progress_bar()  # one line per thing written, no bars
+    path = Path(tokenizer_file(cfg))
+    tok = load_tokenizer(path) if path.exists() else None
+    hf = getattr(transformers, ARCHITECTURES[name])(hf_config(cfg, name, tok.eot_id if tok else None))
+    hf.float().eval().load_state_dict(gpt2_state(model) if name == "gpt2" else llama_state(model), strict=True)
+    idx = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.block_size), generator=torch.Generator().manual_seed(0))
+    ours, theirs = model(idx), hf(idx).logits
+    diff = float((ours - theirs).abs().max())
+    if not diff <= 1e-4 * max(1.0, float(ours.abs().max())):
+        raise UserError(f"the exported {ARCHITECTURES[name]} disagrees with the run's model (max |logit "
+                        f"difference| {diff:.3g}, transformers {transformers.__version__}): nothing written")
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out)
+    return [f"model: {ARCHITECTURES[name]}, {cfg.model.n_layer} layers, vocab {cfg.model.vocab_size} "
+            f"(padding dropped), max |logit difference| {diff:.2g} -> {out}", _save_tokenizer(tok, path, cfg, out)]

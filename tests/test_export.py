@@ -1,0 +1,156 @@
+"""stabilab export: a run's model as a transformers folder computes the run's own logits."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_run
+from stabilab.cli import main
+from stabilab.config import load_run_config
+from stabilab.model import GPT
+from stabilab.train import Trainer
+from stabilab.train.checkpoint import WEIGHTS, save_checked
+
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason='needs the export extra: pip install -e ".[export]"')
+
+LLAMA = {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "rope_base": 500.0}
+CASES = {
+    "gpt2-tied-bias": {"bias": True},
+    "gpt2-untied-nobias": {"tie_embeddings": False},
+    "llama-untied": {**LLAMA, "tie_embeddings": False},
+    "llama-tied-bias": {**LLAMA, "bias": True, "mlp_hidden": 48},
+}
+
+
+def write_run(folder, tiny_data, loss: dict | None = None, tokenizer=None, **model) -> GPT:
+    """A run folder as the trainer leaves it (config.json, model.pt) with every parameter moved
+    off its init (gains not 1, biases not 0), so that each must land in its place; the tiny
+    corpus's tokenizer unless `tokenizer` (a Tokenizer saved beside the run) is given."""
+    tok_file = tiny_data["root"] / "tokenizer.json"
+    if tokenizer is not None:
+        tok_file = folder.parent / "tokenizer.json"
+        tokenizer.save(tok_file)
+    run = tiny_run(tiny_data["shards"], model={"n_head": 2, "n_embd": 32, "block_size": 32, **model},
+                   loss=loss or {}, data={"tokenizer_file": str(tok_file)})
+    run["model"]["vocab_size"] = (tokenizer or tiny_data["tokenizer"]).vocab_size  # 300: padded to 320 rows
+    cfg = load_run_config(run)
+    torch.manual_seed(0)
+    gpt = GPT(cfg.model)
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    save_checked({"model": gpt.state_dict(), "config": cfg.to_dict(), "step": 0}, folder / WEIGHTS)
+    return gpt.eval()
+
+
+def hf_logits(out, idx: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out).double().eval()
+    with torch.no_grad():
+        return hf(idx).logits.double()  # transformers < 4.45 returns Llama's logits in float32
+
+
+def random_ids(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (3, 32), generator=torch.Generator().manual_seed(1))
+
+
+@needs_transformers
+@pytest.mark.parametrize("model", CASES.values(), ids=CASES.keys())
+def test_exported_model_computes_the_runs_logits(tiny_data, tmp_path, model, capsys, one_torch_thread):
+    gpt = write_run(tmp_path / "run", tiny_data, **model)
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert "max |logit difference|" in capsys.readouterr().out
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    family = "LlamaForCausalLM" if model.get("position") == "rope" else "GPT2LMHeadModel"
+    assert config["architectures"] == [family] and config["vocab_size"] == 300
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    idx = random_ids(300)
+    with torch.no_grad():
+        ours = gpt.double()(idx)
+    theirs = hf_logits(tmp_path / "hf", idx)
+    assert theirs.shape == ours.shape == (3, 32, 300)
+    # float64 throughout, except Llama's RoPE angles, which transformers computes in float32
+    tol = 1e-5 if family == "LlamaForCausalLM" else 1e-10
+    assert torch.allclose(theirs, ours, rtol=0, atol=tol), float((theirs - ours).abs().max())
+    assert ours.std() > 0.3  # logits far from zero: a misplaced weight shows
+
+
+@needs_transformers
+def test_a_trained_run_exports_with_its_tokenizer(tiny_data, tmp_path, capsys, one_torch_thread):
+    """Through the trainer: 2 steps, model.pt as it writes it; the bpe tokenizer goes along."""
+    from transformers import AutoTokenizer
+
+    from stabilab.inference import load_run
+
+    tok_file = str(tiny_data["root"] / "tokenizer.json")
+    run = tiny_run(tiny_data["shards"], train={"steps": 2, "eval_every": 2, "log_every": 1, "metrics_every": 2},
+                   data={"tokenizer_file": tok_file})
+    Trainer(load_run_config(run), tmp_path / "run").run()
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert f"tokenizer: {tok_file} (bpe, 300 tokens)" in capsys.readouterr().out
+    _, gpt, _ = load_run(tmp_path / "run", "cpu")
+    idx = random_ids(300)
+    with torch.no_grad():
+        assert torch.allclose(hf_logits(tmp_path / "hf", idx), gpt.double()(idx), rtol=0, atol=1e-10)
+    ours, hf = tiny_data["tokenizer"], AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "the king speak fair , the queen weep ."  # " ," kept: no clean-up of spaces, as ours
+    assert hf.encode(text) == ours.encode(text) and hf.decode(ours.encode(text)) == text
+    assert hf.eos_token_id == hf.bos_token_id == ours.eot_id
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == ours.eot_id
+
+
+@needs_transformers
+def test_a_tiktoken_gpt2_run_gets_a_note_instead_of_a_tokenizer(tiny_data, tmp_path, capsys, monkeypatch):
+    import tiktoken
+
+    from stabilab.tokenizer import gpt2
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)  # the shipped ranks: no download
+    write_run(tmp_path / "run", tiny_data, tokenizer=gpt2())
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert "tokenizer: tiktoken gpt2, not converted" in capsys.readouterr().out
+    assert 'AutoTokenizer.from_pretrained("gpt2")' in (tmp_path / "hf" / "TOKENIZER.txt").read_text()
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["vocab_size"] == 50257 and config["eos_token_id"] == config["bos_token_id"] == 50256
+
+
+REFUSED = {
+    "mlra": ({"mlra": {"enabled": True}}, {}, "model.mlra.enabled=true"),
+    "qk-norm": ({**LLAMA, "qk_norm": "rmsnorm"}, {}, "model.qk_norm='rmsnorm'"),
+    "partial-rope": ({**LLAMA, "rope_fraction": 0.5}, {}, "model.rope_fraction=0.5"),
+    "softcap": ({"logit_softcap": 30.0}, {}, "model.logit_softcap=30"),
+    "stablemax": ({}, {"kind": "stablemax"}, "loss.kind='stablemax'"),
+    "rmsnorm-learned": ({"norm": "rmsnorm"}, {}, "model.norm='rmsnorm' with model.position='learned'"),
+    "gelu-rope": ({**LLAMA, "mlp": "gelu"}, {}, "model.mlp='gelu' with model.position='rope'"),
+}
+
+
+@pytest.mark.parametrize("model, loss, option", REFUSED.values(), ids=REFUSED.keys())
+def test_options_without_a_transformers_equivalent_are_refused_in_one_line(tiny_data, tmp_path, capsys, model,
+                                                                          loss, option):
+    write_run(tmp_path / "run", tiny_data, loss, **model)
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot export: {option} has no transformers equivalent")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_without_transformers_the_error_says_how_to_install_it(tiny_data, tmp_path, capsys, monkeypatch):
+    write_run(tmp_path / "run", tiny_data)
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "run")]) == 2
+    assert "is a run folder" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import transformers fails
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == 'error: stabilab export needs transformers: pip install -e ".[export]"\n'
