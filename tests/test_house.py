@@ -178,7 +178,7 @@ def test_runtime_choices_are_not_part_of_a_run(tmp_path):
     cfg = load_experiment(ROOT / "config.yaml")
     first = runs(cfg)[0]
     plain = run_config(cfg, first, "s")
-    cfg2 = load_experiment(ROOT / "config.yaml", {"runtime": {"tensorboard": True, "device": "cpu",
+    cfg2 = load_experiment(ROOT / "config.yaml", {"runtime": {"trackers": ["wandb"], "device": "cpu",
                                                                "keep_checkpoint": True, "compile": False}})
     assert run_config(cfg2, first, "s") == plain
     assert not set(C.RuntimeConfig.model_fields) & set(C.TrainConfig.model_fields)

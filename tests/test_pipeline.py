@@ -95,8 +95,8 @@ def test_pipeline_end_to_end(tmp_path):
     # (they are not part of a run's identity); a changed run value re-plans exactly its runs.
     again = subprocess.run(cmd + ["-n"], capture_output=True, text=True)
     assert "Nothing to be done" in again.stdout + again.stderr
-    runtime = subprocess.run(cmd + ["-n", "--config", "set=runtime.tensorboard=true runtime.keep_checkpoint=true"],
-                             capture_output=True, text=True)
+    runtime = subprocess.run(cmd + ["-n", "--config", "set=runtime.trackers=[tensorboard,mlflow] "
+                                                      "runtime.keep_checkpoint=true"], capture_output=True, text=True)
     assert "Nothing to be done" in runtime.stdout + runtime.stderr, runtime.stdout[-2000:]
     changed = subprocess.run(cmd + ["-n", "--config", "set=studies.spikes.overrides.train.steps=25"],
                              capture_output=True, text=True)

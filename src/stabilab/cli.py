@@ -51,7 +51,8 @@ def runtime_from(args):
     from .config import RuntimeConfig, validated
 
     runtime = read_json_arg(args.runtime, "--runtime") if args.runtime else {}
-    flags = {"device": args.device, "threads": args.threads, "tensorboard": args.tensorboard,
+    trackers = None if args.trackers is None else [n.strip() for n in args.trackers.split(",") if n.strip()]
+    flags = {"device": args.device, "threads": args.threads, "trackers": trackers,
              "keep_checkpoint": args.keep_checkpoint,
              "compile": {"on": True, "off": False, "auto": "auto"}.get(args.compile)}
     runtime.update({k: v for k, v in flags.items() if v is not None})
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="runtime.device (default auto)")
     p.add_argument("--compile", choices=["auto", "on", "off"], help="runtime.compile (default auto: on CUDA)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard events")
+    p.add_argument("--trackers", metavar="NAMES", help="runtime.trackers, comma-separated: tensorboard,wandb,mlflow")
     p.add_argument("--keep-checkpoint", action="store_true", default=None, help="keep ckpt.pt when the run ends")
     _add_overrides(p, "run-config")
     p.set_defaults(func=cmd_train)

@@ -213,13 +213,19 @@ class RunConfig(Section):
 SECTIONS = ("model", "loss", "optim", "post_step", "train")
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]  # train/sinks.py has one sink class per name
+
+
 class RuntimeConfig(Section):
     """How and where a run executes: never part of the run's identity (Snakemake does not track it)."""
 
     device: Literal["auto", "cpu", "cuda"] = knob("auto", "auto: CUDA when available")
     compile: bool | Literal["auto"] = knob("auto", "torch.compile model, loss and optimizer updates; auto: on CUDA")
     threads: int = knob(0, "CPU threads for torch (0: torch's default)", ge=0)
-    tensorboard: bool = knob(False, "also write TensorBoard event files (run folder/tensorboard)")
+    trackers: unique_list(Tracker) = knob(
+        [], "experiment trackers beside metrics.jsonl: tensorboard (run folder/tensorboard), wandb (offline "
+            "unless WANDB_MODE=online; run folder/wandb), mlflow (MLFLOW_TRACKING_URI, else run folder/mlruns); "
+            "the environment variable STABILAB_TRACKERS=a,b replaces this list")
     keep_checkpoint: bool = knob(False, "keep ckpt.pt (weights, optimizer, RNG) after a finished run")
     keep_weights: bool = knob(True, "write the final weights to model.pt (stabilab eval, sample, train.init_from)")
 

@@ -12,8 +12,9 @@ RESULTS = "results/{name}"
 FIGURES = "figures/{name}"
 SHARDS = "data/shards"  # under RESULTS
 TOKENIZER = "data/tokenizer.json"  # under RESULTS, beside SHARDS: the tokenizer the shards were made with
-# one language-model run, under RESULTS
-RUN_DIR = "runs/{study}/{variant}/L{depth}_lr{lr}_s{seed}"
+# one language-model run, under RESULTS; its name (trackers' run names) is the folder below runs/
+RUN_NAME = "{study}/{variant}/L{depth}_lr{lr}_s{seed}"
+RUN_DIR = "runs/" + RUN_NAME
 # one grokking run, under RESULTS/grokking
 GROK_RUN_DIR = "{operation}/{variant}/s{seed}"
 
@@ -28,6 +29,10 @@ def format_lr(lr: float) -> str:
     return f"{lr:g}"
 
 
-def run_dir(study: str, variant: str, depth: int, lr: float | str, seed: int) -> str:
+def run_name(study: str, variant: str, depth: int, lr: float | str, seed: int) -> str:
     lr = lr if isinstance(lr, str) else format_lr(lr)
-    return RUN_DIR.format(study=study, variant=variant, depth=depth, lr=lr, seed=seed)
+    return RUN_NAME.format(study=study, variant=variant, depth=depth, lr=lr, seed=seed)
+
+
+def run_dir(study: str, variant: str, depth: int, lr: float | str, seed: int) -> str:
+    return "runs/" + run_name(study, variant, depth, lr, seed)

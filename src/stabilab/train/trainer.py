@@ -5,8 +5,8 @@ summary.json (written last and atomically: a folder without it is an unfinished 
 that neither log nor measure, the loop never waits for the device.
 
 The trainer is assembled from parts: `Checkpointer` (save, load, folder preparation),
-`RunningStats` / `DivergenceMonitor` / `StabilityProbe` (monitoring), `RunLog` (JSONL,
-TensorBoard, console) and the post-step hooks of the run's methods; `run()` is the loop.
+`RunningStats` / `DivergenceMonitor` / `StabilityProbe` (monitoring), `RunLog` (JSONL, the
+console, the trackers of runtime.trackers) and the post-step hooks of the run's methods; `run()` is the loop.
 
 Data parallel: under `torchrun` (WORLD_SIZE > 1) each process takes every WORLD_SIZE-th
 micro-batch of the step's `grad_accum` micro-batches, so the global batch, and the batches
@@ -39,7 +39,7 @@ from ..shards import eval_batches, open_shards, train_batch
 from .checkpoint import WEIGHTS, Checkpointer, load_weights, save_checked
 from .distributed import Processes
 from .monitor import DivergenceMonitor, RunningStats, SpikeScores, StabilityProbe, to_floats
-from .sinks import ConsoleSink, JSONLSink, RunLog, TensorBoardSink
+from .sinks import ConsoleSink, JSONLSink, RunLog, tracker_names, tracker_sinks
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on SIGTERM, the job may be requeued
 GRAD_NORMS = "grad_norm.csv"  # step,grad_norm for every step (train.spike_scores)
@@ -103,6 +103,7 @@ class Trainer:
         self.lr = 0.0
         self.elapsed = 0.0
         self.stop_requested = False
+        self.tracker_ids: dict[str, str] = {}  # the trackers' run ids, kept in the checkpoint (a resume continues them)
 
     # ------------------------------------------------------------------ data
 
@@ -127,7 +128,7 @@ class Trainer:
                 "step": self.step, "initial_loss": d.initial_loss, "above_steps": d.above_steps,
                 "elapsed": self.elapsed, "stats": self.stats.state_dict(),
                 "spike_scores": self.spike_scores.state_dict() if self.spike_scores is not None else None,
-                "model": self.model.state_dict(), "optimizer": self.opt.state_dict()})
+                "trackers": self.tracker_ids, "model": self.model.state_dict(), "optimizer": self.opt.state_dict()})
 
     def prepare_folder(self) -> bool:
         """Resume from the checkpoint of the same config, else start the folder afresh."""
@@ -142,6 +143,7 @@ class Trainer:
                 self.stats = RunningStats.from_state_dict(state["stats"])
                 if self.spike_scores is not None:
                     self.spike_scores.load_state_dict(state["spike_scores"])
+                self.tracker_ids = state.get("trackers") or {}
                 if self.procs.is_main:  # records after the checkpoint belong to the lost attempt
                     self.checkpoints.truncate_log(self.step)
                 return True
@@ -256,11 +258,11 @@ class Trainer:
     def _sinks(self) -> RunLog:
         if not self.procs.is_main:
             return RunLog([])
-        sinks = [JSONLSink(self.out)]
-        if self.runtime.tensorboard:
-            sinks.append(TensorBoardSink(self.out))
-        sinks.append(ConsoleSink(self.cfg.train.steps, self.step, f"{self.cfg.variant} L{self.cfg.model.n_layer}"))
-        return RunLog(sinks)
+        trackers = tracker_sinks(tracker_names(self.runtime.trackers), self.out, self.cfg, self.tracker_ids)
+        log = RunLog([JSONLSink(self.out), *trackers,
+                      ConsoleSink(self.cfg.train.steps, self.step, f"{self.cfg.variant} L{self.cfg.model.n_layer}")])
+        self.tracker_ids = log.run_ids()
+        return log
 
     def run(self) -> dict:
         t = self.cfg.train
@@ -270,6 +272,7 @@ class Trainer:
         log = self._sinks()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         tick, tick_step = time.time(), self.step
+        status, summary = "failed", None  # how the sinks are closed: an exception leaves it failed
         try:
             while self.step < t.steps:
                 step = self.step + 1  # the step about to complete
@@ -292,26 +295,33 @@ class Trainer:
                     log.tick()
                 if self.step % t.checkpoint_every == 0 and self.step < t.steps:
                     self.save_checkpoint()
+            if self.stop_requested and self.step < t.steps and self.divergence.verdict is None:
+                status = "preempted"
+            else:
+                summary = self.summarize() if self.procs.is_main else None
+                status = "diverged" if self.divergence.verdict else "finished"
         finally:
             signal.signal(signal.SIGTERM, previous)
-            log.close()
-        if self.stop_requested and self.step < t.steps and self.divergence.verdict is None:
+            log.close(status, summary)  # the trackers get the summary before summary.json marks the run finished
+        if status == "preempted":
             self.save_checkpoint()
             self.procs.barrier()
             if self.procs.is_main:
                 print(f"SIGTERM: checkpoint written at step {self.step}; exiting for requeue", flush=True)
             raise SystemExit(PREEMPTED_EXIT_CODE)
-        summary = self.finish() if self.procs.is_main else {}
+        if self.procs.is_main:
+            self.finish(summary)
         self.procs.barrier()
-        return summary
+        return summary or {}
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
 
-    def finish(self) -> dict:
+    def summarize(self) -> dict:
+        """summary.json's contents: the run's outcome, sizes and provenance."""
         cfg, verdict = self.cfg, self.divergence.verdict
         val_loss = None if verdict else self._last_val_loss()
-        summary = {
+        return {
             "study": cfg.study, "variant": cfg.variant, "depth": cfg.model.n_layer, "lr": cfg.optim.lr,
             "seed": cfg.seed, "steps": self.step, "tokens": self.step * self.tokens_per_step,
             "final_val_loss": val_loss,
@@ -328,13 +338,16 @@ class Trainer:
             "provenance": {**provenance(self.device), "compiled": self.compiled,
                            "tokenizer_sha256": self.meta["tokenizer"].get("sha256")},
         }
+
+    def finish(self, summary: dict) -> None:
+        """Write the final weights (runtime.keep_weights), then summary.json; drop the checkpoint."""
+        cfg = self.cfg
         if self.runtime.keep_weights:  # before the summary, which marks the run finished
             save_checked({"model": self.model.state_dict(), "config": cfg.to_dict(), "step": self.step},
                          self.out / WEIGHTS)
         write_json(self.out / "summary.json", summary)
         if not self.runtime.keep_checkpoint:
             self.checkpoints.remove()
-        return summary
 
     def _last_val_loss(self) -> float | None:
         for line in reversed((self.out / "metrics.jsonl").read_text().splitlines()):
