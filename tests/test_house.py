@@ -112,6 +112,7 @@ def test_planning_and_help_import_no_torch_or_matplotlib():
     code = ("import sys; from stabilab.cli import build_parser; build_parser(); "
             "import stabilab.experiment, stabilab.studies, stabilab.methods, stabilab.layout, stabilab.shards; "
             "import stabilab.grokking.config, stabilab.grokking.figures; "
+            "import snakemake_logger_plugin_stabilab; "  # the logger plugin: imported whenever Snakemake starts
             "print(sorted(m for m in ('torch', 'matplotlib', 'pandas', 'seaborn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -50,6 +50,14 @@ def test_pipeline_end_to_end(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best final validation loss per variant" in proc.stdout + proc.stderr  # the end-of-run summary
+    # the stabilab logger plugin (default profile): one line per finished job with the pipeline's ETA
+    progress = [line for line in proc.stderr.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
+    assert re.fullmatch(r"\[1/(\d+)\] \S+.* done \(\d+s\) · elapsed \d+s · ETA ~\S+.*", progress[0]), progress[0]
+    total = int(progress[0].split("/")[1].split("]")[0])
+    assert len(progress) == total == 25  # 14 + 4 runs, corpus, tokenizer, tokenize, tables, figures, report, all
+    assert any(" train depth/mlra/L2_lr0.01_s0 done (" in line for line in progress)
+    assert progress[-1].startswith(f"[{total}/{total}] pipeline done · elapsed ")
+    assert "steps (" not in proc.stderr and "Select jobs to execute" not in proc.stderr
 
     tables = tmp_path / "results" / "tiny" / "tables"
     runs_csv = pd.read_csv(tables / "runs.csv")

@@ -1,0 +1,125 @@
+"""Snakemake logger plugin `stabilab` (`--logger stabilab`, set in the workflow profiles): the
+console of Snakemake's default logger, except that each "N of M steps (x%) done" becomes one line
+with the job that finished and an estimate of the time remaining for the whole pipeline
+(stabilab.progress):
+
+    [12/45] train lr/baseline/L6_lr0.01_s0 done (3m12s) · elapsed 14m · ETA ~41m
+
+The scheduler's chatter between jobs ("Select jobs to execute...", "Execute 2 jobs...",
+"Finished jobid: 3 (Rule: tokenize)") is left out; a failed job's error and log are shown also
+with quiet: rules (Snakemake's own filter hides them then); a missing file that Snakemake reports
+with its own traceback (`--configfile nonexistent.yaml`) is one line. Everything else (messages,
+errors, the failed jobs' logs of show-failed-logs, dry runs, the job stats) is Snakemake's own
+formatter and filter, which Snakemake attaches to this handler because it declares none of its
+own. Snakemake finds the plugin by its module name (snakemake_logger_plugin_<name>) on sys.path.
+Light imports only: it is imported whenever Snakemake starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+from snakemake_interface_logger_plugins.base import LogHandlerBase
+
+from stabilab.progress import Progress
+
+__all__ = ["LogHandler"]
+
+RED, RESET = "\033[31m", "\033[0m"
+# the scheduler's chatter between jobs: the progress line says which job finished
+SKIPPED_EVENTS = {"job_started", "job_finished"}  # "Execute 2 jobs...", "Finished jobid: 3 (Rule: tokenize)"
+SKIPPED_MESSAGES = {"Select jobs to execute..."}
+# Snakemake's filter hides these with quiet: rules, and with them the failed job's log
+# (show-failed-logs); they are shown unless quiet: all
+ALWAYS_SHOWN = {"job_error", "group_error"}
+
+
+def event_of(record: logging.LogRecord) -> str | None:
+    """The record's Snakemake LogEvent as its value ('progress', 'job_info', ...), or None."""
+    event = getattr(record, "event", None)
+    return None if event is None else str(event)
+
+
+def missing_file(record: logging.LogRecord) -> str | None:
+    """A missing file Snakemake reports with its own traceback (`--configfile nonexistent.yaml`
+    fails before the Snakefile is read) as one line: 'error: file not found: nonexistent.yaml'."""
+    if event_of(record) != "error" or getattr(record, "exception", None) != "FileNotFoundError":
+        return None
+    last = record.getMessage().rstrip().splitlines()[-1:]
+    match = re.fullmatch(r"FileNotFoundError: \[Errno 2\] No such file or directory: '(.*)'", last[0]) if last else None
+    return f"error: file not found: {match.group(1)} (--verbose shows Snakemake's traceback)" if match else None
+
+
+class LogHandler(LogHandlerBase):
+    def __post_init__(self) -> None:
+        self.stream = sys.stdout if self.common_settings.stdout else sys.stderr
+        encoding = getattr(self.stream, "encoding", None) or "ascii"
+        try:
+            " · ".encode(encoding)
+            separator = " · "
+        except (LookupError, UnicodeEncodeError):
+            separator = " | "
+        self.progress = Progress(separator)
+        isatty = getattr(self.stream, "isatty", None)
+        quiet = self.common_settings.quiet or ()
+        self.quiet_all = any(getattr(q, "name", str(q)).lower() == "all" for q in quiet)
+        self.colour = not self.common_settings.nocolor and bool(isatty and isatty())
+        self.after_job_info = False
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        """Every record is counted, also those the filter then drops (job_info with quiet: rules)."""
+        try:
+            self.progress.observe(event_of(record), record.__dict__, record.created)
+        except Exception:  # bookkeeping never breaks Snakemake's own output
+            pass
+        return super().handle(record)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if event_of(record) in ALWAYS_SHOWN and not self.quiet_all:
+            return True
+        return super().filter(record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            event = event_of(record)
+            if event in SKIPPED_EVENTS or (event is None and record.getMessage() in SKIPPED_MESSAGES):
+                return
+            if event == "progress":
+                message = self.progress.line(record.__dict__.get("done"))
+            elif not self.common_settings.verbose and (short := missing_file(record)):
+                message = short
+            else:
+                message = self.format(record)
+            if not message or message == "None":
+                return
+            if self.colour and record.levelno >= logging.ERROR:
+                message = f"{RED}{message}{RESET}"
+            if event == "job_info" and not self.after_job_info:
+                message = "\n" + message  # a blank line before a run of job blocks, as Snakemake's
+            self.after_job_info = event == "job_info"
+            self.stream.write(message + "\n")
+            self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    @property
+    def writes_to_stream(self) -> bool:
+        return True
+
+    @property
+    def writes_to_file(self) -> bool:
+        return False
+
+    @property
+    def has_filter(self) -> bool:
+        return False  # Snakemake's DefaultFilter: quiet, printshellcmds, dry run as configured
+
+    @property
+    def has_formatter(self) -> bool:
+        return False  # Snakemake's DefaultFormatter: errors and show-failed-logs as always
+
+    @property
+    def needs_rulegraph(self) -> bool:
+        return False
