@@ -40,8 +40,10 @@ except ImportError:  # not installed (e.g. on a bare GPU box): use the checkout'
 from stabilab.config import parse_overrides
 from stabilab.experiment import load_experiment, run_config, runs, shards_dir, write_runtime
 from stabilab.layout import FIGURES, RESULTS, TOKENIZER
+from stabilab.train.trainer import PREEMPTED_EXIT_CODE as RETRY_EXIT_CODE  # preempted, or out of GPU memory
 
 PEAK_TFLOPS = 989.0
+RETRY_PAUSE_S = 30.0
 STABILAB = [sys.executable, "-m", "stabilab.cli"]
 
 
@@ -55,6 +57,8 @@ def parse_args(argv):
     p.add_argument("--lrs", nargs="*", type=float, help="only these learning rates")
     p.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
     p.add_argument("--order", default="seed,-lr", help="launch order: comma-separated keys, '-' for descending")
+    p.add_argument("--retries", type=int, default=2,
+                   help="times a run that exits 75 (preempted, or out of GPU memory) is tried again")
     p.add_argument("--deadline", type=float, default=None, help="launch no run after this many seconds")
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS)
     p.add_argument("--no-report", action="store_true", help="skip the tables and figures at the end")
@@ -63,11 +67,11 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def run_cli(args: list[str], log: Path) -> int:
+def run_cli(args: list[str], log: Path, append: bool = False) -> int:
     """One `stabilab` subcommand, as a rule runs it, its output into `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    with open(log, "w") as f:
+    with open(log, "a" if append else "w") as f:
         return subprocess.run(STABILAB + args, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
 
 
@@ -123,8 +127,13 @@ def main(argv=None) -> dict:
         spec.parent.mkdir(parents=True, exist_ok=True)
         spec.write_text(json.dumps(run_config(cfg, run, shards_dir(cfg)), sort_keys=True))
         t0 = time.time()
-        code = run_cli(["train", "--run", str(spec), "--out", str(res / run.path), "--runtime", runtime,
-                        "--threads", str(args.threads)], res / "logs" / f"{run.path}.log")
+        for attempt in range(args.retries + 1):
+            if attempt:  # the GPU was full (or the run preempted): wait for others to free memory, resume
+                time.sleep(RETRY_PAUSE_S * attempt)
+            code = run_cli(["train", "--run", str(spec), "--out", str(res / run.path), "--runtime", runtime,
+                            "--threads", str(args.threads)], res / "logs" / f"{run.path}.log", append=attempt > 0)
+            if code != RETRY_EXIT_CODE:
+                break
         with lock:
             (done if code == 0 else failed).append(run)
             print(f"[{len(done) + len(failed)}/{len(todo)}] {run.path}: exit {code} in {time.time() - t0:.0f} s "

@@ -124,3 +124,38 @@ def test_bench_throughput_under_torchrun_reports_the_global_rate(tmp_path):
     # MFU per device: the global FLOP rate divided by 2 processes (and the 989 TFLOP/s peak)
     assert float(row["mfu_pct"]) == pytest.approx(
         100 * float(row["flops_per_token"]) * float(row["tokens_per_s"]) / (2 * 989e12), rel=1e-6)
+
+
+def test_bench_grid_retries_a_run_that_exits_75_and_keeps_its_log(monkeypatch, tmp_path):
+    """A run out of GPU memory (or preempted) exits 75: bench_grid tries it again (appending to its
+    log) up to --retries times; a run still exiting 75 after that is reported as failed."""
+    bench_grid = _load("bench_grid")
+
+    def run_grid(exit_codes: list[int], retries: int):
+        calls, codes = [], iter(exit_codes)
+
+        def fake_cli(args, log, append=False):
+            if args[0] != "train":
+                return 0
+            calls.append(append)
+            return next(codes, 0)
+
+        monkeypatch.setattr(bench_grid, "run_cli", fake_cli)
+        monkeypatch.setattr(bench_grid, "RETRY_PAUSE_S", 0.0)
+        monkeypatch.setattr(bench_grid, "prepare_data", lambda cfg, res: None)
+        monkeypatch.setattr(bench_grid, "REPO", tmp_path)  # no summary.json there: every run is to train
+        monkeypatch.setattr(bench_grid, "report",
+                            lambda args, cfg, res, trained, wall, t_data, failed, skipped: (trained, failed))
+        trained, failed = bench_grid.main(
+            ["--config", str(BENCH.parent / "config.yaml"), "--studies", "lr", "--variants", "baseline",
+             "--seeds", "0", "--jobs", "1", "--no-report", "--retries", str(retries)])
+        return calls, trained, failed
+
+    calls, trained, failed = run_grid([75, 75, 0], retries=2)
+    n = len(trained)
+    assert n >= 2 and not failed
+    assert calls == [False, True, True] + [False] * (n - 1)  # the first run took three attempts
+
+    calls, trained, failed = run_grid([75, 75, 0], retries=1)
+    assert len(failed) == 1 and len(trained) == n - 1  # the first run gave up after one retry
+    assert calls[:2] == [False, True]

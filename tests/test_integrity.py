@@ -146,3 +146,23 @@ def test_data_files_are_inputs_of_the_corpus_rule(tmp_path):
     assert source_files({"data": {"source": "embedded"}}) == []
     with pytest.raises(UserError, match="data file not found"):
         source_files({"data": {"source": "text", "paths": [str(tmp_path / "missing")]}})
+
+
+def test_out_of_gpu_memory_exits_75_in_one_line_for_a_retry(tiny_data, tmp_path, monkeypatch, capsys):
+    """torch's OutOfMemoryError (a GPU shared by several runs) becomes one line and exit 75, the code
+    the profiles and bench_grid retry, instead of a traceback and exit 1."""
+    import stabilab.train as train_pkg
+    from stabilab.cli import main
+    from stabilab.train.trainer import PREEMPTED_EXIT_CODE
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB.")
+
+    monkeypatch.setattr(train_pkg, "train", out_of_memory)
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(tiny_run(tiny_data["shards"])))
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--run", str(run), "--out", str(tmp_path / "out")])
+    assert stop.value.code == PREEMPTED_EXIT_CODE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of GPU memory" in err[0]

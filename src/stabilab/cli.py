@@ -69,10 +69,18 @@ def cmd_train(args) -> None:
     import torch
 
     from .train import train
+    from .train.trainer import PREEMPTED_EXIT_CODE
 
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
-    summary = train(cfg, args.out, runtime)
+    try:
+        summary = train(cfg, args.out, runtime)
+    except torch.OutOfMemoryError:
+        # on a GPU shared by several runs this is usually transient: exit as a preempted run does,
+        # so that the profiles' retries (and bench_grid) try again from the last checkpoint
+        print(f"error: out of GPU memory (a GPU shared with other runs, or a batch too large); the last "
+              f"checkpoint is kept; exit {PREEMPTED_EXIT_CODE} for a retry", file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     if not summary:  # a data-parallel worker other than rank 0
         return
     state = f"DIVERGED at step {summary['diverged_step']}" if summary["diverged"] else \
