@@ -74,6 +74,25 @@ def test_each_method_is_declared_once_with_keys_that_exist():
     assert label("mlra+oec_center") == "MLRA + μ-centering" and label("custom") == "custom"
 
 
+def test_method_colours_are_told_apart_and_none_reads_as_the_divergence_red():
+    """Any two methods can share a figure: their colours (and the baseline's) differ by at least 40 in
+    RGB distance, and each is at least 90 from the red that marks divergence."""
+    from itertools import combinations
+
+    from stabilab.figures.style import DIVERGED
+
+    def rgb(hex_colour: str) -> tuple[int, ...]:
+        return tuple(int(hex_colour.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4))
+
+    def distance(a: str, b: str) -> float:
+        return sum((x - y) ** 2 for x, y in zip(rgb(a), rgb(b))) ** 0.5
+
+    methods = (BASELINE, *METHODS)
+    close = [(a.name, b.name) for a, b in combinations(methods, 2) if distance(a.colour, b.colour) < 40]
+    assert not close, close
+    assert all(distance(m.colour, DIVERGED) >= 90 for m in methods)
+
+
 def test_post_step_methods_run_as_hooks_from_their_declaration():
     centering = load_run_config({"post_step": {"mu_centering": True}})
     hooks = post_step_hooks(centering)

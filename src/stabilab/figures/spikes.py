@@ -145,7 +145,7 @@ def _spike_counts(summary, variants, study, spec, palette):
         if metric != "spam_clipped_frac":
             ax.yaxis.set_major_locator(mticker.MaxNLocator(integer=True))
         ax.set_title(title.format(f=SPIKE_FACTOR), fontsize=9.5)
-        ax.tick_params(axis="x", labelrotation=20)
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
         if np.nansum(means) == 0:
             ax.text(0.5, 0.55, "no spikes in any run", transform=ax.transAxes, ha="center", color="0.35", fontsize=9)
     if not panels:
