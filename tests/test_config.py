@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,29 @@ def test_a_study_named_dotdot_is_refused():
     cfg["studies"][".."] = {"kind": "lr", "variants": ["baseline"], "depths": [1], "lrs": [1e-3]}
     with pytest.raises(UserError, match="not '.' or '..'"):
         validate(cfg)
+
+
+def test_a_variants_label_reaches_its_studies_but_not_its_runs(tmp_path):
+    """`label:` on a config variant is a legend name: copied into each study that runs the variant
+    (also as part of 'a+b'), never into a run's config (changing it re-runs nothing)."""
+    from stabilab.experiment import load_experiment, run_config, runs
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "labels",
+        "variants": {"adam": {"label": "Adam"}, "clip": {"label": "clipping", "optim": {"grad_clip": 0.5}}},
+        "studies": {"a": {"kind": "compare", "variants": ["adam", "clip+oec_center"], "depths": [1],
+                          "lrs": [1e-3]},
+                    "b": {"kind": "compare", "variants": ["baseline"], "depths": [1], "lrs": [1e-3]}},
+    }))
+    config = load_experiment(path)
+    assert config["studies"]["a"]["labels"] == {"adam": "Adam", "clip": "clipping"}
+    assert not config["studies"]["b"].get("labels")
+    for run in runs(config):
+        resolved = run_config(config, run, "shards")
+        assert "label" not in json.dumps(resolved)
+        if run.variant == "clip+oec_center":
+            assert resolved["optim"]["grad_clip"] == 0.5
+    path.write_text(path.read_text().replace("label: Adam", "label: ''"))
+    with pytest.raises(UserError, match="variants.adam.label"):
+        load_experiment(path)

@@ -160,3 +160,35 @@ def test_headline_numbers_are_the_summary_tables_best_losses(tables, capsys):
     print_summary(tables, "figures/x")
     out = capsys.readouterr().out
     assert "best final validation loss per variant" in out and "μ-centering" in out
+
+
+def test_a_studys_own_labels_name_its_variants_in_every_legend_and_nowhere_else(tables, tmp_path, monkeypatch):
+    """`labels` in a study (filled from the variants' `label:`) replace the papers' names in that
+    study's figures only, and do not outlive the drawing."""
+    import shutil
+
+    import matplotlib.figure
+    import matplotlib.text
+
+    from stabilab.methods import label
+
+    copy = tmp_path / "tables"
+    shutil.copytree(tables, copy)
+    studies = json.loads((copy / "studies.json").read_text())
+    studies["lr"]["labels"] = {"oec_center": "centred (ours)"}
+    (copy / "studies.json").write_text(json.dumps(studies))
+    texts: dict[str, list[str]] = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, path, *args, **kwargs):
+        texts[str(path)] = [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+        return original(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    draw_figures(copy, tmp_path / "figures")
+    lr_texts = [t for path, ts in texts.items() if "/lr/" in path for t in ts]
+    other_texts = [t for path, ts in texts.items() if "/lr/" not in path for t in ts]
+    assert any("centred (ours)" in t for t in lr_texts)
+    assert not any("μ-centering" in t for t in lr_texts)
+    assert not any("centred (ours)" in t for t in other_texts)
+    assert label("oec_center") == "μ-centering"

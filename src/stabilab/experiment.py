@@ -97,6 +97,13 @@ class Overlay(Section):
     train: TrainConfig | None = knob(None, "overlay on the train section")
 
 
+class VariantOverlay(Overlay):
+    """A variant of the config's own `variants:`: an overlay and, optionally, its legend name."""
+
+    label: str | None = knob(None, "its name in figure legends (default: the method's name as the papers "
+                                   "write it, else the variant's key)", min_length=1)
+
+
 class StudySection(Section):
     kind: KindName = knob(..., "which tables and figures: " + ", ".join(KINDS))
     variants: NameList = knob(..., "variants to run ('a+b' composes a and b)", min_length=1)
@@ -104,6 +111,8 @@ class StudySection(Section):
     lrs: LRList = knob(..., "peak learning rates", min_length=1)
     seeds: SeedList = knob([0], "seeds", min_length=1)
     overrides: Overlay | None = knob(None, "overlay for this study's runs only")
+    labels: dict[str, str] = knob({}, "legend names of this study's variants (filled in from the variants' "
+                                      "`label:`; set here, they apply to this study's figures only)")
 
 
 class Experiment(Section):
@@ -118,7 +127,7 @@ class Experiment(Section):
     post_step: PostStepConfig = section(PostStepConfig, "base run config: post-step methods")
     train: TrainConfig = section(TrainConfig, "base run config: the loop")
     runtime: RuntimeConfig = section(RuntimeConfig, "device, compile, threads, sinks: not part of a run's identity")
-    variants: dict[Name, Overlay | None] = knob({}, "extra variants, or methods redefined (methods.py)")
+    variants: dict[Name, VariantOverlay | None] = knob({}, "extra variants, or methods redefined (methods.py)")
     studies: dict[Name, StudySection] = knob({}, "the grids")
     grokking: GrokkingConfig = section(GrokkingConfig, "grokking study of the StableMax paper")
 
@@ -244,7 +253,19 @@ def prepare(config: dict, folder: str | Path = ".") -> dict:
     validate(config)
     config = with_defaults(config)
     check_runs(config)
-    return config
+    return with_labels(config)
+
+
+def with_labels(config: dict) -> dict:
+    """Each study's `labels` gets the legend names its variants (or their parts, for 'a+b') were
+    given under `variants:`, so that the figures, which read only the studies, can use them."""
+    given = {name: v["label"] for name, v in (config.get("variants") or {}).items() if (v or {}).get("label")}
+    studies = {}
+    for study, spec in config.get("studies", {}).items():
+        parts = {p for variant in spec["variants"] for p in variant.split("+")}
+        labels = {p: given[p] for p in sorted(parts) if p in given}
+        studies[study] = {**spec, "labels": {**labels, **(spec.get("labels") or {})}} if labels else spec
+    return {**config, "studies": studies}
 
 
 def load_experiment(path: str | Path, overrides: dict | None = None) -> dict:

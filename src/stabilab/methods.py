@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import importlib
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -121,7 +122,7 @@ def variants_of(config: dict) -> dict[str, dict]:
     `variants:` (new names, or a method redefined, e.g. another z-loss weight)."""
     out = builtin_variants()
     for name, overlay in (config.get("variants") or {}).items():
-        out[name] = copy.deepcopy(overlay or {})
+        out[name] = {k: copy.deepcopy(v) for k, v in (overlay or {}).items() if k != "label"}  # legends only
     return out
 
 
@@ -150,9 +151,25 @@ def variant_overlay(name: str, variants: dict[str, dict]) -> dict:
     return merged
 
 
+_GIVEN_LABELS: dict[str, str] = {}  # an experiment's own legend names, while its figures are drawn
+
+
 def label(name: str) -> str:
-    """A variant's name as the papers write it; 'a+b' -> 'A + B'; other names as they are."""
-    return " + ".join(BY_NAME[p].label if p in BY_NAME else p for p in name.split("+"))
+    """A variant's name as the papers write it (or as the experiment's `label:` gives it);
+    'a+b' -> 'A + B'; other names as they are."""
+    return " + ".join(_GIVEN_LABELS.get(p) or (BY_NAME[p].label if p in BY_NAME else p) for p in name.split("+"))
+
+
+@contextmanager
+def given_labels(labels: dict[str, str]):
+    """Use an experiment's legend names (variant -> label) in `label` inside the block."""
+    previous = dict(_GIVEN_LABELS)
+    _GIVEN_LABELS.update(labels)
+    try:
+        yield
+    finally:
+        _GIVEN_LABELS.clear()
+        _GIVEN_LABELS.update(previous)
 
 
 def benchmark_variants() -> list[str]:

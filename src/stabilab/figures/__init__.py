@@ -51,6 +51,7 @@ def draw_figures(tables_dir: str | Path, out_dir: str | Path, studies: dict | No
     import pandas as pd
     import seaborn as sns
 
+    from ..methods import given_labels
     from .context import StudyTables
     from .curves import loss_curves
     from .style import palette_for, read_summary, save
@@ -64,6 +65,7 @@ def draw_figures(tables_dir: str | Path, out_dir: str | Path, studies: dict | No
             t = StudyTables(study, spec, read_summary(tables, study), steps[steps["study"] == study],
                             runs[runs["study"] == study], palette, folder,
                             norms[norms["study"].astype(str) == study] if norms is not None else None)
-            written += save(loss_curves(steps, runs, study, spec, palette), folder, "loss_curves")
-            written += KINDS[spec["kind"]].function("draw")(t)
+            with given_labels(spec.get("labels") or {}):
+                written += save(loss_curves(steps, runs, study, spec, palette), folder, "loss_curves")
+                written += KINDS[spec["kind"]].function("draw")(t)
     return written
