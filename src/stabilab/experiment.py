@@ -24,6 +24,7 @@ from pydantic import Field
 
 from .config import (
     SECTIONS,
+    EarlyWarningConfig,
     LossConfig,
     ModelConfig,
     Name,
@@ -104,6 +105,8 @@ class StudySection(Section):
     lrs: LRList = knob(..., "peak learning rates", min_length=1)
     seeds: SeedList = knob([0], "seeds", min_length=1)
     overrides: Overlay | None = knob(None, "overlay for this study's runs only")
+    early_warning: EarlyWarningConfig = section(
+        EarlyWarningConfig, "labels and predictors of an early_warning study (METHODS.md §5); other kinds ignore it")
 
 
 class Experiment(Section):
