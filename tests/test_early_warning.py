@@ -202,3 +202,14 @@ def test_smoke_on_the_committed_runs(name):
     assert (fails.loc[diverged, "fail"] <= fails.loc[diverged, "diverged_step"]).all()
     table = ew.summary_table(runs, steps, {"early_warning": {"bootstrap": 20, "leads": [50, 200]}})
     assert list(table.columns) == ew.COLUMNS and len(table)
+
+
+def test_the_preset_has_three_mechanisms_with_eight_seeds_per_cell_and_stable_twins():
+    from stabilab.experiment import load_experiment, runs
+
+    cfg = load_experiment(ROOT / "configs" / "early_warning.yaml")
+    studies = cfg["studies"]
+    assert {s["kind"] for s in studies.values()} == {"early_warning"} and len(runs(cfg)) >= 60
+    assert all(len(s["seeds"]) >= 8 for s in studies.values())
+    edges = [name for name in studies if not name.endswith("_twin")]
+    assert len(edges) == 3 and all(f"{name}_twin" in studies and len(studies[name]["lrs"]) == 2 for name in edges)
