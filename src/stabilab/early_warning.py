@@ -318,10 +318,10 @@ def summary_table(runs: pd.DataFrame, steps: pd.DataFrame, spec: dict) -> pd.Dat
                          "lead_steps": lead, "value": point, **dict(zip(("ci_low", "ci_high"), _interval(boot))),
                          "n_runs": used.size, "n_failing": failing.size, "n_pos": int((ok & (lab == 1)).sum()),
                          "n_neg": int((ok & (lab == 0)).sum())})
-        points = np.array([r["value"] for r in rows[-len(leads):]])
-        boot_leads = warning_lead(leads, np.stack(boots, axis=-1), cfg.warn_auroc).astype(float)
-        rows.append({**rows[-len(leads)], "quantity": "warning_lead", "lead_steps": np.nan,
-                     "value": float(warning_lead(leads, points, cfg.warn_auroc)),
+        points, stacked = np.array([r["value"] for r in rows[-len(leads):]]), np.stack(boots, axis=-1)
+        lead, boot_leads = (np.where(np.isfinite(a).any(axis=-1), warning_lead(leads, a, cfg.warn_auroc), np.nan)
+                            for a in (points, stacked))  # no AUROC at any lead: no lead either
+        rows.append({**rows[-len(leads)], "quantity": "warning_lead", "lead_steps": np.nan, "value": float(lead),
                      **dict(zip(("ci_low", "ci_high"), _interval(boot_leads)))})
         return np.stack(boots)
 
