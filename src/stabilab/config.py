@@ -168,6 +168,27 @@ class DivergenceConfig(Section):
     patience: int = knob(50, "consecutive steps (checked at log steps) above the margin", ge=1)
 
 
+class EarlyWarningConfig(Section):
+    """An early_warning study's labels and predictors (METHODS.md §5), fixed before the runs are seen;
+    analysis only: changing them redraws the tables, never retrains."""
+
+    rise: float = knob(0.3, "failure: the smoothed training loss at least this many nats above its running minimum",
+                       gt=0)
+    persist_steps: int = knob(200, "failure: for at least this many steps (or until the trainer stopped the run)",
+                              ge=1)
+    smooth_steps: int = knob(100, "the smoothed loss: mean of the logged training losses of the last this many steps",
+                             ge=1)
+    slope_steps: int = knob(200, "a predictor's slope: least-squares slope over the last this many steps", ge=2)
+    leads: unique_list(typing.Annotated[int, Field(ge=1)]) = knob(
+        [50, 100, 200, 300, 500, 750, 1000, 1500, 2000], "lead times N: a positive is a step at most N steps "
+        "before the failure", min_length=1)
+    warn_auroc: float = knob(0.75, "a metric's warning lead: the largest N up to which its AUROC stays >= this",
+                             gt=0.5, le=1)
+    bootstrap: int = knob(1000, "bootstrap replicates over runs (resampled within each variant, depth and LR)",
+                          ge=10)
+    seed: int = knob(0, "seed of the bootstrap", ge=0)
+
+
 class TrainConfig(Section):
     steps: int = knob(200, "optimizer steps", ge=1)
     batch_size: int = knob(16, "sequences per micro-batch", ge=1)

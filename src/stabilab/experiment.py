@@ -24,6 +24,7 @@ from pydantic import Field
 
 from .config import (
     SECTIONS,
+    EarlyWarningConfig,
     LossConfig,
     ModelConfig,
     Name,
@@ -113,6 +114,8 @@ class StudySection(Section):
     overrides: Overlay | None = knob(None, "overlay for this study's runs only")
     labels: dict[str, str] = knob({}, "legend names of this study's variants (filled in from the variants' "
                                       "`label:`; set here, they apply to this study's figures only)")
+    early_warning: EarlyWarningConfig = section(
+        EarlyWarningConfig, "labels and predictors of an early_warning study (METHODS.md §5); other kinds ignore it")
 
 
 class Experiment(Section):

@@ -1,7 +1,8 @@
 """Study kinds, declared once: what each kind's tables hold and which figures it draws.
 
 A study in the experiment config names its `kind`; everything about that kind comes from its
-record here: the summary metrics its table carries, extra per-study rows (LR sensitivity), the
+record here: the summary metrics its table carries (or the function that computes its table), extra
+per-study rows (LR sensitivity), the
 figures (file stem -> caption file in workflow/report/), the report category, and the function
 that draws them. Snakemake's planning reads this module, so it imports no matplotlib or torch;
 draw functions are named by import path and loaded only when drawing.
@@ -24,6 +25,7 @@ class StudyKind:
     figures: dict[str, str]  # figure stem -> caption file (workflow/report/)
     draw: str  # "module:function" drawing the kind's figures (beside the loss curves)
     extra_rows: str | None = None  # "module:function(runs) -> rows" added to the summary table
+    table: str | None = None  # "module:function(runs, steps, spec) -> DataFrame": the summary, instead of `metrics`
 
     def function(self, which: str) -> Callable[..., Any]:
         module, _, name = getattr(self, which).partition(":")
@@ -60,6 +62,11 @@ KINDS: dict[str, StudyKind] = {k.name: k for k in (
          "collapse_frac", "wall_time_s"),
         {**LOSS_CURVES, "final_loss": "final_loss.rst"},
         "stabilab.figures.compare:draw"),
+    StudyKind(
+        "early_warning", "issue 17 / the TEV paper's proxy claim: which logged metric rises before a run fails, "
+        "and how far ahead", "Early warning (issue 17)", (),
+        {**LOSS_CURVES, "auroc_vs_lead": "auroc_vs_lead.rst", "failure_traces": "failure_traces.rst"},
+        "stabilab.figures.early_warning:draw", table="stabilab.early_warning:summary_table"),
 )}
 
 

@@ -29,6 +29,8 @@ def headline(tables: str | Path):
         if not path.exists():
             continue
         s = pd.read_csv(path)
+        if "variant" not in s:  # a kind whose summary is its own analysis (early_warning): no loss rows
+            continue
         loss = s[s["metric"] == "final_val_loss"]
         for variant in spec["variants"]:
             v = loss[loss["variant"] == variant]

@@ -7,7 +7,8 @@
 - `summary_<study>.csv`: per study, the exact numbers its figures show, in long form:
   study, kind, variant, depth, lr, metric, mean, gmean, min, max, ci95, n, n_runs, n_diverged (`spread`);
   which metrics, and which
-  extra rows (LR sensitivity), the study kind's record says (`studies.KINDS`).
+  extra rows (LR sensitivity), the study kind's record says (`studies.KINDS`); an early_warning
+  study's is its AUROC table instead (`early_warning.summary_table`).
 """
 
 from __future__ import annotations
@@ -120,10 +121,15 @@ def lr_sensitivity_rows(runs: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def study_summary(runs: pd.DataFrame, study: str, kind: str) -> pd.DataFrame:
+def study_summary(runs: pd.DataFrame, study: str, kind: str, steps: pd.DataFrame | None = None,
+                  spec: dict | None = None) -> pd.DataFrame:
     record = KINDS[kind]
     df = runs[runs["study"] == study]
-    out = _aggregate(df, ["variant", "depth", "lr"], record.metrics)
+    if record.table:  # a kind with its own analysis of the steps (early_warning)
+        st = steps[steps["study"].astype(str) == study] if steps is not None else pd.DataFrame()
+        out = record.function("table")(df, st, spec or {"kind": kind})
+    else:
+        out = _aggregate(df, ["variant", "depth", "lr"], record.metrics)
     if record.extra_rows:
         out = pd.concat([out, pd.DataFrame(record.function("extra_rows")(df))], ignore_index=True)
     out.insert(0, "kind", kind)
@@ -152,7 +158,7 @@ def write_tables(summary_paths: list[str], out_dir: str | Path, studies: dict | 
         written["grad_norms.csv"] = pd.concat(norm_frames, ignore_index=True)
     for study, spec in (studies or {}).items():
         if study in set(runs["study"]):
-            written[f"summary_{study}.csv"] = study_summary(runs, study, spec["kind"])
+            written[f"summary_{study}.csv"] = study_summary(runs, study, spec["kind"], steps, spec)
     for name, frame in written.items():
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False)
