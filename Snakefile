@@ -2,7 +2,7 @@
 # corpus -> tokenizer -> token shards -> one training job per run -> tables -> figures (+ HTML report)
 from snakemake.utils import min_version
 
-min_version("8.20")
+min_version("9.0")  # logger plugins (the profiles use --logger stabilab)
 
 
 # `--configfile other.yaml` replaces config.yaml (Snakemake would otherwise merge the two, and a
