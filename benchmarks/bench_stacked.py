@@ -199,12 +199,12 @@ def main(argv: list[str] | None = None) -> dict:
         for shape in args.shapes.split(","):
             experiment = load_experiment(SHAPES[shape])
             overrides = shape_overrides(args, experiment)
-            m, b = experiment.get("model", {}), overrides["train"].get("batch_size",
-                                                                       experiment.get("train", {}).get("batch_size"))
-            header += (f"\n- {shape}: {SHAPES[shape].relative_to(REPO)} at n_layer {overrides['model']['n_layer']}"
-                       f"{' (tiny)' if args.tiny else ''}, n_embd {m.get('n_embd')}, batch {b}, "
-                       f"tied {m.get('tie_embeddings')}, mlp {m.get('mlp')}, qk_norm {m.get('qk_norm')}, "
-                       f"position {m.get('position')}")
+            c = build_run_config(experiment, "baseline", overrides, shard_dir, "bpe")  # the shape as resolved
+            m = c.model
+            header += (f"\n- {shape}: {SHAPES[shape].relative_to(REPO)}{' (tiny)' if args.tiny else ''}: "
+                       f"n_layer {m.n_layer}, n_embd {m.n_embd}, n_head {m.n_head}, T {m.block_size}, "
+                       f"batch {c.train.batch_size} per member, tied {m.tie_embeddings}, mlp {m.mlp}, "
+                       f"norm {m.norm}, qk_norm {m.qk_norm}, position {m.position} (rope_fraction {m.rope_fraction})")
             for compiled in compiles:
                 for members in [None, *counts]:
                     row = bench_row(args, shape, experiment, overrides, members, compiled, device, shard_dir,
