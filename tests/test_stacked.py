@@ -87,7 +87,11 @@ def deviation(a: dict, b: dict) -> float:
     return max(d, *(rel(a["weights"][k], b["weights"][k]) for k in b["weights"]))
 
 
-@pytest.mark.parametrize("options", [{}, OEC], ids=["gpt2", "oec_family"])
+MLRA = {"model": {"mlra": {"enabled": True, "targets": ["q", "k", "v", "o"]}, "head_fp32": True, "norm": "rmsnorm"},
+        "optim": {"grad_clip": None}}
+
+
+@pytest.mark.parametrize("options", [{}, OEC, MLRA], ids=["gpt2", "oec_family", "mlra_fp32_head_rmsnorm"])
 def test_each_member_trains_as_it_would_alone(tiny_data, tmp_path, options):
     lrs, seeds = [3e-3, 1e-2, 3e-2], [0, 1, 2]
     cfgs = [member(tiny_data["shards"], lr, seed, **options) for lr, seed in zip(lrs, seeds)]

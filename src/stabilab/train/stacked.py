@@ -23,7 +23,10 @@ A member whose loss or gradient norm is non-finite is *frozen*: the update of th
 every later step is dropped (its parameters and moments keep their values), it is reported by
 `diverged_step`, and the other members are unaffected (their slices never mix with it).
 
-Refused (one-line UserError): SPAM, perpGrad, StableMax, post-step hooks (mu-centering), dropout,
+Supported (each in tests/test_stacked.py): AdamW with clipping on or off, decoupled or independent
+weight decay, z-loss, mu-loss, soft-capping, the float32 head, and the architecture options of
+the GPT-2 and OEC families (tied or not, LayerNorm or RMSNorm, qk-norm, RoPE, SwiGLU, MLRA),
+gradient accumulation. Refused (one-line UserError): SPAM, perpGrad, StableMax, post-step hooks (mu-centering), dropout,
 spike scores, several processes, init_from, and members differing in anything but lr and seed.
 
 Prototype: it trains and reports per-member losses and grad norms; it does not yet write run
