@@ -159,3 +159,25 @@ def test_bench_grid_retries_a_run_that_exits_75_and_keeps_its_log(monkeypatch, t
     calls, trained, failed = run_grid([75, 75, 0], retries=1)
     assert len(failed) == 1 and len(trained) == n - 1  # the first run gave up after one retry
     assert calls[:2] == [False, True]
+
+
+def test_bench_stacked_tiny(bench_throughput, tmp_path):
+    """Both preset shapes (tiny), the single run and N = 1, 2 stacked members: every row ok with
+    positive numbers, the stacked rows' tokens counting all members, the table written to --out."""
+    bench_stacked = _load("bench_stacked")
+    out = tmp_path / "out"
+    result = bench_stacked.main(["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--out", str(out)])
+    rows = result["rows"]
+    assert [(r["shape"], r["mode"], r["members"]) for r in rows] == [
+        (shape, mode, n) for shape in ("oec", "two_instabilities")
+        for mode, n in (("single train_step", 1), ("stacked", 1), ("stacked", 2))]
+    for r in rows:
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["mfu_pct"] > 0 and r["flops_per_token"] > 0, r
+    for shape in ("oec", "two_instabilities"):  # one member's FLOPs per token, the single run's
+        assert len({r["flops_per_token"] for r in rows if r["shape"] == shape}) == 1
+    two = next(r for r in rows if r["members"] == 2 and r["shape"] == "oec")
+    assert two["tokens_per_s"] == pytest.approx(2 * 2 * 16 / (two["ms_per_step"] / 1e3), rel=1e-9)
+    table = (out / "stacked.md").read_text()
+    assert table.strip() == result["markdown"].strip() and table.count("| stacked |") == 4
+    with open(out / "stacked.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6

@@ -164,6 +164,12 @@ class GPT(nn.Module):
         return logits, torch.stack(maxes)
 
 
+def seeded_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> GPT:
+    """A run's initial model: torch seeded with the run's seed, then GPT's init (one seed, one init)."""
+    torch.manual_seed(seed)
+    return GPT(cfg).to(device)
+
+
 def attention_params_by_hand(cfg: ModelConfig) -> int:
     """Parameters of one attention layer, counted from the formulas (for reports and tests)."""
     d, H = cfg.n_embd, cfg.n_head

@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..io import write_json
 from ..methods import post_step_hooks
 from ..metrics import grad_group_norms
-from ..model import GPT, attention_params_by_hand
+from ..model import attention_params_by_hand, seeded_model
 from ..optim import build_optimizer, lr_at
 from ..shards import eval_batches, open_shards, train_batch
 from .checkpoint import WEIGHTS, Checkpointer, load_weights, save_checked
@@ -68,7 +68,7 @@ class Trainer:
             raise UserError(f"model.vocab_size is {cfg.model.vocab_size} but the shards have {vocab} tokens")
         # the run's config with the vocabulary filled in (the caller's config is left as it was)
         self.cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": vocab})}, deep=True)
-        self.model = GPT(self.cfg.model).to(self.device)
+        self.model = seeded_model(self.cfg.model, cfg.seed, self.device)
         if t.init_from:  # a finished run's weights instead of a fresh init (same architecture)
             self.model.load_state_dict(load_weights(t.init_from, self.device)["model"])
         self.forward = self.model
