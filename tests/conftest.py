@@ -68,3 +68,22 @@ def tiny_run(shards: str, **sections) -> dict:
         "data": {"shards": shards, "tokenizer": "bpe", "vocab_size": 300},
     }
     return deep_merge(run, sections)
+
+
+class Killed(Exception):
+    """Raised inside a run to stand for the process dying mid-training."""
+
+
+def run_killed_at(trainer, step: int) -> None:
+    """Run `trainer` until it is about to take step `step + 1`, then 'kill' it (raise Killed out of
+    `run`), as a crash after the last checkpoint would: the steps since that checkpoint are lost."""
+    original = trainer.train_step
+
+    def train_step(measure):
+        if trainer.step == step:
+            raise Killed
+        return original(measure)
+
+    trainer.train_step = train_step
+    with pytest.raises(Killed):
+        trainer.run()

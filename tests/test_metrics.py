@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_run
+from conftest import run_killed_at, tiny_run
 from stabilab.config import MLRAConfig, ModelConfig, RuntimeConfig, load_run_config
 from stabilab.layers import attention_logit_max
 from stabilab.metrics import collapse_fractions, grad_group_norms, logit_stats, mu_norm, tev
@@ -221,20 +221,8 @@ def test_spike_scores_in_the_trainer_log_counts_and_every_steps_grad_norm(tiny_d
     counts = [r["gss_spikes"] for r in records]
     assert counts == sorted(counts) and summary["steps"] == 30  # cumulative
 
-    class Killed(Exception):
-        pass
-
     first = Trainer(load_run_config(run), tmp_path / "resumed")
-    original = first.train_step
-
-    def die_at_step_25(measure):
-        if first.step == 25:
-            raise Killed
-        return original(measure)
-
-    first.train_step = die_at_step_25
-    with pytest.raises(Killed):
-        first.run()
+    run_killed_at(first, 25)
     Trainer(load_run_config(run), tmp_path / "resumed").run()
     for name in ("metrics.jsonl", "grad_norm.csv"):
         a, b = ((tmp_path / d / name).read_text().splitlines() for d in ("full", "resumed"))

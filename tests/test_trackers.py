@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import tiny_run
+from conftest import run_killed_at, tiny_run
 from stabilab.config import RuntimeConfig, load_run_config
 from stabilab.errors import UserError
 from stabilab.train import Trainer
@@ -150,21 +150,9 @@ def test_a_resumed_run_continues_its_mlflow_run(tiny_data, tmp_path):
     goes on and ends FINISHED, with the steps after the checkpoint logged again."""
     pytest.importorskip("mlflow")
 
-    class Killed(Exception):
-        pass
-
     cfg = load_run_config(tiny_run(tiny_data["shards"]))
     first = Trainer(cfg, tmp_path, RuntimeConfig(trackers=["mlflow"]))
-    original = first.train_step
-
-    def die_at_step_25(measure):
-        if first.step == 25:
-            raise Killed
-        return original(measure)
-
-    first.train_step = die_at_step_25
-    with pytest.raises(Killed):
-        first.run()
+    run_killed_at(first, 25)
     client, (killed,) = mlflow_runs(tmp_path)
     assert killed.info.status == "FAILED" and killed.data.tags["status"] == "failed"
     Trainer(cfg, tmp_path, RuntimeConfig(trackers=["mlflow"])).run()

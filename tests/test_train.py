@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import tiny_run
+from conftest import run_killed_at, tiny_run
 from stabilab.config import load_run_config
 from stabilab.errors import UserError
 from stabilab.train import Trainer
@@ -41,20 +41,8 @@ def test_resume_equals_uninterrupted_run(tiny_data, tmp_path, variant):
     run = tiny_run(tiny_data["shards"], **variant)
     Trainer(load_run_config(run), tmp_path / "full").run()
 
-    class Killed(Exception):
-        pass
-
     first = Trainer(load_run_config(run), tmp_path / "resumed")
-    original = first.train_step
-
-    def die_at_step_25(measure):
-        if first.step == 25:  # after the checkpoint at step 20: steps 21-25 are lost work
-            raise Killed
-        return original(measure)
-
-    first.train_step = die_at_step_25
-    with pytest.raises(Killed):
-        first.run()
+    run_killed_at(first, 25)  # after the checkpoint at step 20: steps 21-25 are lost work
     assert not (tmp_path / "resumed" / "summary.json").exists()  # unfinished runs never look finished
     Trainer(load_run_config(run), tmp_path / "resumed").run()
     assert records(tmp_path / "resumed") == records(tmp_path / "full")
