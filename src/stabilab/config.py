@@ -230,6 +230,12 @@ class RunConfig(Section):
     train: TrainConfig = section(TrainConfig, "the training loop")
     data: DataConfig = section(DataConfig, "the token shards")
 
+    def with_vocab(self, vocab: int) -> RunConfig:
+        """A copy with model.vocab_size set to the shards' vocabulary (the run's own must be 0 or equal)."""
+        if self.model.vocab_size not in (0, vocab):
+            raise UserError(f"model.vocab_size is {self.model.vocab_size} but the shards have {vocab} tokens")
+        return self.model_copy(update={"model": self.model.model_copy(update={"vocab_size": vocab})}, deep=True)
+
 
 SECTIONS = ("model", "loss", "optim", "post_step", "train")
 
@@ -249,6 +255,10 @@ class RuntimeConfig(Section):
             "the environment variable STABILAB_TRACKERS=a,b replaces this list")
     keep_checkpoint: bool = knob(False, "keep ckpt.pt (weights, optimizer, RNG) after a finished run")
     keep_weights: bool = knob(True, "write the final weights to model.pt (stabilab eval, sample, train.init_from)")
+
+    def compiles_on(self, device) -> bool:
+        """Whether runs on `device` (a torch.device) are compiled: compile true, or auto on CUDA."""
+        return self.compile is True or (self.compile == "auto" and device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------- errors as one line

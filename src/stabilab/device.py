@@ -23,6 +23,13 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         raise UserError(f"unknown device '{name}' (expected auto, cpu, cuda or cuda:N)") from None
 
 
+def to_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Host batches onto `device`: through pinned memory, without waiting, on CUDA; as they are otherwise."""
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tensors
+
+
 def autocast(device: torch.device, dtype: str):
     """bf16 autocast when asked (or 'auto' on CUDA); otherwise no autocast (float32)."""
     if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):

@@ -42,7 +42,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from ..config import RunConfig, RuntimeConfig, leaves
-from ..device import autocast, pick_device
+from ..device import autocast, pick_device, to_device
 from ..errors import UserError
 from ..losses import objective
 from ..methods import post_step_hooks
@@ -132,15 +132,11 @@ class StackedTrainer:
         check_members(cfgs)
         self.runtime = runtime or RuntimeConfig()
         self.device = pick_device(self.runtime.device)
-        self.compiled = self.runtime.compile is True or (self.runtime.compile == "auto" and self.device.type == "cuda")
+        self.compiled = self.runtime.compiles_on(self.device)
         d = cfgs[0].data
         self.meta, data = open_shards(d.shards, d.tokenizer, d.vocab_size, d.tokenizer_file or None)
         self.train_tokens = data["train"]
-        vocab = self.meta["tokenizer"]["vocab_size"]
-        if cfgs[0].model.vocab_size not in (0, vocab):
-            raise UserError(f"model.vocab_size is {cfgs[0].model.vocab_size} but the shards have {vocab} tokens")
-        self.cfgs = [c.model_copy(update={"model": c.model.model_copy(update={"vocab_size": vocab})}, deep=True)
-                     for c in cfgs]
+        self.cfgs = [c.with_vocab(self.meta["tokenizer"]["vocab_size"]) for c in cfgs]
         self.n = len(self.cfgs)
         cfg = self.cfgs[0]
         members = [_Body(seeded_model(c.model, c.seed, self.device)) for c in self.cfgs]
@@ -172,10 +168,7 @@ class StackedTrainer:
         """Each member's own batch of this step and micro-batch, stacked: x, y (N, B, T)."""
         t, T = self.cfgs[0].train, self.cfgs[0].model.block_size
         pairs = [train_batch(self.train_tokens, c.seed, self.step, micro, t.batch_size, T) for c in self.cfgs]
-        x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x, y
+        return to_device(self.device, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
 
     # ------------------------------------------------------------------ steps
 

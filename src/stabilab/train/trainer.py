@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, RuntimeConfig
-from ..device import autocast, pick_device, provenance
+from ..device import autocast, pick_device, provenance, to_device
 from ..errors import UserError
 from ..io import write_json
 from ..methods import post_step_hooks
@@ -56,18 +56,14 @@ class Trainer:
                             f"({self.procs.world})")
         self.device = pick_device(self.runtime.device, self.procs.local_rank)
         self.procs.init(self.device)
-        self.compiled = self.runtime.compile is True or (self.runtime.compile == "auto" and self.device.type == "cuda")
+        self.compiled = self.runtime.compiles_on(self.device)
         if self.procs.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
         self.meta, data = open_shards(cfg.data.shards, cfg.data.tokenizer, cfg.data.vocab_size,
                                       cfg.data.tokenizer_file or None)
         self.train_tokens = data["train"]
-        vocab = self.meta["tokenizer"]["vocab_size"]
-        if cfg.model.vocab_size not in (0, vocab):
-            raise UserError(f"model.vocab_size is {cfg.model.vocab_size} but the shards have {vocab} tokens")
         # the run's config with the vocabulary filled in (the caller's config is left as it was)
-        self.cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": vocab})}, deep=True)
+        self.cfg = cfg.with_vocab(self.meta["tokenizer"]["vocab_size"])
         self.model = seeded_model(self.cfg.model, cfg.seed, self.device)
         if t.init_from:  # a finished run's weights instead of a fresh init (same architecture)
             self.model.load_state_dict(load_weights(t.init_from, self.device)["model"])
@@ -108,9 +104,8 @@ class Trainer:
     # ------------------------------------------------------------------ data
 
     def to_device(self, x: torch.Tensor, y: torch.Tensor):
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x, y
+        """A host batch on the run's device (benchmarks/bench_throughput.py overrides it)."""
+        return to_device(self.device, x, y)
 
     @property
     def tokens_per_step(self) -> int:
