@@ -18,7 +18,7 @@ import time
 import typing
 from pathlib import Path
 
-from ..config import RunConfig, Tracker
+from ..config import RunConfig, Tracker, leaves
 from ..errors import UserError
 from ..layout import run_name
 
@@ -34,21 +34,10 @@ def _scalars(rec: dict) -> dict[str, float]:
     return {k: v for k, v in rec.items() if k != "step" and isinstance(v, float) and math.isfinite(v)}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _summary_values(summary: dict) -> dict:
     """The summary's scalars, flattened (provenance.torch, ...): numbers, bools and strings; no
     None, no non-finite floats."""
-    return {k: v for k, v in _flat(summary).items()
+    return {k: v for k, v in leaves(summary).items()
             if isinstance(v, (bool, int, str)) or (isinstance(v, float) and math.isfinite(v))}
 
 
@@ -167,7 +156,7 @@ class MLflowSink:
                     "seed": str(cfg.seed), "run_folder": str(folder.resolve())}
             self.run_id = self.client.create_run(experiment, run_name=_name(cfg), tags=tags).info.run_id
             params = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:MAX_PARAM_VAL_LENGTH])
-                      for k, v in _flat(cfg.to_dict()).items()]
+                      for k, v in leaves(cfg.to_dict()).items()]
             self.client.log_batch(self.run_id, params=params)
         except MlflowException as e:
             raise UserError(f"mlflow ({uri}): {_one_line(e)}") from None
