@@ -52,8 +52,8 @@ def evaluate(run_dir: str | Path, shards: str | Path | None = None, split: str =
     over the split; shards made with another tokenizer are refused."""
     cfg, model, dev = load_run(run_dir, device)
     shard_dir = Path(shards) if shards else Path(cfg.data.shards)
-    tokenizer_file = tokenizer_beside(shard_dir) if shards else cfg.data.tokenizer_file or None
-    _, data = open_shards(shard_dir, cfg.data.tokenizer, cfg.model.vocab_size, tokenizer_file)
+    made_with = tokenizer_beside(shard_dir) if shards else cfg.data.tokenizer_file or None  # checked against the meta
+    _, data = open_shards(shard_dir, cfg.data.tokenizer, cfg.model.vocab_size, made_with)
     if split not in data:
         raise UserError(f"unknown split '{split}' (train or val)")
     n = batches or cfg.train.eval_batches

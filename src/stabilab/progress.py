@@ -20,7 +20,7 @@ import statistics
 import string
 from dataclasses import dataclass
 
-from .layout import GROK_RUN_DIR, RUN_DIR
+from .layout import GROK_RUN_DIR, RUN_NAME
 
 TARGET_ONLY = {"all"}  # the Snakefile's default target: runs nothing, takes no time
 
@@ -43,7 +43,7 @@ def _fields(pattern: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(pattern) if name}
 
 
-RUN_FIELDS, GROK_FIELDS = _fields(RUN_DIR), _fields(GROK_RUN_DIR)
+RUN_FIELDS, GROK_FIELDS = _fields(RUN_NAME), _fields(GROK_RUN_DIR)
 
 
 def job_label(rule: str, wildcards: dict) -> str:
@@ -51,7 +51,7 @@ def job_label(rule: str, wildcards: dict) -> str:
     'grok_train add/stablemax/s0', 'tokenize'; other wildcards as key=value."""
     wildcards = {k: str(v) for k, v in (wildcards or {}).items()}
     if set(wildcards) == RUN_FIELDS:
-        return f"{rule} {RUN_DIR.format(**wildcards).removeprefix('runs/')}"
+        return f"{rule} {RUN_NAME.format(**wildcards)}"
     if set(wildcards) == GROK_FIELDS:
         return f"{rule} {GROK_RUN_DIR.format(**wildcards)}"
     if wildcards:
