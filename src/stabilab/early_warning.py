@@ -1,4 +1,4 @@
-"""Early warning (issue 17; METHODS.md §5): which logged metric rises before a run fails, and how far ahead.
+"""Early warning (METHODS.md §5): which logged metric rises before a run fails, and how far ahead.
 
 From one early_warning study's rows of steps.csv and runs.csv (numpy and pandas only):
 - `failure_step`: a run's failure, dated at its onset: a non-finite loss, the trainer's divergence

@@ -63,8 +63,8 @@ KINDS: dict[str, StudyKind] = {k.name: k for k in (
         {**LOSS_CURVES, "final_loss": "final_loss.rst"},
         "stabilab.figures.compare:draw"),
     StudyKind(
-        "early_warning", "issue 17 / the TEV paper's proxy claim: which logged metric rises before a run fails, "
-        "and how far ahead", "Early warning (issue 17)", (),
+        "early_warning", "the TEV paper's proxy claim, tested: which logged metric rises before a run fails, "
+        "and how far ahead", "Early warning", (),
         {**LOSS_CURVES, "auroc_vs_lead": "auroc_vs_lead.rst", "failure_traces": "failure_traces.rst"},
         "stabilab.figures.early_warning:draw", table="stabilab.early_warning:summary_table"),
 )}

@@ -1,4 +1,4 @@
-"""Early-warning study (issue 17): AUROC vs lead time per metric, and traces aligned at the failure."""
+"""Early-warning study: AUROC vs lead time per metric, and traces aligned at the failure."""
 
 from __future__ import annotations
 
