@@ -38,11 +38,11 @@ except ImportError:  # not installed (e.g. on a bare GPU box): use the checkout'
     sys.path.insert(0, str(REPO / "src"))
 
 from stabilab.config import parse_overrides
+from stabilab.device import PEAK_BF16_TFLOPS
 from stabilab.experiment import load_experiment, run_config, runs, shards_dir, write_runtime
 from stabilab.layout import FIGURES, RESULTS, TOKENIZER
 from stabilab.train.trainer import PREEMPTED_EXIT_CODE as RETRY_EXIT_CODE  # preempted, or out of GPU memory
 
-PEAK_TFLOPS = 989.0
 RETRY_PAUSE_S = 30.0
 STABILAB = [sys.executable, "-m", "stabilab.cli"]
 
@@ -60,7 +60,7 @@ def parse_args(argv):
     p.add_argument("--retries", type=int, default=2,
                    help="times a run that exits 75 (preempted, or out of GPU memory) is tried again")
     p.add_argument("--deadline", type=float, default=None, help="launch no run after this many seconds")
-    p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS)
+    p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS)
     p.add_argument("--no-report", action="store_true", help="skip the tables and figures at the end")
     p.add_argument("--out", default=None, help="folder for grid.md and grid.csv")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="experiment-config overrides")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench_throughput import H100_BF16_DENSE_TFLOPS, RandomTokenTrainer  # noqa: E402
+from bench_throughput import RandomTokenTrainer  # noqa: E402
 from bench_variants import (  # noqa: E402  (also puts the checkout's src/ on sys.path if needed)
     REPO,
     build_run_config,
@@ -46,7 +46,7 @@ from bench_variants import (  # noqa: E402  (also puts the checkout's src/ on sy
     write_outputs,
 )
 from stabilab.config import RuntimeConfig  # noqa: E402
-from stabilab.device import pick_device  # noqa: E402
+from stabilab.device import PEAK_BF16_TFLOPS, pick_device  # noqa: E402
 from stabilab.optim import raise_recompile_limit  # noqa: E402
 from stabilab.train.stacked import StackedTrainer  # noqa: E402
 
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=50304, help="vocabulary of the random-token shards (GPT-2's, padded)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per row (compilation included)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
-    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+    p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS,
                    help="peak FLOP/s for MFU, in TFLOP/s (989: H100/H200 SXM dense bf16)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--tiny", action="store_true",

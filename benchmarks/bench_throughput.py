@@ -53,12 +53,10 @@ from bench_variants import (  # noqa: E402  (also puts the checkout's src/ on sy
     write_outputs,
 )
 from stabilab.config import RuntimeConfig  # noqa: E402
-from stabilab.device import pick_device  # noqa: E402
+from stabilab.device import PEAK_BF16_TFLOPS, pick_device  # noqa: E402
 from stabilab.model import padded_vocab  # noqa: E402
 from stabilab.optim import raise_recompile_limit  # noqa: E402
 from stabilab.train import Trainer  # noqa: E402
-
-H100_BF16_DENSE_TFLOPS = 989.0
 
 
 class RandomTokenTrainer(Trainer):
@@ -88,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward (grad accumulation)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per variant (compilation included)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+    p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS,
                    help="peak FLOP/s for MFU, in TFLOP/s (989: H100 SXM dense bf16)")
     p.add_argument("--out", default=None,
                    help="folder for throughput.csv and throughput.md (rewritten after each variant)")

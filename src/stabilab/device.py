@@ -8,6 +8,8 @@ import torch
 
 from .errors import UserError
 
+PEAK_BF16_TFLOPS = 989.0  # dense bf16 of an H100 / H200 SXM: the benchmarks' MFU denominator
+
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """'auto' (CUDA when available), 'cpu', 'cuda' (this process's local rank) or 'cuda:N'."""
