@@ -129,6 +129,27 @@ def test_lr_sensitivity_on_a_made_up_table():
     assert lr_sensitivity([5.0, 5.0], l0) == 0.0
 
 
+def test_lr_sensitivity_rows_are_over_the_studys_whole_sweep():
+    """A variant whose seeds all miss an LR of the study's grid (a run that never finished) has no
+    sensitivity (NaN), rather than one over the LRs it happens to have; a complete seed has one."""
+    import pandas as pd
+
+    from stabilab.tables import lr_sensitivity_rows
+
+    rows = [("full", 0, 1e-3, 4.0), ("full", 0, 1e-2, 3.0), ("full", 0, 1e-1, 12.0),
+            ("partial", 0, 1e-3, 4.0), ("partial", 0, 1e-2, 3.0)]
+    runs = pd.DataFrame([{"variant": v, "depth": 2, "seed": s, "lr": lr, "final_val_loss": loss,
+                          "initial_loss": 10.0, "diverged": False, "vocab_size": 300} for v, s, lr, loss in rows])
+    out = pd.DataFrame(lr_sensitivity_rows(runs, {"lrs": [1e-3, 1e-2, 1e-1]}))
+    sens = out[out["metric"] == "lr_sensitivity"].set_index("variant")["mean"]
+    assert sens["full"] == pytest.approx(lr_sensitivity([4.0, 3.0, 12.0], 10.0))
+    assert math.isnan(sens["partial"])
+    # without the study's grid (older callers), a variant's own LRs are its sweep
+    alone = pd.DataFrame(lr_sensitivity_rows(runs))
+    assert alone[(alone.metric == "lr_sensitivity") & (alone.variant == "partial")]["mean"].iloc[0] == \
+        pytest.approx(lr_sensitivity([4.0, 3.0], 10.0))
+
+
 def test_grad_group_norms_by_hand():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
     a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0, 2.0])

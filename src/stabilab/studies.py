@@ -24,7 +24,7 @@ class StudyKind:
     metrics: tuple[str, ...]  # summary_<study>.csv metrics (mean and CI per variant, depth, LR)
     figures: dict[str, str]  # figure stem -> caption file (workflow/report/)
     draw: str  # "module:function" drawing the kind's figures (beside the loss curves)
-    extra_rows: str | None = None  # "module:function(runs) -> rows" added to the summary table
+    extra_rows: str | None = None  # "module:function(runs, spec) -> rows" added to the summary table
     table: str | None = None  # "module:function(runs, steps, spec) -> DataFrame": the summary, instead of `metrics`
 
     def function(self, which: str) -> Callable[..., Any]:

@@ -92,8 +92,9 @@ def _aggregate(df: pd.DataFrame, by: list[str], metrics: tuple[str, ...]) -> pd.
     return pd.DataFrame(rows)
 
 
-def lr_sensitivity_rows(runs: pd.DataFrame) -> list[dict]:
-    """Per variant (and depth), one value per seed that ran every swept LR, then mean and CI:
+def lr_sensitivity_rows(runs: pd.DataFrame, spec: dict | None = None) -> list[dict]:
+    """Per variant (and depth), one value per seed that ran every LR of the study's sweep (`spec`'s
+    lrs; without a spec, every LR the variant ran), then mean and CI:
     - `lr_sensitivity`: Wortsman et al.'s, L0 the measured initial loss, divided by K;
     - `lr_sensitivity_oec`: the OEC code's, L0 = ln(V padded to a multiple of 64) (10.83 for GPT-2's
       vocabulary), divided by K - 1; OEC's published numbers are in this convention;
@@ -104,7 +105,7 @@ def lr_sensitivity_rows(runs: pd.DataFrame) -> list[dict]:
         vocab = group["vocab_size"].dropna() if "vocab_size" in group else pd.Series(dtype=float)
         l0_oec = math.log(64 * math.ceil(float(vocab.iloc[0]) / 64)) if len(vocab) else float("nan")
         per_seed = {"lr_sensitivity": [], "lr_sensitivity_oec": [], "best_val_loss": []}
-        swept = set(group["lr"])
+        swept = {float(lr) for lr in spec["lrs"]} if spec and spec.get("lrs") else set(group["lr"])
         for _, g in group.groupby("seed"):
             if set(g["lr"]) != swept:  # a seed run at only some LRs has no sensitivity over the sweep
                 continue
@@ -131,7 +132,7 @@ def study_summary(runs: pd.DataFrame, study: str, kind: str, steps: pd.DataFrame
     else:
         out = _aggregate(df, ["variant", "depth", "lr"], record.metrics)
     if record.extra_rows:
-        out = pd.concat([out, pd.DataFrame(record.function("extra_rows")(df))], ignore_index=True)
+        out = pd.concat([out, pd.DataFrame(record.function("extra_rows")(df, spec))], ignore_index=True)
     out.insert(0, "kind", kind)
     out.insert(0, "study", study)
     return out

@@ -103,8 +103,10 @@ def _lr_sensitivity(summary, variants, study, spec, palette):
     lrs = ", ".join(fmt(x) for x in spec.get("lrs", [])) or "swept LRs"
     n = seed_count(spec)
     seeds = ("mean over the seeds that ran every LR, bar: their range" if n > 1 else "one seed")
+    sens = summary[summary["metric"] == "lr_sensitivity"]
+    missing = "; n/a: no seed of the variant ran every LR" if sens["mean"].isna().any() else ""
     fig.suptitle(f"{study}: sensitivity to the learning rate over η ∈ {{{lrs}}} ({seeds});\n"
-                 "a diverged run counts as L0", fontsize=10)
+                 f"a diverged run counts as L0{missing}", fontsize=10)
     return fig
 
 
