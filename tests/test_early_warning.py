@@ -215,4 +215,4 @@ def test_the_preset_has_three_mechanisms_with_eight_seeds_per_cell_and_stable_tw
     assert {s["kind"] for s in studies.values()} == {"early_warning"} and len(runs(cfg)) >= 60
     assert all(len(s["seeds"]) >= 8 for s in studies.values())
     edges = [name for name in studies if not name.endswith("_twin")]
-    assert len(edges) == 3 and all(f"{name}_twin" in studies and len(studies[name]["lrs"]) == 2 for name in edges)
+    assert len(edges) == 3 and all(f"{name}_twin" in studies and len(studies[name]["lrs"]) >= 2 for name in edges)
