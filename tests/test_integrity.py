@@ -148,21 +148,42 @@ def test_data_files_are_inputs_of_the_corpus_rule(tmp_path):
         source_files({"data": {"source": "text", "paths": [str(tmp_path / "missing")]}})
 
 
-def test_out_of_gpu_memory_exits_75_in_one_line_for_a_retry(tiny_data, tmp_path, monkeypatch, capsys):
-    """torch's OutOfMemoryError (a GPU shared by several runs) becomes one line and exit 75, the code
-    the profiles and bench_grid retry, instead of a traceback and exit 1."""
+@pytest.mark.parametrize("error, says", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB."), "out of GPU memory"),
+    (torch.AcceleratorError("CUDA error: CUDA-capable device(s) is/are busy or unavailable\nSearch for ..."),
+     "the GPU refused the run (CUDA-capable device(s) is/are busy or unavailable)"),
+])
+def test_out_of_gpu_memory_exits_75_in_one_line_for_a_retry(error, says, tiny_data, tmp_path, monkeypatch, capsys):
+    """torch's OutOfMemoryError, or a GPU too busy to take a new process (both seen with 10-16 runs
+    sharing an H200), becomes one line and exit 75, the code the profiles and bench_grid retry,
+    instead of a traceback and exit 1."""
     import stabilab.train as train_pkg
     from stabilab.cli import main
     from stabilab.train.trainer import PREEMPTED_EXIT_CODE
 
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB.")
+    def refused(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(train_pkg, "train", out_of_memory)
+    monkeypatch.setattr(train_pkg, "train", refused)
     run = tmp_path / "run.json"
     run.write_text(json.dumps(tiny_run(tiny_data["shards"])))
     with pytest.raises(SystemExit) as stop:
         main(["train", "--run", str(run), "--out", str(tmp_path / "out")])
     assert stop.value.code == PREEMPTED_EXIT_CODE
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "out of GPU memory" in err[0]
+    assert len(err) == 1 and says in err[0]
+
+
+def test_a_cuda_fault_that_is_not_transient_keeps_its_traceback(tiny_data, tmp_path, monkeypatch):
+    """An illegal memory access is a bug to report, not a busy GPU: it is not turned into a retry."""
+    import stabilab.train as train_pkg
+    from stabilab.cli import main
+
+    def fault(*args, **kwargs):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(train_pkg, "train", fault)
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(tiny_run(tiny_data["shards"])))
+    with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+        main(["train", "--run", str(run), "--out", str(tmp_path / "out")])
