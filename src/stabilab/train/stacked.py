@@ -35,11 +35,13 @@ folders (benchmarks/README.md sketches `stabilab train-stacked`).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import RunConfig, RuntimeConfig, leaves
 from ..device import autocast, pick_device, to_device
@@ -53,6 +55,10 @@ from ..shards import open_shards, train_batch
 # CPU attention has no vmap batching rule (a loop over members: correct, slow); CUDA's flash,
 # memory-efficient and cuDNN attention have one.
 warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product_flash_attention_for_cpu")
+# cuDNN attention is left out on CUDA: compiled under vmap it failed on the H200 (torch 2.11: inductor's
+# output check raised "expected Tensor() for op: aten._scaled_dot_product_cudnn_attention" at N = 8);
+# flash and memory-efficient attention have vmap batching rules. Not yet re-measured on a GPU.
+STACKED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 PER_MEMBER = {"optim.lr", "seed"}  # what members may differ in
 
@@ -172,6 +178,11 @@ class StackedTrainer:
 
     # ------------------------------------------------------------------ steps
 
+    def attention_backends(self):
+        """The SDPA backends the stacked step may use (STACKED_SDPA on CUDA; torch's choice elsewhere);
+        entered around tracing and running alike, since the compiled graph fixes the kernel it traced."""
+        return sdpa_kernel(STACKED_SDPA) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def _losses(self, params: dict[str, torch.Tensor], x: torch.Tensor,
                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective, cross-entropy) per member, both (N,), from stacked x, y (N, B, T)."""
@@ -194,7 +205,7 @@ class StackedTrainer:
         finite = torch.ones(self.n, dtype=torch.bool, device=self.device)
         for micro in range(t.grad_accum):
             x, y = self.batch(micro)
-            with autocast(self.device, t.dtype):
+            with autocast(self.device, t.dtype), self.attention_backends():
                 losses, ces = self.loss_fn(self.params, x, y)
                 # the sum's gradient on member i's slice is that of member i's own loss alone
                 (losses.sum() / t.grad_accum).backward()
