@@ -194,6 +194,15 @@ def test_the_paper_preset_defines_no_variants_of_its_own():
     assert set(variants_of(cfg)) >= set(BY_NAME)
 
 
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
+                                        if "studies" in yaml.safe_load(p.read_text())))
+def test_every_preset_resolves_every_run(preset):
+    """A preset that names an unknown variant, a misspelt key or a wrong type fails here, not on the GPU."""
+    cfg = load_experiment(ROOT / "configs" / preset)
+    grid = runs(cfg)
+    assert grid and all(run_config(cfg, r, "s")["optim"]["lr"] == r.lr for r in grid)
+
+
 def test_runtime_choices_are_not_part_of_a_run(tmp_path):
     cfg = load_experiment(ROOT / "config.yaml")
     first = runs(cfg)[0]
