@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,7 +53,7 @@ from bench_variants import (  # noqa: E402  (also puts the checkout's src/ on sy
     warmup_steps_for,
     write_outputs,
 )
-from stabilab.config import RuntimeConfig  # noqa: E402
+from stabilab.config import CompileMode, RuntimeConfig  # noqa: E402
 from stabilab.device import PEAK_BF16_TFLOPS, pick_device  # noqa: E402
 from stabilab.model import padded_vocab  # noqa: E402
 from stabilab.optim import raise_recompile_limit  # noqa: E402
@@ -76,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_common_args(p, "experiment config with the variants' overlays")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off on CPU)")
+    p.add_argument("--compile-mode", default="default", choices=typing.get_args(CompileMode),
+                   help="torch.compile mode of the model + loss graph (runtime.compile_mode)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--n-layer", type=int, default=12)
     p.add_argument("--n-embd", type=int, default=768)
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"vocab {args.vocab} (padded {padded_vocab(args.vocab)}), batch {args.batch_size} = "
               f"{args.batch_size // args.micro_batch} x micro-batch {args.micro_batch} "
               f"({tokens_per_step:,} tokens/step), "
-              f"dtype {args.dtype}, compile {compile_}, {args.warmup} warm-up + {args.steps} timed steps per variant. "
+              f"dtype {args.dtype}, compile {compile_} ({args.compile_mode}), "
+              f"{args.warmup} warm-up + {args.steps} timed steps per variant. "
               f"MFU = (6 N + 12 L H Q T) x tokens/s / {args.peak_tflops:g} TFLOP/s"
               f"{' / processes' if world > 1 else ''}, N = parameters without "
               f"position embeddings.\n")
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as tmp:
         shard_dir, _ = prepare_shards(Path(tmp), str(args.vocab), 30000, random_tokens=True)
         for name in variants:
-            row = _bench_variant(args, experiment, name, overrides, RuntimeConfig(device=device.type, compile=compile_),
+            runtime = RuntimeConfig(device=device.type, compile=compile_, compile_mode=args.compile_mode)
+            row = _bench_variant(args, experiment, name, overrides, runtime,
                                  device, tokens_per_step, shard_dir,
                                  Path(tmp) / "runs" / name.replace("+", "_"), world)
             rows.append(row)

@@ -93,3 +93,36 @@ def test_final_weights_live_on_for_eval_sample_and_a_new_run(tiny_data, tmp_path
         evaluate(tmp_path / "a", device="cpu")
     with pytest.raises(UserError, match="not a run folder"):
         evaluate(tmp_path / "missing", device="cpu")
+
+
+@pytest.mark.parametrize("mode, graphs", [("default", False), ("reduce-overhead", True),
+                                          ("max-autotune-no-cudagraphs", False)])
+def test_compile_mode_reaches_the_model_graph_and_marks_steps_only_with_cuda_graphs(
+        mode, graphs, tiny_data, tmp_path, monkeypatch):
+    """runtime.compile_mode is the mode the model + loss graph is compiled with; only the CUDA-graph
+    modes make the loop mark each call's start (on CUDA: here `graphs` is forced to see the calls)."""
+    import torch
+
+    from stabilab.config import RuntimeConfig
+
+    modes, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: modes.append(mode) or fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    runtime = RuntimeConfig(device="cpu", compile=True, compile_mode=mode)
+    trainer = Trainer(load_run_config(tiny_run(tiny_data["shards"], train={"grad_accum": 2})), tmp_path, runtime)
+    assert modes[0] == mode and runtime.cuda_graphs is graphs and trainer.graphs is False  # CPU: no graphs
+    trainer.graphs = runtime.cuda_graphs
+    trainer.train_step(measure=False)
+    assert len(marks) == (2 if graphs else 0)  # one mark per micro-batch call
+
+
+def test_an_unknown_compile_mode_is_one_line(tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(tiny_run(tiny_data["shards"])))
+    proc = subprocess.run([sys.executable, "-m", "stabilab.cli", "train", "--run", str(run), "--out",
+                           str(tmp_path / "out"), "--runtime", json.dumps({"compile_mode": "fast"})],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "compile_mode" in proc.stderr

@@ -241,6 +241,7 @@ SECTIONS = ("model", "loss", "optim", "post_step", "train")
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow"]  # train/sinks.py has one sink class per name
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch's modes
 
 
 class RuntimeConfig(Section):
@@ -248,6 +249,9 @@ class RuntimeConfig(Section):
 
     device: Literal["auto", "cpu", "cuda"] = knob("auto", "auto: CUDA when available")
     compile: bool | Literal["auto"] = knob("auto", "torch.compile model, loss and optimizer updates; auto: on CUDA")
+    compile_mode: CompileMode = knob(
+        "default", "torch.compile mode of the model + loss graph (choice): reduce-overhead adds CUDA graphs, "
+                   "the candidate for small models, where launches bound the step")
     threads: int = knob(0, "CPU threads for torch (0: torch's default)", ge=0)
     trackers: unique_list(Tracker) = knob(
         [], "experiment trackers beside metrics.jsonl: tensorboard (run folder/tensorboard), wandb (offline "
@@ -259,6 +263,11 @@ class RuntimeConfig(Section):
     def compiles_on(self, device) -> bool:
         """Whether runs on `device` (a torch.device) are compiled: compile true, or auto on CUDA."""
         return self.compile is True or (self.compile == "auto" and device.type == "cuda")
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compile mode records CUDA graphs (the loop then marks each step's start)."""
+        return self.compile_mode in ("reduce-overhead", "max-autotune")
 
 
 # ----------------------------------------------------------------------------- errors as one line

@@ -76,7 +76,9 @@ class Trainer:
         # Model and fused head loss compile as one graph (its forward and written-out backward
         # become one reduction and one elementwise kernel over the logits); SPAM's and perpGrad's
         # updates compile to a fused kernel per tensor; the metrics pass compiles with the model.
-        self.loss_fn = torch.compile(self._loss) if self.compiled else self._loss
+        self.loss_fn = torch.compile(self._loss, mode=self.runtime.compile_mode) if self.compiled else self._loss
+        # with CUDA graphs the outputs of one call live in memory the next call reuses: mark each call
+        self.graphs = self.compiled and self.runtime.cuda_graphs and self.device.type == "cuda"
         self.opt = build_optimizer(self.model, self.cfg.optim, self.device, compile=self.compiled)
         self.hooks = post_step_hooks(self.cfg)
         self.val_batches = [self.to_device(x, y) for x, y in eval_batches(data["val"], t.eval_batches, t.batch_size,
@@ -164,6 +166,8 @@ class Trainer:
             x, y = self.to_device(*train_batch(self.train_tokens, cfg.seed, self.step, micro, t.batch_size,
                                                cfg.model.block_size))
             sync = procs.world == 1 or i == len(micro_batches) - 1  # all-reduce gradients once per step
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(self.device, t.dtype), (contextlib.nullcontext() if sync else self.forward.no_sync()):
                 loss, ce = self.loss_fn(x, y)
                 # DDP averages over processes: scale so the result is the mean over all micro-batches
