@@ -59,6 +59,9 @@ def parse_args(argv):
     p.add_argument("--order", default="seed,-lr", help="launch order: comma-separated keys, '-' for descending")
     p.add_argument("--retries", type=int, default=2,
                    help="times a run that exits 75 (preempted, or out of GPU memory) is tried again")
+    p.add_argument("--stacked", type=int, default=0, metavar="N",
+                   help="train runs that differ only in LR and seed N at a time in one process (stabilab "
+                        "train-stacked); a job of N counts as one of --jobs")
     p.add_argument("--deadline", type=float, default=None, help="launch no run after this many seconds")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS)
     p.add_argument("--no-report", action="store_true", help="skip the tables and figures at the end")
@@ -105,6 +108,28 @@ def chosen_runs(cfg: dict, args) -> list:
     return grid
 
 
+def stacked_jobs(cfg: dict, todo: list, size: int) -> list[list]:
+    """The runs grouped for `stabilab train-stacked`: runs whose resolved configs differ only in
+    optim.lr and seed, in launch order, at most `size` per job; a run the stacked path refuses
+    (SPAM, StableMax, ...) or one without a partner is a job of its own."""
+    from stabilab.config import leaves, load_run_config
+    from stabilab.errors import UserError
+    from stabilab.train.stacked import PER_MEMBER, check_members
+
+    groups: dict[str, list] = {}
+    for run in todo:
+        resolved = run_config(cfg, run, shards_dir(cfg))
+        try:
+            check_members([load_run_config(resolved)])
+        except UserError:
+            key = run.path  # trained alone
+        else:
+            key = json.dumps({k: v for k, v in leaves(resolved).items() if k not in PER_MEMBER}, sort_keys=True,
+                             default=str)
+        groups.setdefault(key, []).append(run)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_experiment(args.config, parse_overrides(args.overrides))
@@ -117,31 +142,43 @@ def main(argv=None) -> dict:
     todo = [r for r in grid if not (res / r.path / "summary.json").exists()]
     print(f"{len(grid)} runs in the slice, {len(todo)} to train, {args.jobs} at a time", flush=True)
     lock, done, failed, skipped = threading.Lock(), [], [], []
+    jobs = stacked_jobs(cfg, todo, args.stacked) if args.stacked > 1 else [[r] for r in todo]
+    if args.stacked > 1:
+        print(f"stacked: {len(todo)} runs in {len(jobs)} jobs of up to {args.stacked} members", flush=True)
 
-    def train(run) -> None:
+    def train(job: list) -> None:
         if args.deadline is not None and time.time() - start > args.deadline:
             with lock:
-                skipped.append(run)
+                skipped.extend(job)
             return
-        spec = res / "grid_configs" / (run.path.replace("/", "_") + ".json")
-        spec.parent.mkdir(parents=True, exist_ok=True)
-        spec.write_text(json.dumps(run_config(cfg, run, shards_dir(cfg)), sort_keys=True))
+        specs = []
+        for run in job:
+            spec = res / "grid_configs" / (run.path.replace("/", "_") + ".json")
+            spec.parent.mkdir(parents=True, exist_ok=True)
+            spec.write_text(json.dumps(run_config(cfg, run, shards_dir(cfg)), sort_keys=True))
+            specs.append(str(spec))
+        outs = [str(res / run.path) for run in job]
+        if len(job) == 1:
+            cli, log = ["train", "--run", specs[0], "--out", outs[0]], res / "logs" / f"{job[0].path}.log"
+        else:  # one process trains the members together; each still writes its own run folder
+            cli, log = ["train-stacked", "--runs", *specs, "--outs", *outs], res / "logs" / f"{job[0].path}.stacked.log"
         t0 = time.time()
         for attempt in range(args.retries + 1):
             if attempt:  # the GPU was full (or the run preempted): wait for others to free memory, resume
                 time.sleep(RETRY_PAUSE_S * attempt)
-            code = run_cli(["train", "--run", str(spec), "--out", str(res / run.path), "--runtime", runtime,
-                            "--threads", str(args.threads)], res / "logs" / f"{run.path}.log", append=attempt > 0)
+            code = run_cli([*cli, "--runtime", runtime, "--threads", str(args.threads)], log, append=attempt > 0)
             if code != RETRY_EXIT_CODE:
                 break
         with lock:
-            (done if code == 0 else failed).append(run)
-            print(f"[{len(done) + len(failed)}/{len(todo)}] {run.path}: exit {code} in {time.time() - t0:.0f} s "
-                  f"(at {time.time() - start:.0f} s)", flush=True)
+            for run in job:
+                (done if code == 0 else failed).append(run)
+                print(f"[{len(done) + len(failed)}/{len(todo)}] {run.path}: exit {code} in {time.time() - t0:.0f} s "
+                      f"(at {time.time() - start:.0f} s){f' (stacked x{len(job)})' if len(job) > 1 else ''}",
+                      flush=True)
 
     t_train = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(train, todo))
+        list(pool.map(train, jobs))
     t_train = time.time() - t_train
     summaries = [res / r.path / "summary.json" for r in grid if (res / r.path / "summary.json").exists()]
     if summaries and not args.no_report:
@@ -164,7 +201,8 @@ def report(args, cfg, res: Path, trained: list, wall: float, t_data: float, fail
                      "final_val_loss": s["final_val_loss"]})
     total = sum(r["model_flops"] for r in rows)
     mfu = 100 * total / max(wall, 1e-9) / (args.peak_tflops * 1e12)
-    lines = [f"# Grid benchmark: {args.config} ({len(rows)} runs trained, {args.jobs} at a time)", "",
+    stacking = f", stacked {args.stacked} per process" if args.stacked > 1 else ""
+    lines = [f"# Grid benchmark: {args.config} ({len(rows)} runs trained, {args.jobs} at a time{stacking})", "",
              f"- wall time of the training phase: {wall:.1f} s (data preparation before it: {t_data:.1f} s)",
              f"- model FLOPs of the trained runs: {total / 1e15:.2f} PFLOP; aggregate MFU {mfu:.1f} % "
              f"of {args.peak_tflops:g} TFLOP/s",

@@ -161,6 +161,34 @@ def test_bench_grid_retries_a_run_that_exits_75_and_keeps_its_log(monkeypatch, t
     assert calls[:2] == [False, True]
 
 
+def test_bench_grid_stacks_runs_that_differ_only_in_lr_and_seed(monkeypatch, tmp_path):
+    """--stacked N: the lr study's 3 LRs of one variant are one `train-stacked` job (at most N
+    members), a method the stacked path refuses (mu-centering's post-step hook) trains alone."""
+    bench_grid = _load("bench_grid")
+    jobs = []
+
+    def fake_cli(args, log, append=False):
+        if args[0] in ("train", "train-stacked"):
+            jobs.append(args[:args.index("--runtime")])
+        return 0
+
+    monkeypatch.setattr(bench_grid, "run_cli", fake_cli)
+    monkeypatch.setattr(bench_grid, "prepare_data", lambda cfg, res: None)
+    monkeypatch.setattr(bench_grid, "REPO", tmp_path)
+    monkeypatch.setattr(bench_grid, "report", lambda args, cfg, res, trained, *rest: trained)
+    trained = bench_grid.main(["--config", str(BENCH.parent / "config.yaml"), "--studies", "lr", "--variants",
+                               "baseline", "zloss", "oec_center", "--jobs", "1", "--no-report", "--stacked", "2"])
+    assert len(trained) == 9
+    stacked = [j for j in jobs if j[0] == "train-stacked"]
+    alone = [j for j in jobs if j[0] == "train"]
+    members = [j[j.index("--runs") + 1:j.index("--outs")] for j in stacked]
+    assert sorted(len(m) for m in members) == [2, 2]  # baseline and zloss: 3 LRs = a job of 2 + one alone
+    assert len(alone) == 2 + 3  # each variant's third LR, and the 3 mu-centering runs
+    assert all("oec_center" not in " ".join(m) for m in members)
+    for m in members:  # the members of a job share their variant
+        assert len({Path(f).name.split("_L")[0] for f in m}) == 1
+
+
 def test_bench_stacked_tiny(bench_throughput, tmp_path):
     """Both preset shapes (tiny), the single run and N = 1, 2 stacked members: every row ok with
     positive numbers, the stacked rows' tokens counting all members, the table written to --out."""

@@ -10,6 +10,7 @@ subcommand that needs them, so `stabilab --help` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -49,6 +50,15 @@ def cmd_tokenize(args) -> None:
           f"-> {args.out}")
 
 
+def _add_runtime_flags(p) -> None:
+    p.add_argument("--runtime", help="runtime config as JSON (the experiment's `runtime` section)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="runtime.device (default auto)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], help="runtime.compile (default auto: on CUDA)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--trackers", metavar="NAMES", help="runtime.trackers, comma-separated: tensorboard,wandb,mlflow")
+    p.add_argument("--keep-checkpoint", action="store_true", default=None, help="keep ckpt.pt when the run ends")
+
+
 def runtime_from(args):
     """The runtime config: --runtime JSON, then the single flags over it."""
     from .config import RuntimeConfig, validated
@@ -62,6 +72,37 @@ def runtime_from(args):
     return validated(RuntimeConfig, runtime, "runtime")
 
 
+@contextlib.contextmanager
+def device_errors_as_retry():
+    """A full or busy GPU ends the run as preempted (exit 75, one line), for the profiles' and
+    bench_grid's retries; other CUDA faults keep their traceback (they are bugs to report)."""
+    import torch
+
+    from .train.trainer import PREEMPTED_EXIT_CODE
+
+    retry = f"the last checkpoint is kept; exit {PREEMPTED_EXIT_CODE} for a retry"
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        # on a GPU shared by several runs this is usually transient
+        print(f"error: out of GPU memory (a GPU shared with other runs, or a batch too large); {retry}",
+              file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
+    except torch.AcceleratorError as e:
+        if not any(s in str(e) for s in TRANSIENT_DEVICE_ERRORS):
+            raise
+        # a full GPU can refuse a new process's context (measured: 2 of 72 runs with 10-16 sharing an H200)
+        print(f"error: the GPU refused the run ({str(e).splitlines()[0].removeprefix('CUDA error: ')}); {retry}",
+              file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
+
+
+def done_line(cfg, summary: dict) -> str:
+    state = f"DIVERGED at step {summary['diverged_step']}" if summary["diverged"] else \
+        f"val loss {summary['final_val_loss']:.4f}"
+    return f"done: {cfg.study}/{cfg.variant} L{cfg.model.n_layer} lr {cfg.optim.lr:g} seed {cfg.seed}: {state}"
+
+
 def cmd_train(args) -> None:
     from .config import deep_merge, load_run_config, parse_overrides
 
@@ -72,30 +113,33 @@ def cmd_train(args) -> None:
     import torch
 
     from .train import train
-    from .train.trainer import PREEMPTED_EXIT_CODE
 
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
-    try:
+    with device_errors_as_retry():
         summary = train(cfg, args.out, runtime)
-    except torch.OutOfMemoryError:
-        # on a GPU shared by several runs this is usually transient: exit as a preempted run does,
-        # so that the profiles' retries (and bench_grid) try again from the last checkpoint
-        print(f"error: out of GPU memory (a GPU shared with other runs, or a batch too large); the last "
-              f"checkpoint is kept; exit {PREEMPTED_EXIT_CODE} for a retry", file=sys.stderr)
-        raise SystemExit(PREEMPTED_EXIT_CODE) from None
-    except torch.AcceleratorError as e:
-        if not any(s in str(e) for s in TRANSIENT_DEVICE_ERRORS):
-            raise  # a kernel fault or a driver bug: its traceback is the report
-        # a full GPU can refuse a new process's context (measured: 2 of 72 runs with 10-16 sharing an H200)
-        print(f"error: the GPU refused the run ({str(e).splitlines()[0].removeprefix('CUDA error: ')}); "
-              f"the last checkpoint is kept; exit {PREEMPTED_EXIT_CODE} for a retry", file=sys.stderr)
-        raise SystemExit(PREEMPTED_EXIT_CODE) from None
-    if not summary:  # a data-parallel worker other than rank 0
-        return
-    state = f"DIVERGED at step {summary['diverged_step']}" if summary["diverged"] else \
-        f"val loss {summary['final_val_loss']:.4f}"
-    print(f"done: {cfg.study}/{cfg.variant} L{cfg.model.n_layer} lr {cfg.optim.lr:g} seed {cfg.seed}: {state}")
+    if summary:  # empty on a data-parallel worker other than rank 0
+        print(done_line(cfg, summary))
+
+
+def cmd_train_stacked(args) -> None:
+    from .config import load_run_config
+
+    if len(args.runs) != len(args.outs):
+        raise UserError(f"--runs names {len(args.runs)} runs but --outs {len(args.outs)} folders")
+    cfgs = [load_run_config(read_json_arg(r, "--runs")) for r in args.runs]
+    runtime = runtime_from(args)
+
+    import torch
+
+    from .train.stacked_runs import train_stacked
+
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    with device_errors_as_retry():
+        summaries = train_stacked(cfgs, args.outs, runtime)
+    for cfg, summary in zip(cfgs, summaries):
+        print(done_line(cfg, summary))
 
 
 def cmd_eval(args) -> None:
@@ -217,14 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True,
                    help="resolved run config as JSON (or a JSON file, e.g. a run's config.json)")
     p.add_argument("--out", required=True, help="run folder (resumes from its checkpoint if present)")
-    p.add_argument("--runtime", help="runtime config as JSON (the experiment's `runtime` section)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="runtime.device (default auto)")
-    p.add_argument("--compile", choices=["auto", "on", "off"], help="runtime.compile (default auto: on CUDA)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--trackers", metavar="NAMES", help="runtime.trackers, comma-separated: tensorboard,wandb,mlflow")
-    p.add_argument("--keep-checkpoint", action="store_true", default=None, help="keep ckpt.pt when the run ends")
+    _add_runtime_flags(p)
     _add_overrides(p, "run-config")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-stacked", help="train runs that differ only in optim.lr and seed together, stacked "
+                                             "in one process (each writes its own run folder)")
+    p.add_argument("--runs", nargs="+", required=True, help="resolved run configs (JSON or JSON files)")
+    p.add_argument("--outs", nargs="+", required=True, help="their run folders, in the same order")
+    _add_runtime_flags(p)
+    p.set_defaults(func=cmd_train_stacked)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a finished run's model on token shards")
     p.add_argument("--run", required=True, help="run folder (config.json and model.pt)")

@@ -29,8 +29,9 @@ the GPT-2 and OEC families (tied or not, LayerNorm or RMSNorm, qk-norm, RoPE, Sw
 gradient accumulation. Refused (one-line UserError): SPAM, perpGrad, StableMax, post-step hooks (mu-centering), dropout,
 spike scores, several processes, init_from, and members differing in anything but lr and seed.
 
-Prototype: it trains and reports per-member losses and grad norms; it does not yet write run
-folders (benchmarks/README.md sketches `stabilab train-stacked`).
+It trains and reports per-member losses and grad norms; `stacked_runs.StackedRuns` (`stabilab
+train-stacked`, `bench_grid.py --stacked N`) turns its members into pipeline runs with their own
+run folders.
 """
 
 from __future__ import annotations
@@ -196,11 +197,15 @@ class StackedTrainer:
         pairs = [objective(raw[i], y[i], cfg.loss, E[i], cfg.model.logit_softcap) for i in range(self.n)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
-    def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimizer step of every member. Returns device tensors (N,): train_loss (mean
-        cross-entropy over the micro-batches), grad_norm (before clipping), updated (bool)."""
+    def train_step(self, measure: bool = False) -> dict[str, torch.Tensor]:
+        """One optimizer step of every member. Returns device tensors (N,): ce_sum (the micro-batches'
+        cross-entropies summed, as `Trainer`'s running loss adds them; NaN for a member frozen before
+        this step, as a single run's NaN weights would give), train_loss (their mean), grad_norm
+        (before clipping), updated (bool); with `measure` also grad_norm_<group> after clipping, as
+        `Trainer.train_step` measures them."""
         t = self.cfgs[0].train
         self.lrs = [lr_at(self.step, c.optim, t.steps) for c in self.cfgs]
+        was_alive = self.alive.clone()
         ce_sum = torch.zeros(self.n, device=self.device)
         finite = torch.ones(self.n, dtype=torch.bool, device=self.device)
         for micro in range(t.grad_accum):
@@ -212,11 +217,39 @@ class StackedTrainer:
             ce_sum += ces.detach()
             finite &= torch.isfinite(losses.detach())
         self.alive &= finite
+        groups = self._group_norms() if measure else {}
         grad_norm, updated = self._optimizer_step()
+        if groups:  # clip_grad_norm_'s coefficient per member, as the single run measures after clipping
+            clip = self.cfgs[0].optim.grad_clip
+            coef = (clip / (grad_norm + 1e-6)).clamp(max=1.0) if clip is not None else torch.ones_like(grad_norm)
+            groups = {k: v * coef for k, v in groups.items()}
         for k in self.names:
             self.params[k].grad = None
         self.step += 1
-        return {"train_loss": ce_sum / t.grad_accum, "grad_norm": grad_norm, "updated": updated}
+        ce_sum = torch.where(was_alive, ce_sum, torch.full_like(ce_sum, float("nan")))
+        return {"ce_sum": ce_sum, "train_loss": ce_sum / t.grad_accum, "grad_norm": grad_norm,
+                "updated": updated, **groups}
+
+    def group_of(self, name: str) -> str:
+        """The `Trainer.groups` name of a stacked parameter: embedding, block<i> or head."""
+        name = name.removeprefix("gpt.")
+        if name.startswith(("wte.", "wpe.")):
+            return "embedding"
+        if name.startswith("blocks."):
+            return f"block{name.split('.')[1]}"
+        return "head"  # ln_f, and lm_head when untied
+
+    @torch.no_grad()
+    def _group_norms(self) -> dict[str, torch.Tensor]:
+        """Per member, the L2 norm of each parameter group's gradient (N,), before clipping."""
+        sq: dict[str, torch.Tensor] = {}
+        for k in self.names:
+            g = self.params[k].grad
+            if g is not None:
+                norm = torch.linalg.vector_norm(g.reshape(self.n, -1).float(), dim=1)
+                key = f"grad_norm_{self.group_of(k)}"
+                sq[key] = sq.get(key, 0) + norm**2
+        return {k: v.sqrt() for k, v in sq.items()}
 
     @torch.no_grad()
     def _optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:

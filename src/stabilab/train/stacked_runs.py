@@ -1,0 +1,113 @@
+"""Stacked runs as pipeline runs: N runs trained by one `StackedTrainer`, each writing its own
+run folder (config.json, metrics.jsonl, model.pt, summary.json) with the records a `Trainer`
+of that run alone writes, at the same steps.
+
+Each member keeps a `Trainer` for everything but the training step: its folder, sinks, running
+statistics, divergence monitor, summary and final weights. One measurement model is shared by all
+members: at the steps that measure or evaluate, a member's weights are copied into it and its
+`Trainer.log_record` runs as in a single run (METHODS.md §3 metrics, validation loss). A member
+that diverges is finished there (summary.json with its verdict) and frozen in the stack.
+
+What differs from single runs: a stacked group always trains from step 0 (there is no stacked
+checkpoint: a preempted group exits 75 and its members start again); wall time, tokens/s and peak
+memory are the group's; `provenance.stacked` records the group's size.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from ..config import RunConfig, RuntimeConfig
+from ..errors import UserError
+from .monitor import StabilityProbe
+from .stacked import StackedTrainer
+from .trainer import PREEMPTED_EXIT_CODE, Trainer
+
+
+class StackedRuns:
+    def __init__(self, cfgs: list[RunConfig], outs: list[str | Path], runtime: RuntimeConfig | None = None):
+        if len(cfgs) != len(outs) or len(set(map(str, outs))) != len(outs):
+            raise UserError(f"stacked runs need one distinct output folder per run ({len(cfgs)} runs, "
+                            f"{len(set(map(str, outs)))} folders)")
+        runtime = runtime or RuntimeConfig()
+        self.stacked = StackedTrainer(cfgs, runtime)
+        # the members' own Trainers are never stepped or compiled: they keep folders, logs and verdicts
+        eager = runtime.model_copy(update={"compile": False})
+        self.members = [Trainer(c, o, eager) for c, o in zip(cfgs, outs)]
+        shared = self.members[0]
+        self.probe = StabilityProbe(shared.model, shared.cfg, shared.device, shared.val_batches[0],
+                                    self.stacked.compiled)
+        for m in self.members:  # one measurement model for all members: their weights go into it in turn
+            m.model, m.probe, m.compiled = shared.model, self.probe, self.stacked.compiled
+
+    def _load(self, i: int) -> Trainer:
+        m = self.members[i]
+        m.model.load_state_dict(self.stacked.member_state_dict(i))
+        return m
+
+    def _finish(self, i: int, status: str) -> dict:
+        m = self._load(i)
+        summary = m.summarize()
+        summary["provenance"]["stacked"] = self.stacked.n
+        m.log.close(status, summary)
+        m.finish(summary)
+        return summary
+
+    def run(self) -> list[dict]:
+        t, st = self.stacked.cfgs[0].train, self.stacked
+        for m in self.members:
+            m.checkpoints.start_afresh(json.dumps(m.cfg.to_dict(), indent=2) + "\n")
+            m.log = m._sinks()
+        summaries: dict[int, dict] = {}
+        active = list(range(st.n))
+        stop = {"requested": False}
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+        tick, tick_step, elapsed = time.time(), 0, 0.0
+        try:
+            while st.step < t.steps and active and not stop["requested"]:
+                step = st.step + 1
+                measure = step % t.metrics_every == 0 or step == t.steps
+                out = st.train_step(measure)
+                for i in active:
+                    m = self.members[i]
+                    m.stats.loss_sum += out["ce_sum"][i]
+                    m.stats.loss_n += t.grad_accum
+                    m.stats.record_grad_norm(out["grad_norm"][i].float(), step - 1, t.spike_factor)
+                logging = step == 1 or step % t.log_every == 0 or step == t.steps
+                evaluating = step % t.eval_every == 0 or step == t.steps
+                if not (logging or evaluating or measure):
+                    continue
+                now = time.time()
+                elapsed += now - tick
+                for i in list(active):
+                    m = self._load(i) if (measure or evaluating) else self.members[i]
+                    m.step, m.lr, m.elapsed = step, st.lrs[i], elapsed
+                    values = {k: v[i] for k, v in out.items() if k.startswith("grad_norm")}
+                    values["grad_norm"] = values["grad_norm"].float()
+                    rec = m.log_record(step, values, measure, evaluating, now - tick, step - tick_step)
+                    m.divergence.check(step, rec["train_loss"])
+                    verdict = m.divergence.verdict
+                    m.log.write(rec, f" DIVERGED ({verdict['reason']})" if verdict else "")
+                    if verdict:
+                        summaries[i] = self._finish(i, "diverged")
+                        st.alive[i] = False
+                        active.remove(i)
+                tick, tick_step = time.time(), step
+            if stop["requested"] and active:
+                for i in active:
+                    self.members[i].log.close("preempted", None)
+                print(f"SIGTERM: {len(active)} stacked runs stopped at step {st.step}; exiting for requeue "
+                      "(they start again from step 0)", flush=True)
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+            for i in active:
+                summaries[i] = self._finish(i, "finished")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return [summaries[i] for i in range(st.n)]
+
+
+def train_stacked(cfgs: list[RunConfig], outs: list[str | Path], runtime: RuntimeConfig | None = None) -> list[dict]:
+    return StackedRuns(cfgs, outs, runtime).run()

@@ -1,0 +1,124 @@
+"""Stacked runs as pipeline runs (train/stacked_runs.py, `stabilab train-stacked`): every member's
+run folder holds what `Trainer.run` of that run alone writes (the records of metrics.jsonl at the
+same steps, summary.json, the final weights), in float64 on the CPU; a diverging member is
+finished at its own verdict without touching the others."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_run
+from stabilab.config import RuntimeConfig, load_run_config
+from stabilab.train import Trainer
+from stabilab.train.checkpoint import WEIGHTS, load_weights
+from stabilab.train.stacked_runs import train_stacked
+
+CPU = RuntimeConfig(device="cpu", compile=False)
+# metrics.jsonl values compared relative to 1 + |value|: float64 runs agree to ~1e-12, the values
+# Trainer reports in float32 (grad norms, the statistics of RunningStats) to float32's resolution
+TOL = 1e-5
+VARIES = {"tokens_per_s"}  # timing
+SUMMARY_VARIES = {"wall_time_s", "peak_memory_gib"}
+
+
+@pytest.fixture(autouse=True)
+def float64(one_torch_thread):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def config(shards: str, lr: float, seed: int, **sections) -> dict:
+    base = {"model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16},
+            "optim": {"lr": lr, "warmup_steps": 5},
+            "train": {"steps": 24, "batch_size": 4, "grad_accum": 2, "log_every": 4, "metrics_every": 8,
+                      "eval_every": 12, "eval_batches": 2, "checkpoint_every": 100}}
+    run = tiny_run(shards, seed=seed, **base)
+    for name, section in sections.items():
+        run[name] = {**run.get(name, {}), **section}
+    return run
+
+
+def records(folder) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in VARIES}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_records(alone: list[dict], stacked: list[dict]) -> None:
+    assert [r["step"] for r in stacked] == [r["step"] for r in alone]
+    for a, b in zip(alone, stacked):
+        assert set(a) == set(b), (a["step"], set(a) ^ set(b))
+        for k, v in a.items():
+            w = b[k]
+            if isinstance(v, float) and not math.isfinite(v):
+                assert not math.isfinite(w), (a["step"], k, v, w)
+            elif isinstance(v, (int, float)):
+                assert abs(v - w) <= TOL * (1 + abs(v)), (a["step"], k, v, w)
+            else:
+                assert v == w, (a["step"], k)
+
+
+def assert_same_summary(alone: dict, stacked: dict, members: int) -> None:
+    assert stacked["provenance"].pop("stacked") == members
+    for k, v in alone.items():
+        if k in SUMMARY_VARIES:
+            continue
+        w = stacked[k]
+        if isinstance(v, float):
+            assert abs(v - w) <= TOL * (1 + abs(v)), (k, v, w)
+        else:
+            assert v == w, (k, v, w)
+
+
+def test_every_member_folder_is_the_run_trained_alone(tiny_data, tmp_path):
+    runs = [config(tiny_data["shards"], lr, seed) for lr, seed in [(1e-2, 0), (3e-3, 1), (2e-2, 2)]]
+    alone = []
+    for i, run in enumerate(runs):
+        alone.append(Trainer(load_run_config(run), tmp_path / f"alone{i}", CPU).run())
+    outs = [tmp_path / f"stacked{i}" for i in range(len(runs))]
+    summaries = train_stacked([load_run_config(r) for r in runs], outs, CPU)
+    for i, out in enumerate(outs):
+        assert_same_records(records(tmp_path / f"alone{i}"), records(out))
+        assert_same_summary(alone[i], summaries[i], len(runs))
+        assert json.loads((out / "summary.json").read_text())["final_val_loss"] == summaries[i]["final_val_loss"]
+        assert (out / "config.json").read_text() == (tmp_path / f"alone{i}" / "config.json").read_text()
+        mine = load_weights(out / WEIGHTS, "cpu")["model"]
+        theirs = load_weights(tmp_path / f"alone{i}" / WEIGHTS, "cpu")["model"]
+        assert max((mine[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-10
+
+
+def test_a_diverging_member_stops_at_its_own_verdict_and_the_others_train_on(tiny_data, tmp_path):
+    # LR 1e300 overflows the weights at the first step, alike in both (a merely large LR, e.g. 1e4, is
+    # chaotic: the two computations part at the first rounding and diverge at different steps)
+    runs = [config(tiny_data["shards"], 1e-2, 0), config(tiny_data["shards"], 1e300, 1)]
+    alone = [Trainer(load_run_config(r), tmp_path / f"alone{i}", CPU).run() for i, r in enumerate(runs)]
+    assert alone[1]["diverged"] and not alone[0]["diverged"]
+    outs = [tmp_path / "s0", tmp_path / "s1"]
+    summaries = train_stacked([load_run_config(r) for r in runs], outs, CPU)
+    assert summaries[1]["diverged_step"] == alone[1]["diverged_step"]
+    assert summaries[1]["divergence_reason"] == alone[1]["divergence_reason"]
+    assert_same_records(records(tmp_path / "alone0"), records(outs[0]))
+    assert_same_summary(alone[0], summaries[0], 2)
+
+
+def test_train_stacked_cli_writes_each_folder_and_refuses_a_mismatch_in_one_line(tiny_data, tmp_path):
+    files = []
+    for i, lr in enumerate([1e-2, 3e-3]):
+        f = tmp_path / f"run{i}.json"
+        f.write_text(json.dumps(config(tiny_data["shards"], lr, i, train={"steps": 8})))
+        files.append(str(f))
+    cmd = [sys.executable, "-m", "stabilab.cli", "train-stacked", "--device", "cpu", "--compile", "off"]
+    proc = subprocess.run([*cmd, "--runs", *files, "--outs", str(tmp_path / "a"), str(tmp_path / "b")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("done: test/baseline") == 2
+    assert all(json.loads((tmp_path / d / "summary.json").read_text())["steps"] == 8 for d in "ab")
+    proc = subprocess.run([*cmd, "--runs", *files, "--outs", str(tmp_path / "c")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "2 runs but --outs 1" in proc.stderr
