@@ -127,7 +127,8 @@ def stacked_jobs(cfg: dict, todo: list, size: int) -> list[list]:
             key = json.dumps({k: v for k, v in leaves(resolved).items() if k not in PER_MEMBER}, sort_keys=True,
                              default=str)
         groups.setdefault(key, []).append(run)
-    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+    jobs = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+    return sorted(jobs, key=lambda job: todo.index(job[0]))  # the launch order of their first members
 
 
 def main(argv=None) -> dict:
@@ -151,6 +152,25 @@ def main(argv=None) -> dict:
             with lock:
                 skipped.extend(job)
             return
+        t0 = time.time()
+        for attempt in range(args.retries + 1):
+            if attempt:  # the GPU was full (or the run preempted): wait for others to free memory, resume
+                time.sleep(RETRY_PAUSE_S * attempt)
+            # a stacked job's members that finished before it stopped are not trained again
+            left = [r for r in job if not (res / r.path / "summary.json").exists()] if attempt else job
+            code = launch(left, append=attempt > 0) if left else 0
+            if code != RETRY_EXIT_CODE:
+                break
+        with lock:
+            for run in job:
+                finished = code == 0 or (len(job) > 1 and (res / run.path / "summary.json").exists())
+                (done if finished else failed).append(run)
+                print(f"[{len(done) + len(failed)}/{len(todo)}] {run.path}: exit {code} in {time.time() - t0:.0f} s "
+                      f"(at {time.time() - start:.0f} s){f' (stacked x{len(job)})' if len(job) > 1 else ''}",
+                      flush=True)
+
+    def launch(job: list, append: bool) -> int:
+        """One `stabilab train` process for a single run, one `train-stacked` for several."""
         specs = []
         for run in job:
             spec = res / "grid_configs" / (run.path.replace("/", "_") + ".json")
@@ -162,19 +182,7 @@ def main(argv=None) -> dict:
             cli, log = ["train", "--run", specs[0], "--out", outs[0]], res / "logs" / f"{job[0].path}.log"
         else:  # one process trains the members together; each still writes its own run folder
             cli, log = ["train-stacked", "--runs", *specs, "--outs", *outs], res / "logs" / f"{job[0].path}.stacked.log"
-        t0 = time.time()
-        for attempt in range(args.retries + 1):
-            if attempt:  # the GPU was full (or the run preempted): wait for others to free memory, resume
-                time.sleep(RETRY_PAUSE_S * attempt)
-            code = run_cli([*cli, "--runtime", runtime, "--threads", str(args.threads)], log, append=attempt > 0)
-            if code != RETRY_EXIT_CODE:
-                break
-        with lock:
-            for run in job:
-                (done if code == 0 else failed).append(run)
-                print(f"[{len(done) + len(failed)}/{len(todo)}] {run.path}: exit {code} in {time.time() - t0:.0f} s "
-                      f"(at {time.time() - start:.0f} s){f' (stacked x{len(job)})' if len(job) > 1 else ''}",
-                      flush=True)
+        return run_cli([*cli, "--runtime", runtime, "--threads", str(args.threads)], log, append=append)
 
     t_train = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -189,6 +189,35 @@ def test_bench_grid_stacks_runs_that_differ_only_in_lr_and_seed(monkeypatch, tmp
         assert len({Path(f).name.split("_L")[0] for f in m}) == 1
 
 
+def test_a_stacked_job_that_stops_retries_only_its_unfinished_members(monkeypatch, tmp_path):
+    """A stacked job exits 75 after one member finished: the retry trains the other alone, and both
+    are reported as trained (the finished member is neither retrained nor counted as failed)."""
+    bench_grid = _load("bench_grid")
+    jobs = []
+
+    def fake_cli(args, log, append=False):
+        if args[0] not in ("train", "train-stacked"):
+            return 0
+        jobs.append(args[0])
+        if args[0] == "train-stacked":  # the first member finishes, then the GPU runs out of memory
+            first = Path(args[args.index("--outs") + 1])
+            first.mkdir(parents=True, exist_ok=True)
+            (first / "summary.json").write_text("{}")
+            return 75
+        return 0
+
+    monkeypatch.setattr(bench_grid, "run_cli", fake_cli)
+    monkeypatch.setattr(bench_grid, "RETRY_PAUSE_S", 0.0)
+    monkeypatch.setattr(bench_grid, "prepare_data", lambda cfg, res: None)
+    monkeypatch.setattr(bench_grid, "REPO", tmp_path)
+    monkeypatch.setattr(bench_grid, "report", lambda args, cfg, res, trained, wall, t_data, failed, skipped:
+                        (trained, failed))
+    trained, failed = bench_grid.main(["--config", str(BENCH.parent / "config.yaml"), "--studies", "lr",
+                                       "--variants", "baseline", "--lrs", "0.01", "0.1", "--jobs", "1",
+                                       "--no-report", "--stacked", "2"])
+    assert jobs == ["train-stacked", "train"] and len(trained) == 2 and not failed
+
+
 def test_bench_stacked_tiny(bench_throughput, tmp_path):
     """Both preset shapes (tiny), the single run and N = 1, 2 stacked members: every row ok with
     positive numbers, the stacked rows' tokens counting all members, the table written to --out."""

@@ -103,9 +103,20 @@ def test_a_diverging_member_stops_at_its_own_verdict_and_the_others_train_on(tin
     outs = [tmp_path / "s0", tmp_path / "s1"]
     summaries = train_stacked([load_run_config(r) for r in runs], outs, CPU)
     assert summaries[1]["diverged_step"] == alone[1]["diverged_step"]
-    assert summaries[1]["divergence_reason"] == alone[1]["divergence_reason"]
-    assert_same_records(records(tmp_path / "alone0"), records(outs[0]))
-    assert_same_summary(alone[0], summaries[0], 2)
+    for i in range(2):  # the diverging member too: NaN (null) where the run alone's NaN weights give NaN
+        assert_same_records(records(tmp_path / f"alone{i}"), records(outs[i]))
+        assert_same_summary(alone[i], summaries[i], 2)
+    mine = load_weights(outs[1] / WEIGHTS, "cpu")["model"]
+    theirs = load_weights(tmp_path / "alone1" / WEIGHTS, "cpu")["model"]
+    assert all(torch.equal(mine[k].isnan(), theirs[k].isnan()) for k in theirs)
+
+
+def test_wandb_is_refused_in_one_line(tiny_data, tmp_path):
+    from stabilab.errors import UserError
+
+    runs = [load_run_config(config(tiny_data["shards"], lr, 0)) for lr in (1e-2, 3e-3)]
+    with pytest.raises(UserError, match="cannot log to wandb"):
+        train_stacked(runs, [tmp_path / "a", tmp_path / "b"], RuntimeConfig(device="cpu", trackers=["wandb"]))
 
 
 def test_train_stacked_cli_writes_each_folder_and_refuses_a_mismatch_in_one_line(tiny_data, tmp_path):

@@ -73,14 +73,14 @@ def runtime_from(args):
 
 
 @contextlib.contextmanager
-def device_errors_as_retry():
+def device_errors_as_retry(kept: str = "the last checkpoint is kept"):
     """A full or busy GPU ends the run as preempted (exit 75, one line), for the profiles' and
     bench_grid's retries; other CUDA faults keep their traceback (they are bugs to report)."""
     import torch
 
     from .train.trainer import PREEMPTED_EXIT_CODE
 
-    retry = f"the last checkpoint is kept; exit {PREEMPTED_EXIT_CODE} for a retry"
+    retry = f"{kept}; exit {PREEMPTED_EXIT_CODE} for a retry"
     try:
         yield
     except torch.OutOfMemoryError:
@@ -136,7 +136,7 @@ def cmd_train_stacked(args) -> None:
 
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
-    with device_errors_as_retry():
+    with device_errors_as_retry("finished members are kept, the others start again from step 0"):
         summaries = train_stacked(cfgs, args.outs, runtime)
     for cfg, summary in zip(cfgs, summaries):
         print(done_line(cfg, summary))

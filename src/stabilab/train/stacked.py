@@ -226,9 +226,11 @@ class StackedTrainer:
         for k in self.names:
             self.params[k].grad = None
         self.step += 1
-        ce_sum = torch.where(was_alive, ce_sum, torch.full_like(ce_sum, float("nan")))
-        return {"ce_sum": ce_sum, "train_loss": ce_sum / t.grad_accum, "grad_norm": grad_norm,
-                "updated": updated, **groups}
+        # a member frozen before this step reports what the run alone, whose weights went NaN, would
+        nan = lambda v: torch.where(was_alive, v, torch.full_like(v, float("nan")))  # noqa: E731
+        ce_sum = nan(ce_sum)
+        return {"ce_sum": ce_sum, "train_loss": ce_sum / t.grad_accum, "grad_norm": nan(grad_norm),
+                "updated": updated, **{k: nan(v) for k, v in groups.items()}}
 
     def group_of(self, name: str) -> str:
         """The `Trainer.groups` name of a stacked parameter: embedding, block<i> or head."""

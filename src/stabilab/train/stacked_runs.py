@@ -8,9 +8,15 @@ members: at the steps that measure or evaluate, a member's weights are copied in
 `Trainer.log_record` runs as in a single run (METHODS.md §3 metrics, validation loss). A member
 that diverges is finished there (summary.json with its verdict) and frozen in the stack.
 
+A member whose loss or gradient goes non-finite is frozen in the stack; from then on it is recorded
+as the run alone, whose weights went NaN there, is: NaN losses, norms and metrics, NaN weights.
+
 What differs from single runs: a stacked group always trains from step 0 (there is no stacked
-checkpoint: a preempted group exits 75 and its members start again); wall time, tokens/s and peak
-memory are the group's; `provenance.stacked` records the group's size.
+checkpoint: a preempted group exits 75 and its unfinished members start again); wall time and peak
+memory are the group's (tokens/s: a member's tokens over the group's time); on a GPU the stacked
+step's attention kernel may differ from a single run's (cuDNN is left out), so records agree to
+kernel rounding there; `provenance.stacked` records the group's size. W&B is refused: its runs are
+one per process.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import signal
 import time
 from pathlib import Path
 
+import torch
+
 from ..config import RunConfig, RuntimeConfig
 from ..errors import UserError
 from .monitor import StabilityProbe
+from .sinks import tracker_names
 from .stacked import StackedTrainer
 from .trainer import PREEMPTED_EXIT_CODE, Trainer
 
@@ -33,6 +42,9 @@ class StackedRuns:
             raise UserError(f"stacked runs need one distinct output folder per run ({len(cfgs)} runs, "
                             f"{len(set(map(str, outs)))} folders)")
         runtime = runtime or RuntimeConfig()
+        if "wandb" in tracker_names(runtime.trackers):
+            raise UserError("stacked runs cannot log to wandb (one W&B run per process): train them one by one, "
+                            "or use tensorboard or mlflow")
         self.stacked = StackedTrainer(cfgs, runtime)
         # the members' own Trainers are never stepped or compiled: they keep folders, logs and verdicts
         eager = runtime.model_copy(update={"compile": False})
@@ -41,11 +53,18 @@ class StackedRuns:
         self.probe = StabilityProbe(shared.model, shared.cfg, shared.device, shared.val_batches[0],
                                     self.stacked.compiled)
         for m in self.members:  # one measurement model for all members: their weights go into it in turn
-            m.model, m.probe, m.compiled = shared.model, self.probe, self.stacked.compiled
+            m.model = m.forward = shared.model
+            m.probe, m.compiled = self.probe, self.stacked.compiled
+            m.opt, m.params, m.groups = None, [], {}  # the member's own model and optimizer are freed
 
     def _load(self, i: int) -> Trainer:
+        """Member i's weights in the shared model: NaN once it is frozen, as the run alone's are."""
         m = self.members[i]
         m.model.load_state_dict(self.stacked.member_state_dict(i))
+        if not bool(self.stacked.alive[i]):
+            with torch.no_grad():
+                for p in m.model.parameters():
+                    p.fill_(float("nan"))
         return m
 
     def _finish(self, i: int, status: str) -> dict:
@@ -99,13 +118,17 @@ class StackedRuns:
             if stop["requested"] and active:
                 for i in active:
                     self.members[i].log.close("preempted", None)
+                active = []
                 print(f"SIGTERM: {len(active)} stacked runs stopped at step {st.step}; exiting for requeue "
                       "(they start again from step 0)", flush=True)
                 raise SystemExit(PREEMPTED_EXIT_CODE)
             for i in active:
                 summaries[i] = self._finish(i, "finished")
+            active = []
         finally:
             signal.signal(signal.SIGTERM, previous)
+            for i in active:  # an exception: the unfinished members' sinks end as a failed run's do
+                self.members[i].log.close("failed", None)
         return [summaries[i] for i in range(st.n)]
 
 
