@@ -37,6 +37,17 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def float64_default(one_torch_thread):
+    """float64 as torch's default dtype for one test (exact comparisons of two computations)."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """Corpus split, a 300-token BPE and token shards of a small generated corpus."""

@@ -30,12 +30,7 @@ OEC = {"model": {"tie_embeddings": False, "norm": "layernorm", "qk_norm": "layer
        "train": {"grad_accum": 2}}
 
 
-@pytest.fixture(autouse=True)
-def float64(one_torch_thread):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # conftest: float64 tensors, one thread
 
 
 def member(shards: str, lr: float, seed: int, **sections):

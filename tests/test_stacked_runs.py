@@ -27,12 +27,7 @@ VARIES = {"tokens_per_s"}  # timing
 SUMMARY_VARIES = {"wall_time_s", "peak_memory_gib"}
 
 
-@pytest.fixture(autouse=True)
-def float64(one_torch_thread):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # conftest: float64 tensors, one thread
 
 
 def config(shards: str, lr: float, seed: int, **sections) -> dict:
