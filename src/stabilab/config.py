@@ -209,6 +209,13 @@ class TrainConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = knob("auto", "autocast dtype; auto: bf16 on CUDA, float32 on CPU")
     divergence: DivergenceConfig = section(DivergenceConfig, "when a run counts as diverged")
 
+    def schedule(self, step: int) -> tuple[bool, bool, bool]:
+        """Whether step `step` (counted from 1) measures the stability metrics, logs, and evaluates;
+        the last step does all three."""
+        last = step == self.steps
+        return (step % self.metrics_every == 0 or last, step == 1 or step % self.log_every == 0 or last,
+                step % self.eval_every == 0 or last)
+
 
 class DataConfig(Section):
     shards: str = knob("", "folder with train.bin, val.bin, meta.json")

@@ -45,6 +45,18 @@ def collapse_fractions(logits: torch.Tensor, targets: torch.Tensor, kind: str = 
     return {"collapse_frac": (denom == 1.0).to(dtype).mean(), "zero_loss_frac": (losses == 0.0).to(dtype).mean()}
 
 
+def grad_groups(model) -> dict[str, list[torch.nn.Parameter]]:
+    """A GPT's parameters by part, the groups whose gradient norms are logged: embedding (wte, and
+    wpe when learned), block<i>, head (ln_f, and lm_head when untied; a tied head is wte)."""
+    wpe = [model.wpe.weight] if model.wpe is not None else []  # none with RoPE
+    groups = {"embedding": [model.wte.weight, *wpe]}
+    for i, block in enumerate(model.blocks):
+        groups[f"block{i}"] = list(block.parameters())
+    head = [] if model.cfg.tie_embeddings else [model.lm_head.weight]
+    groups["head"] = list(model.ln_f.parameters()) + head
+    return groups
+
+
 def grad_group_norms(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
     """L2 norm of the gradient of each named parameter group (embedding, block i, head)."""
     out = {}

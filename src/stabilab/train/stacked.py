@@ -49,6 +49,7 @@ from ..device import autocast, pick_device, to_device
 from ..errors import UserError
 from ..losses import objective
 from ..methods import post_step_hooks
+from ..metrics import grad_groups
 from ..model import GPT, seeded_model
 from ..optim import lr_at, param_groups
 from ..shards import open_shards, train_batch
@@ -155,6 +156,8 @@ class StackedTrainer:
         self.body = _Body(self.template)
         names = {id(p): name for name, p in self.body.named_parameters()}
         self.head_name = names[id(self.template.lm_head.weight)]  # 'gpt.wte.weight' when tied
+        # stacked name -> the Trainer's gradient-norm group (embedding, block<i>, head)
+        self.group_of = {names[id(p)]: group for group, ps in grad_groups(self.template).items() for p in ps}
         groups = [param_groups(self.template, c.optim) for c in self.cfgs]
         decayed_ids = {id(p) for p in groups[0][0]["params"]}
         self.names = list(self.params)
@@ -232,15 +235,6 @@ class StackedTrainer:
         return {"ce_sum": ce_sum, "train_loss": ce_sum / t.grad_accum, "grad_norm": nan(grad_norm),
                 "updated": updated, **{k: nan(v) for k, v in groups.items()}}
 
-    def group_of(self, name: str) -> str:
-        """The `Trainer.groups` name of a stacked parameter: embedding, block<i> or head."""
-        name = name.removeprefix("gpt.")
-        if name.startswith(("wte.", "wpe.")):
-            return "embedding"
-        if name.startswith("blocks."):
-            return f"block{name.split('.')[1]}"
-        return "head"  # ln_f, and lm_head when untied
-
     @torch.no_grad()
     def _group_norms(self) -> dict[str, torch.Tensor]:
         """Per member, the L2 norm of each parameter group's gradient (N,), before clipping."""
@@ -249,7 +243,7 @@ class StackedTrainer:
             g = self.params[k].grad
             if g is not None:
                 norm = torch.linalg.vector_norm(g.reshape(self.n, -1).float(), dim=1)
-                key = f"grad_norm_{self.group_of(k)}"
+                key = f"grad_norm_{self.group_of[k]}"
                 sq[key] = sq.get(key, 0) + norm**2
         return {k: v.sqrt() for k, v in sq.items()}
 

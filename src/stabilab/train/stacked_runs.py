@@ -21,7 +21,6 @@ one per process.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
@@ -78,7 +77,7 @@ class StackedRuns:
     def run(self) -> list[dict]:
         t, st = self.stacked.cfgs[0].train, self.stacked
         for m in self.members:
-            m.checkpoints.start_afresh(json.dumps(m.cfg.to_dict(), indent=2) + "\n")
+            m.checkpoints.start_afresh(m.config_text)
             m.log = m._sinks()
         summaries: dict[int, dict] = {}
         active = list(range(st.n))
@@ -88,15 +87,14 @@ class StackedRuns:
         try:
             while st.step < t.steps and active and not stop["requested"]:
                 step = st.step + 1
-                measure = step % t.metrics_every == 0 or step == t.steps
+                measure, logging, evaluating = t.schedule(step)
                 out = st.train_step(measure)
+                out["grad_norm"] = out["grad_norm"].float()  # float32, as Trainer.train_step reports it
                 for i in active:
                     m = self.members[i]
                     m.stats.loss_sum += out["ce_sum"][i]
                     m.stats.loss_n += t.grad_accum
-                    m.stats.record_grad_norm(out["grad_norm"][i].float(), step - 1, t.spike_factor)
-                logging = step == 1 or step % t.log_every == 0 or step == t.steps
-                evaluating = step % t.eval_every == 0 or step == t.steps
+                    m.stats.record_grad_norm(out["grad_norm"][i], step - 1, t.spike_factor)
                 if not (logging or evaluating or measure):
                     continue
                 now = time.time()
@@ -105,12 +103,8 @@ class StackedRuns:
                     m = self._load(i) if (measure or evaluating) else self.members[i]
                     m.step, m.lr, m.elapsed = step, st.lrs[i], elapsed
                     values = {k: v[i] for k, v in out.items() if k.startswith("grad_norm")}
-                    values["grad_norm"] = values["grad_norm"].float()
                     rec = m.log_record(step, values, measure, evaluating, now - tick, step - tick_step)
-                    m.divergence.check(step, rec["train_loss"])
-                    verdict = m.divergence.verdict
-                    m.log.write(rec, f" DIVERGED ({verdict['reason']})" if verdict else "")
-                    if verdict:
+                    if m.write_record(m.log, step, rec):
                         summaries[i] = self._finish(i, "diverged")
                         st.alive[i] = False
                         active.remove(i)
@@ -118,9 +112,9 @@ class StackedRuns:
             if stop["requested"] and active:
                 for i in active:
                     self.members[i].log.close("preempted", None)
-                active = []
                 print(f"SIGTERM: {len(active)} stacked runs stopped at step {st.step}; exiting for requeue "
                       "(they start again from step 0)", flush=True)
+                active = []
                 raise SystemExit(PREEMPTED_EXIT_CODE)
             for i in active:
                 summaries[i] = self._finish(i, "finished")

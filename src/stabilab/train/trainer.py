@@ -32,7 +32,7 @@ from ..device import autocast, pick_device, provenance, to_device
 from ..errors import UserError
 from ..io import write_json
 from ..methods import post_step_hooks
-from ..metrics import grad_group_norms
+from ..metrics import grad_group_norms, grad_groups
 from ..model import attention_params_by_hand, seeded_model
 from ..optim import build_optimizer, lr_at
 from ..shards import eval_batches, open_shards, train_batch
@@ -84,12 +84,7 @@ class Trainer:
         self.val_batches = [self.to_device(x, y) for x, y in eval_batches(data["val"], t.eval_batches, t.batch_size,
                                                                   self.cfg.model.block_size)]
         self.probe = StabilityProbe(self.model, self.cfg, self.device, self.val_batches[0], self.compiled)
-        wpe = [self.model.wpe.weight] if self.model.wpe is not None else []  # none with RoPE
-        self.groups = {"embedding": [self.model.wte.weight, *wpe]}
-        for i, block in enumerate(self.model.blocks):
-            self.groups[f"block{i}"] = list(block.parameters())
-        self.groups["head"] = list(self.model.ln_f.parameters()) + (
-            [] if self.cfg.model.tie_embeddings else [self.model.lm_head.weight])
+        self.groups = grad_groups(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.stats = RunningStats.zeros(t.grad_var_window, self.device)
         self.spike_scores = SpikeScores(self.model, t.spike_factor, self.device, self.compiled) \
@@ -127,9 +122,14 @@ class Trainer:
                 "spike_scores": self.spike_scores.state_dict() if self.spike_scores is not None else None,
                 "trackers": self.tracker_ids, "model": self.model.state_dict(), "optimizer": self.opt.state_dict()})
 
+    @property
+    def config_text(self) -> str:
+        """config.json's text: the resolved run config (a checkpoint resumes only under the same)."""
+        return json.dumps(self.cfg.to_dict(), indent=2) + "\n"
+
     def prepare_folder(self) -> bool:
         """Resume from the checkpoint of the same config, else start the folder afresh."""
-        config = json.dumps(self.cfg.to_dict(), indent=2) + "\n"
+        config = self.config_text
         if self.checkpoints.same_config(config):
             state = self.checkpoints.load()
             if state is not None:
@@ -231,6 +231,13 @@ class Trainer:
         rec["tokens_per_s"] = steps_done * self.tokens_per_step / max(seconds, 1e-9)
         return rec
 
+    def write_record(self, log: RunLog, step: int, rec: dict) -> dict | None:
+        """Judge the record (the divergence monitor), write it to the sinks; returns the verdict."""
+        self.divergence.check(step, rec["train_loss"])
+        verdict = self.divergence.verdict
+        log.write(rec, f" DIVERGED ({verdict['reason']})" if verdict else "")
+        return verdict
+
     def flush_grad_norms(self) -> None:
         """Append the total grad norms of the steps since the last flush to grad_norm.csv."""
         if self.recent_grad_norms and self.procs.is_main:
@@ -275,18 +282,14 @@ class Trainer:
         try:
             while self.step < t.steps:
                 step = self.step + 1  # the step about to complete
-                measure = step % t.metrics_every == 0 or step == t.steps
+                measure, logging, evaluating = t.schedule(step)
                 out = self.train_step(measure)
-                logging = step == 1 or step % t.log_every == 0 or step == t.steps
-                evaluating = step % t.eval_every == 0 or step == t.steps
                 if logging or evaluating or measure:
                     now = time.time()
                     self.elapsed += now - tick
                     rec = self.log_record(step, out, measure, evaluating, now - tick, step - tick_step)
                     if self.procs.is_main:
-                        self.divergence.check(step, rec["train_loss"])
-                        verdict = self.divergence.verdict
-                        log.write(rec, f" DIVERGED ({verdict['reason']})" if verdict else "")
+                        self.write_record(log, step, rec)
                     tick, tick_step = time.time(), step
                     if self._agree_to_stop():
                         break
