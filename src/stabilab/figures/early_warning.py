@@ -40,10 +40,10 @@ def auroc_vs_lead(summary, study: str):
             ax, sub = axes[row, col], a[(a["scope"] == scope) & (a["feature"] == feature)]
             for metric, g in sub.groupby("metric", sort=False):
                 g = g.sort_values("lead_steps")
-                if not g["value"].notna().any():
+                if metric == "lr" or not g["value"].notna().any():  # the LR alone: drawn below, pooled only
                     continue
                 colour = METRIC_COLOURS.get(metric, "0.3")
-                dashed = metric == "train_loss" or metric == "lr"
+                dashed = metric == "train_loss"
                 ax.plot(g["lead_steps"], g["value"], color=colour, lw=2 if dashed else 1.4, ls="--" if dashed else "-",
                         marker="o", ms=3)
                 ax.fill_between(g["lead_steps"], g["ci_low"], g["ci_high"], color=colour, alpha=0.12, lw=0)
