@@ -144,6 +144,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = h["q"], h["k"], h["v"]
         if logit_max is not None:
             logit_max.append(attention_logit_max(q, k))
+        # qk-norm and RoPE leave q, k in float32 under autocast while v is bf16; autocast casts them
+        # to v's dtype inside SDPA, but not under torch.vmap (the stacked runs), so cast them here
+        q, k = q.to(v.dtype), k.to(v.dtype)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
