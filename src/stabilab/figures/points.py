@@ -147,7 +147,13 @@ def vs_x(ax, df: pd.DataFrame, x: str, variants: list[str], palette: dict, n_run
     top = 0.985
     if lost:  # a "diverged" row at the top: the points that have no value
         trans = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
-        ax.axhspan(1 - 0.13, 1.0, color=DIVERGED, alpha=0.07, lw=0, transform=ax.transAxes)
+        ax.axhspan(1 - 0.13, 1.0, color=DIVERGED, alpha=0.1, lw=0, transform=ax.transAxes)
+        ax.plot([0, 1], [1 - 0.13] * 2, transform=ax.transAxes, color=DIVERGED, lw=0.6, alpha=0.6, zorder=4)
+        # no y tick inside the row: its markers are not values
+        lo_, _ = ax.get_ylim()
+        cut = ax.transData.inverted().transform(ax.transAxes.transform((0, 1 - 0.13)))[1]
+        ax.set_yticks([t for t in ax.get_yticks() if lo_ <= t <= cut])
+        ax.set_ylim(lo_, ax.get_ylim()[1])
         for xv, dx, colour in lost:
             t = trans + mtransforms.ScaledTranslation(dx / 72, 0, ax.figure.dpi_scale_trans)
             ax.scatter([xv], [1 - 0.065], transform=t, marker="o", s=70, color=colour, edgecolor="white", lw=0.8,
