@@ -17,15 +17,25 @@ grid's FLOPs / (wall time x peak), peak 989 TFLOP/s (dense bf16, H100/H200 SXM) 
 Usage:
     python benchmarks/bench_grid.py --config configs/oec.yaml --jobs 6 --out benchmarks/results/oec_grid
     python benchmarks/bench_grid.py --config configs/oec.yaml --seeds 0 --lrs 0.1 0.3   # a slice
+
+Runs sharing a GPU as separate processes take turns on it: their kernels do not run side by side,
+so 10-16 small runs together reached about the MFU of one alone (benchmarks/README.md). `--mps`
+starts a CUDA MPS control daemon for the grid's processes (and stops it at the end), under which
+their kernels can overlap; `runtime.compile_mode=reduce-overhead` (an override) gives each run
+CUDA graphs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +73,8 @@ def parse_args(argv):
                    help="train runs that differ only in LR and seed N at a time in one process (stabilab "
                         "train-stacked); a job of N counts as one of --jobs")
     p.add_argument("--deadline", type=float, default=None, help="launch no run after this many seconds")
+    p.add_argument("--mps", action="store_true",
+                   help="run the grid's processes under CUDA MPS (nvidia-cuda-mps-control), started and stopped here")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS)
     p.add_argument("--no-report", action="store_true", help="skip the tables and figures at the end")
     p.add_argument("--out", default=None, help="folder for grid.md and grid.csv")
@@ -70,12 +82,72 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+class Children:
+    """The grid's running `stabilab` processes. A SIGTERM to bench_grid is passed on to them (each
+    run then writes its checkpoint and exits 75) and nothing more is launched, so that no run keeps
+    training, orphaned, into the folders a restarted grid trains in."""
+
+    def __init__(self):
+        self.lock, self.live, self.stopping = threading.Lock(), set(), False
+
+    def run(self, cmd: list[str], **kwargs) -> int:
+        with self.lock:
+            if self.stopping:
+                return RETRY_EXIT_CODE
+            proc = subprocess.Popen(cmd, **kwargs)
+            self.live.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.live.discard(proc)
+
+    def stop(self, *_) -> None:
+        with self.lock:
+            self.stopping = True
+            for proc in self.live:
+                proc.terminate()
+
+
+CHILDREN = Children()
+
+
 def run_cli(args: list[str], log: Path, append: bool = False) -> int:
     """One `stabilab` subcommand, as a rule runs it, its output into `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     with open(log, "a" if append else "w") as f:
-        return subprocess.run(STABILAB + args, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
+        return CHILDREN.run(STABILAB + args, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+
+MPS_CONTROL = "nvidia-cuda-mps-control"
+
+
+@contextlib.contextmanager
+def mps_daemon(log_dir: Path):
+    """A CUDA MPS control daemon for the processes started inside (they inherit its pipe
+    directory through the environment), quit on the way out."""
+    exe = shutil.which(MPS_CONTROL)
+    if exe is None:
+        raise SystemExit(f"--mps: {MPS_CONTROL} is not on PATH (it comes with the NVIDIA driver's utilities)")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # the pipe directory holds a unix socket, whose path must stay short: not under the results
+    env = {"CUDA_MPS_PIPE_DIRECTORY": tempfile.mkdtemp(prefix="mps-"), "CUDA_MPS_LOG_DIRECTORY": str(log_dir)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        if subprocess.run([exe, "-d"]).returncode != 0:
+            raise SystemExit(f"--mps: '{MPS_CONTROL} -d' failed: see {log_dir}/control.log")
+        try:
+            yield env
+        finally:
+            subprocess.run([exe], input="quit\n", text=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def prepare_data(cfg: dict, res: Path) -> None:
@@ -132,6 +204,8 @@ def stacked_jobs(cfg: dict, todo: list, size: int) -> list[list]:
 
 
 def main(argv=None) -> dict:
+    global CHILDREN
+    CHILDREN = Children()  # this grid's (a test may run several in one process)
     args = parse_args(argv)
     cfg = load_experiment(args.config, parse_overrides(args.overrides))
     res = REPO / RESULTS.format(name=cfg["name"])
@@ -148,7 +222,7 @@ def main(argv=None) -> dict:
         print(f"stacked: {len(todo)} runs in {len(jobs)} jobs of up to {args.stacked} members", flush=True)
 
     def train(job: list) -> None:
-        if args.deadline is not None and time.time() - start > args.deadline:
+        if CHILDREN.stopping or (args.deadline is not None and time.time() - start > args.deadline):
             with lock:
                 skipped.extend(job)
             return
@@ -159,12 +233,12 @@ def main(argv=None) -> dict:
             # a stacked job's members that finished before it stopped are not trained again
             left = [r for r in job if not (res / r.path / "summary.json").exists()] if attempt else job
             code = launch(left, append=attempt > 0) if left else 0
-            if code != RETRY_EXIT_CODE:
+            if code != RETRY_EXIT_CODE or CHILDREN.stopping:
                 break
         with lock:
             for run in job:
                 finished = code == 0 or (len(job) > 1 and (res / run.path / "summary.json").exists())
-                (done if finished else failed).append(run)
+                (done if finished else skipped if CHILDREN.stopping else failed).append(run)
                 print(f"[{len(done) + len(failed)}/{len(todo)}] {run.path}: exit {code} in {time.time() - t0:.0f} s "
                       f"(at {time.time() - start:.0f} s){f' (stacked x{len(job)})' if len(job) > 1 else ''}",
                       flush=True)
@@ -185,9 +259,17 @@ def main(argv=None) -> dict:
         return run_cli([*cli, "--runtime", runtime, "--threads", str(args.threads)], log, append=append)
 
     t_train = time.time()
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(train, jobs))
+    previous = signal.signal(signal.SIGTERM, CHILDREN.stop)
+    try:
+        with mps_daemon(res / "logs" / "mps") if args.mps else contextlib.nullcontext(), \
+                ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(train, jobs))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     t_train = time.time() - t_train
+    if CHILDREN.stopping:
+        print(f"SIGTERM: stopped; {len(skipped)} runs not trained (those stopped wrote their checkpoints)",
+              flush=True)
     summaries = [res / r.path / "summary.json" for r in grid if (res / r.path / "summary.json").exists()]
     if summaries and not args.no_report:
         tables = res / "tables"
@@ -209,12 +291,14 @@ def report(args, cfg, res: Path, trained: list, wall: float, t_data: float, fail
                      "final_val_loss": s["final_val_loss"]})
     total = sum(r["model_flops"] for r in rows)
     mfu = 100 * total / max(wall, 1e-9) / (args.peak_tflops * 1e12)
-    stacking = f", stacked {args.stacked} per process" if args.stacked > 1 else ""
-    lines = [f"# Grid benchmark: {args.config} ({len(rows)} runs trained, {args.jobs} at a time{stacking})", "",
+    how = f", stacked {args.stacked} per process" if args.stacked > 1 else ""
+    how += ", under CUDA MPS" if args.mps else ""
+    lines = [f"# Grid benchmark: {args.config} ({len(rows)} runs trained, {args.jobs} at a time{how})", "",
+             *([f"- overrides: {' '.join(args.overrides)}"] if args.overrides else []),
              f"- wall time of the training phase: {wall:.1f} s (data preparation before it: {t_data:.1f} s)",
              f"- model FLOPs of the trained runs: {total / 1e15:.2f} PFLOP; aggregate MFU {mfu:.1f} % "
              f"of {args.peak_tflops:g} TFLOP/s",
-             f"- failed: {len(failed)}; not started (deadline): {len(skipped)}", "",
+             f"- failed: {len(failed)}; not trained (deadline or SIGTERM): {len(skipped)}", "",
              "| run | tokens | run wall (s) | tokens/s (own wall time) | peak memory (GiB) | final val loss |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -235,4 +319,4 @@ def report(args, cfg, res: Path, trained: list, wall: float, t_data: float, fail
 
 if __name__ == "__main__":
     result = main()
-    sys.exit(1 if result["failed"] else 0)
+    sys.exit(RETRY_EXIT_CODE if CHILDREN.stopping else 1 if result["failed"] else 0)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -216,6 +220,74 @@ def test_a_stacked_job_that_stops_retries_only_its_unfinished_members(monkeypatc
                                        "--variants", "baseline", "--lrs", "0.01", "0.1", "--jobs", "1",
                                        "--no-report", "--stacked", "2"])
     assert jobs == ["train-stacked", "train"] and len(trained) == 2 and not failed
+
+
+def _fake_mps_control(folder: Path, fail: bool = False) -> Path:
+    """An nvidia-cuda-mps-control stand-in on PATH: logs its arguments, stdin and pipe directory."""
+    exe = folder / "nvidia-cuda-mps-control"
+    exe.write_text("#!/bin/sh\n"
+                   f'echo "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY" >> {folder}/calls.log\n'
+                   f'[ "$1" = "-d" ] || cat >> {folder}/calls.log\n'
+                   f"exit {1 if fail else 0}\n")
+    exe.chmod(0o755)
+    return folder / "calls.log"
+
+
+def test_bench_grid_runs_the_grid_under_mps_and_stops_the_daemon(monkeypatch, tmp_path):
+    """--mps: the control daemon is started before the first run, every run is launched with its
+    pipe directory in the environment, the daemon is told to quit at the end, and the environment
+    is restored; without the program, or when it fails to start, one line says so."""
+    bench_grid = _load("bench_grid")
+    (tmp_path / "bin").mkdir()
+    calls = _fake_mps_control(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    pipes = []
+
+    def fake_cli(args, log, append=False):
+        if args[0] == "train":
+            pipes.append(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
+        return 0
+
+    monkeypatch.setattr(bench_grid, "run_cli", fake_cli)
+    monkeypatch.setattr(bench_grid, "prepare_data", lambda cfg, res: None)
+    monkeypatch.setattr(bench_grid, "REPO", tmp_path)
+    monkeypatch.setattr(bench_grid, "report", lambda args, cfg, res, trained, *rest: trained)
+    argv = ["--config", str(BENCH.parent / "config.yaml"), "--studies", "lr", "--variants", "baseline",
+            "--jobs", "2", "--no-report", "--mps"]
+    assert len(bench_grid.main(argv)) == 3
+    log = calls.read_text().splitlines()
+    assert len(set(pipes)) == 1 and pipes[0] and log == [f"args=-d pipe={pipes[0]}", f"args= pipe={pipes[0]}", "quit"]
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+    _fake_mps_control(tmp_path / "bin", fail=True)
+    with pytest.raises(SystemExit, match="--mps: 'nvidia-cuda-mps-control -d' failed"):
+        bench_grid.main(argv)
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SystemExit, match="--mps: nvidia-cuda-mps-control is not on PATH"):
+        bench_grid.main(argv)
+
+
+def test_a_sigterm_to_bench_grid_stops_its_runs_and_launches_no_more(monkeypatch, tmp_path):
+    """bench_grid passes a SIGTERM on to the runs in flight (which exit 75, as a preempted run does)
+    and starts no other: none is left training as an orphan, and the rest are reported untrained."""
+    bench_grid = _load("bench_grid")
+    child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(75)); "
+             "print('started', flush=True); time.sleep(60)")
+    monkeypatch.setattr(bench_grid, "STABILAB", [sys.executable, "-c", child])
+    monkeypatch.setattr(bench_grid, "prepare_data", lambda cfg, res: None)
+    monkeypatch.setattr(bench_grid, "REPO", tmp_path)
+    monkeypatch.setattr(bench_grid, "report", lambda args, cfg, res, trained, wall, t_data, failed, skipped:
+                        (trained, failed, skipped))
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    t0 = time.time()
+    trained, failed, skipped = bench_grid.main(["--config", str(BENCH.parent / "config.yaml"), "--studies", "lr",
+                                                "--variants", "baseline", "--jobs", "2", "--no-report"])
+    assert time.time() - t0 < 30 and not trained and not failed and len(skipped) == 3
+    logs = sorted((tmp_path / "results").rglob("*.log"))
+    assert len(logs) == 2 and all(log.read_text() == "started\n" for log in logs)  # the third never started
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_bench_stacked_tiny(bench_throughput, tmp_path):
