@@ -18,6 +18,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
+    if str(BENCH) not in sys.path:  # the scripts import each other by name, as when run from there
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # bench_throughput imports bench_variants by name
@@ -288,6 +290,35 @@ def test_a_sigterm_to_bench_grid_stops_its_runs_and_launches_no_more(monkeypatch
     logs = sorted((tmp_path / "results").rglob("*.log"))
     assert len(logs) == 2 and all(log.read_text() == "started\n" for log in logs)  # the third never started
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_compile_mode_check_reports_each_quantitys_largest_difference():
+    check = _load("check_compile_mode")
+    a = {25: {"step": 25, "train_loss": 5.0, "val_loss": float("nan"), "tokens_per_s": 1.0},
+         50: {"step": 50, "train_loss": 4.0, "grad_norm": float("inf"), "tokens_per_s": 2.0}}
+    b = {25: {"step": 25, "train_loss": 5.5, "val_loss": float("nan"), "tokens_per_s": 9.0},
+         50: {"step": 50, "train_loss": 4.0, "grad_norm": 3.0, "tokens_per_s": 9.0}, 75: {"train_loss": 1.0}}
+    rows = {r["quantity"]: r for r in check.differences(a, b)}
+    assert set(rows) == {"train_loss", "val_loss", "grad_norm"}  # speed is not compared
+    assert rows["train_loss"]["max_rel_diff"] == pytest.approx(0.5 / 6.5) and rows["train_loss"]["at_step"] == 25
+    assert rows["val_loss"]["max_rel_diff"] == 0.0 and rows["grad_norm"]["max_rel_diff"] == float("inf")
+
+
+def test_compile_mode_check_trains_the_run_twice_through_the_cli(monkeypatch, tmp_path, tiny_data):
+    """End to end on the CPU, compile off: the two trainings are the same computation, so every
+    logged quantity agrees exactly; compare.md and both run folders are written."""
+    check = _load("check_compile_mode")
+    monkeypatch.setattr(check.bench_grid, "prepare_data", lambda cfg, res: None)
+    monkeypatch.setattr(check, "shards_dir", lambda cfg: tiny_data["shards"])
+    rows = check.main(["--config", str(BENCH.parent / "config.yaml"), "--study", "lr", "--variant", "baseline",
+                       "--lr", "0.01", "--out", str(tmp_path / "cmp"), "runtime.compile=false", "train.steps=12",
+                       "train.log_every=4", "train.metrics_every=4", "train.eval_every=6", "model.n_embd=32",
+                       "model.n_head=2", "model.block_size=32", "train.batch_size=4", "train.grad_accum=1",
+                       "tokenizer.vocab_size=300"])
+    assert {"train_loss", "val_loss", "grad_norm"} <= {r["quantity"] for r in rows}
+    assert all(r["max_rel_diff"] == 0.0 for r in rows)
+    assert (tmp_path / "cmp" / "compare.md").read_text().count("| default |") == 1
+    assert (tmp_path / "cmp" / "reduce-overhead" / "summary.json").exists()
 
 
 def test_bench_stacked_tiny(bench_throughput, tmp_path):

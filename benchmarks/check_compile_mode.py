@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Train one run of a preset twice, under torch.compile's default mode and under another (CUDA
+graphs: reduce-overhead), and compare them: every logged number, record by record, and the
+speed. This is the check that a compile mode keeps a run's numerics before it becomes a default.
+
+Both trainings go through the pipeline's own launch path (`stabilab train --run ... --runtime ...`,
+as bench_grid.py and the Snakemake rules run them), into `<out>/<mode>/`; `<out>/compare.md`
+lists, per logged quantity, the largest difference |a - b| / (1 + |b|) over the records and
+where it is, then each training's wall time, tokens/s and peak memory.
+
+Usage (on a GPU; the preset's data as for bench_grid.py):
+    python benchmarks/check_compile_mode.py --config configs/two_instabilities.yaml --study lr \\
+        --variant baseline --lr 0.01 --mode reduce-overhead --out benchmarks/results/h200_compile_mode \\
+        train.steps=300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import bench_grid  # same folder: the data rules and the launch path
+from stabilab.config import parse_overrides
+from stabilab.experiment import Run, load_experiment, run_config, shards_dir
+from stabilab.layout import RESULTS
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="experiment config (a preset)")
+    p.add_argument("--study", required=True)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--depth", type=int, default=None, help="the study's first depth unless given")
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", default="reduce-overhead", choices=MODES[1:], help="compared with 'default'")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True, help="folder for the two runs and compare.md")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="experiment-config overrides")
+    return p.parse_args(argv)
+
+
+def read_records(folder: Path) -> dict[int, dict]:
+    """metrics.jsonl by step."""
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec for rec in map(json.loads, filter(None, lines))}
+
+
+def differences(a: dict[int, dict], b: dict[int, dict]) -> list[dict]:
+    """Per quantity logged in both: the largest |a - b| / (1 + |b|) over the steps both logged,
+    and its step (speed columns left out: they differ by design). A value finite in one and not
+    the other counts as an infinite difference."""
+    skip = {"step", "tokens", "tokens_per_s"}
+    rows = {}
+    for step in sorted(a.keys() & b.keys()):
+        for key in (a[step].keys() & b[step].keys()) - skip:
+            x, y = a[step][key], b[step][key]
+            if not isinstance(x, (int, float)) or not isinstance(y, (int, float)):
+                continue
+            if math.isnan(x) and math.isnan(y):
+                d = 0.0
+            elif math.isfinite(x) and math.isfinite(y):
+                d = abs(x - y) / (1 + abs(y))
+            else:
+                d = 0.0 if x == y else math.inf
+            if key not in rows or d > rows[key]["max_rel_diff"]:
+                rows[key] = {"quantity": key, "max_rel_diff": d, "at_step": step}
+    return sorted(rows.values(), key=lambda r: -r["max_rel_diff"])
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    cfg = load_experiment(args.config, parse_overrides(args.overrides))
+    if args.study not in cfg.get("studies", {}):
+        raise SystemExit(f"unknown study '{args.study}' in {args.config}")
+    depth = args.depth if args.depth is not None else cfg["studies"][args.study]["depths"][0]
+    run = Run(args.study, args.variant, int(depth), args.lr, args.seed)
+    bench_grid.prepare_data(cfg, bench_grid.REPO / RESULTS.format(name=cfg["name"]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / "run.json"
+    spec.write_text(json.dumps(run_config(cfg, run, shards_dir(cfg)), sort_keys=True))
+    summaries = {}
+    for mode in ("default", args.mode):
+        runtime = out / f"runtime_{mode}.json"
+        runtime.write_text(json.dumps({**(cfg.get("runtime") or {}), "compile_mode": mode}))
+        folder = out / mode
+        code = bench_grid.run_cli(["train", "--run", str(spec), "--out", str(folder), "--runtime", str(runtime),
+                                   "--threads", str(args.threads)], out / f"{mode}.log")
+        if code != 0:
+            raise SystemExit(f"the {mode} run exited {code}: see {out / f'{mode}.log'}")
+        summaries[mode] = json.loads((folder / "summary.json").read_text())
+    rows = differences(read_records(out / args.mode), read_records(out / "default"))
+    lines = [f"# {args.mode} against default: {run.path} of {args.config}", "",
+             "| quantity | max |a - b| / (1 + |b|) | at step |", "|---|---|---|"]
+    lines += [f"| {r['quantity']} | {r['max_rel_diff']:.3g} | {r['at_step']} |" for r in rows]
+    lines += ["", "| mode | wall time (s) | tokens/s | peak memory (GiB) | final val loss |", "|---|---|---|---|---|"]
+    for mode, s in summaries.items():
+        lines.append(f"| {mode} | {s['wall_time_s']:.1f} | {s['tokens'] / max(s['wall_time_s'], 1e-9):,.0f} | "
+                     f"{s.get('peak_memory_gib')} | {s.get('final_val_loss')} |")
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
