@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import tiny_run
+from conftest import Killed, tiny_run
 from stabilab.config import RuntimeConfig, load_run_config
 from stabilab.train import Trainer
 from stabilab.train.checkpoint import WEIGHTS, load_weights
-from stabilab.train.stacked_runs import train_stacked
+from stabilab.train.stacked_runs import StackedRuns, train_stacked
 
 CPU = RuntimeConfig(device="cpu", compile=False)
 # metrics.jsonl values compared relative to 1 + |value|: float64 runs agree to ~1e-12, the values
@@ -128,3 +130,59 @@ def test_train_stacked_cli_writes_each_folder_and_refuses_a_mismatch_in_one_line
     assert all(json.loads((tmp_path / d / "summary.json").read_text())["steps"] == 8 for d in "ab")
     proc = subprocess.run([*cmd, "--runs", *files, "--outs", str(tmp_path / "c")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "2 runs but --outs 1" in proc.stderr
+
+
+def interrupted(cfgs, outs, at: int, how: str) -> None:
+    """Train the group until it is about to take step `at + 1`, then stop it: `crash` (the process
+    dies: the steps since the last checkpoint are lost) or `sigterm` (preempted: checkpoints are
+    written at the step in flight, and it exits 75)."""
+    group = StackedRuns(cfgs, outs, CPU)
+    original = group.stacked.train_step
+
+    def train_step(measure=False):
+        if group.stacked.step == at:
+            if how == "crash":
+                raise Killed
+            os.kill(os.getpid(), signal.SIGTERM)  # handled between this step and the next
+        return original(measure)
+
+    group.stacked.train_step = train_step
+    with pytest.raises(Killed if how == "crash" else SystemExit) as stopped:
+        group.run()
+    if how == "sigterm":
+        assert stopped.value.code == 75
+
+
+@pytest.mark.parametrize("how", ["crash", "sigterm"])
+def test_a_stopped_group_resumes_from_its_checkpoints_and_ends_as_if_never_stopped(tiny_data, tmp_path, how):
+    runs = [load_run_config(config(tiny_data["shards"], lr, seed, train={"checkpoint_every": 8}))
+            for lr, seed in [(1e-2, 0), (3e-3, 1)]]
+    whole = [tmp_path / f"whole{i}" for i in range(2)]
+    expected = train_stacked(runs, whole, CPU)
+    outs = [tmp_path / f"resumed{i}" for i in range(2)]
+    interrupted(runs, outs, 13, how)  # crash: back to the checkpoint of step 8; SIGTERM: at step 14
+    assert all((out / "ckpt.pt").exists() and not (out / "summary.json").exists() for out in outs)
+    summaries = train_stacked(runs, outs, CPU)
+    for i in range(2):
+        assert_same_records(records(whole[i]), records(outs[i]))
+        uninterrupted = json.loads(json.dumps(expected[i]))
+        uninterrupted["provenance"].pop("stacked")
+        assert_same_summary(uninterrupted, summaries[i], 2)
+        mine, theirs = (load_weights(f[i] / WEIGHTS, "cpu")["model"] for f in (outs, whole))
+        assert max((mine[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-10
+        assert not (outs[i] / "ckpt.pt").exists()  # finished: the checkpoint is dropped, as a run alone's
+
+
+def test_a_stacked_members_checkpoint_resumes_as_its_run_alone(tiny_data, tmp_path):
+    """The checkpoint format is the single run's: a member stopped in a group and resumed by
+    `Trainer.run` alone ends as the run trained alone from the start."""
+    runs = [load_run_config(config(tiny_data["shards"], lr, seed)) for lr, seed in [(1e-2, 0), (3e-3, 1)]]
+    alone = Trainer(runs[1], tmp_path / "alone", CPU).run()
+    outs = [tmp_path / "g0", tmp_path / "g1"]
+    interrupted(runs, outs, 9, "sigterm")
+    summary = Trainer(runs[1], outs[1], CPU).run()
+    assert_same_records(records(tmp_path / "alone"), records(outs[1]))
+    summary["provenance"]["stacked"] = 2  # finished alone: assert_same_summary expects the group's mark
+    assert_same_summary(alone, summary, 2)
+    mine, theirs = (load_weights(f / WEIGHTS, "cpu")["model"] for f in (outs[1], tmp_path / "alone"))
+    assert max((mine[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-10

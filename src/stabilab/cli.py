@@ -136,7 +136,7 @@ def cmd_train_stacked(args) -> None:
 
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
-    with device_errors_as_retry("finished members are kept, the others start again from step 0"):
+    with device_errors_as_retry("finished members are kept, the others resume from their last checkpoints"):
         summaries = train_stacked(cfgs, args.outs, runtime)
     for cfg, summary in zip(cfgs, summaries):
         print(done_line(cfg, summary))

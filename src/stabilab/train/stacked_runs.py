@@ -11,12 +11,16 @@ that diverges is finished there (summary.json with its verdict) and frozen in th
 A member whose loss or gradient goes non-finite is frozen in the stack; from then on it is recorded
 as the run alone, whose weights went NaN there, is: NaN losses, norms and metrics, NaN weights.
 
-What differs from single runs: a stacked group always trains from step 0 (there is no stacked
-checkpoint: a preempted group exits 75 and its unfinished members start again); wall time and peak
-memory are the group's (tokens/s: a member's tokens over the group's time); on a GPU the stacked
-step's attention kernel may differ from a single run's (cuDNN is left out), so records agree to
-kernel rounding there; `provenance.stacked` records the group's size. W&B is refused: its runs are
-one per process.
+Checkpoints: every `train.checkpoint_every` steps and on SIGTERM, each unfinished member writes
+the checkpoint its run alone would write (`Trainer.save_checkpoint`'s format: its weights, an
+AdamW state dict of its moments, its running statistics and monitors). A preempted group resumes
+where it stopped when all its members' checkpoints are of one step (else all start afresh), and
+any member can be resumed alone by `stabilab train`.
+
+What differs from single runs: wall time and peak memory are the group's (tokens/s: a member's
+tokens over the group's time); on a GPU the stacked step's attention kernel may differ from a
+single run's (cuDNN is left out), so records agree to kernel rounding there; `provenance.stacked`
+records the group's size. W&B is refused: its runs are one per process.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 
 from ..config import RunConfig, RuntimeConfig
 from ..errors import UserError
+from ..optim import build_optimizer
 from .monitor import StabilityProbe
 from .sinks import tracker_names
 from .stacked import StackedTrainer
@@ -66,6 +71,55 @@ class StackedRuns:
                     p.fill_(float("nan"))
         return m
 
+    def _optimizer(self, i: int) -> torch.optim.Optimizer:
+        """The optimizer member i's run alone has, over the shared model (no state yet)."""
+        m = self.members[i]
+        return build_optimizer(m.model, self.stacked.cfgs[i].optim, m.device)
+
+    def _stacked_index(self) -> list[tuple[torch.nn.Parameter, int]]:
+        """The shared model's parameters, each with its index among the stacked tensors."""
+        index = {name: j for j, name in enumerate(self.stacked.names)}
+        return [(p, index[f"gpt.{name}"]) for name, p in self.members[0].model.named_parameters()]
+
+    def _save(self, i: int, step: int, elapsed: float) -> None:
+        """Member i's checkpoint, in the format of its run alone."""
+        st, m = self.stacked, self._load(i)
+        opt = self._optimizer(i)
+        # AdamW's own step counter dtype (float64 under a float64 default, else float32)
+        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        for p, j in self._stacked_index():  # clones: a view would save the whole stacked tensor
+            opt.state[p] = {"step": torch.tensor(float(step), dtype=dtype), "exp_avg": st.exp_avgs[j][i].clone(),
+                            "exp_avg_sq": st.exp_avg_sqs[j][i].clone()}
+        m.opt, m.step, m.elapsed = opt, step, elapsed
+        m.save_checkpoint()
+        m.opt = None
+
+    def _resume(self) -> bool:
+        """All members from their checkpoints when each has one of the same step (the group writes
+        them together); otherwise every member starts afresh."""
+        st = self.stacked
+        states = [m.checkpoints.load() if m.checkpoints.same_config(m.config_text) else None for m in self.members]
+        steps = {s["step"] if s is not None else None for s in states}
+        if len(steps) != 1 or None in steps:
+            if any(s is not None for s in states):
+                print("stacked runs: their checkpoints are not all of one step; every member starts from step 0",
+                      flush=True)
+            for m in self.members:
+                m.checkpoints.start_afresh(m.config_text)
+            return False
+        with torch.no_grad():
+            for i, (m, state) in enumerate(zip(self.members, states)):
+                m.opt = self._optimizer(i)
+                m.resume_from(state)  # into the shared model and this optimizer, then into the stack
+                for p, j in self._stacked_index():
+                    st.params[st.names[j]][i].copy_(p)
+                    st.exp_avgs[j][i].copy_(m.opt.state[p]["exp_avg"])
+                    st.exp_avg_sqs[j][i].copy_(m.opt.state[p]["exp_avg_sq"])
+                st.alive[i] = all(bool(torch.isfinite(p).all()) for p in m.model.parameters())
+                m.opt = None
+        st.step = steps.pop()
+        return True
+
     def _finish(self, i: int, status: str) -> dict:
         m = self._load(i)
         summary = m.summarize()
@@ -76,14 +130,15 @@ class StackedRuns:
 
     def run(self) -> list[dict]:
         t, st = self.stacked.cfgs[0].train, self.stacked
+        if self._resume():
+            print(f"resumed {st.n} stacked runs from step {st.step}", flush=True)
         for m in self.members:
-            m.checkpoints.start_afresh(m.config_text)
             m.log = m._sinks()
         summaries: dict[int, dict] = {}
         active = list(range(st.n))
         stop = {"requested": False}
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-        tick, tick_step, elapsed = time.time(), 0, 0.0
+        tick, tick_step, elapsed = time.time(), st.step, self.members[0].elapsed
         try:
             while st.step < t.steps and active and not stop["requested"]:
                 step = st.step + 1
@@ -95,25 +150,28 @@ class StackedRuns:
                     m.stats.loss_sum += out["ce_sum"][i]
                     m.stats.loss_n += t.grad_accum
                     m.stats.record_grad_norm(out["grad_norm"][i], step - 1, t.spike_factor)
-                if not (logging or evaluating or measure):
-                    continue
-                now = time.time()
-                elapsed += now - tick
-                for i in list(active):
-                    m = self._load(i) if (measure or evaluating) else self.members[i]
-                    m.step, m.lr, m.elapsed = step, st.lrs[i], elapsed
-                    values = {k: v[i] for k, v in out.items() if k.startswith("grad_norm")}
-                    rec = m.log_record(step, values, measure, evaluating, now - tick, step - tick_step)
-                    if m.write_record(m.log, step, rec):
-                        summaries[i] = self._finish(i, "diverged")
-                        st.alive[i] = False
-                        active.remove(i)
-                tick, tick_step = time.time(), step
+                if logging or evaluating or measure:
+                    now = time.time()
+                    elapsed += now - tick
+                    for i in list(active):
+                        m = self._load(i) if (measure or evaluating) else self.members[i]
+                        m.step, m.lr, m.elapsed = step, st.lrs[i], elapsed
+                        values = {k: v[i] for k, v in out.items() if k.startswith("grad_norm")}
+                        rec = m.log_record(step, values, measure, evaluating, now - tick, step - tick_step)
+                        if m.write_record(m.log, step, rec):
+                            summaries[i] = self._finish(i, "diverged")
+                            st.alive[i] = False
+                            active.remove(i)
+                    tick, tick_step = time.time(), step
+                if step % t.checkpoint_every == 0 and step < t.steps:
+                    for i in active:
+                        self._save(i, step, elapsed + time.time() - tick)
             if stop["requested"] and active:
                 for i in active:
                     self.members[i].log.close("preempted", None)
-                print(f"SIGTERM: {len(active)} stacked runs stopped at step {st.step}; exiting for requeue "
-                      "(they start again from step 0)", flush=True)
+                    self._save(i, st.step, elapsed + time.time() - tick)
+                print(f"SIGTERM: {len(active)} stacked runs stopped at step {st.step}, their checkpoints written; "
+                      "exiting for requeue", flush=True)
                 active = []
                 raise SystemExit(PREEMPTED_EXIT_CODE)
             for i in active:

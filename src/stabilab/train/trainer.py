@@ -133,21 +133,26 @@ class Trainer:
         if self.checkpoints.same_config(config):
             state = self.checkpoints.load()
             if state is not None:
-                self.model.load_state_dict(state["model"])
-                self.opt.load_state_dict(state["optimizer"])
-                self.step, self.elapsed = state["step"], state["elapsed"]
-                self.divergence.initial_loss, self.divergence.above_steps = state["initial_loss"], state["above_steps"]
-                self.stats = RunningStats.from_state_dict(state["stats"])
-                if self.spike_scores is not None:
-                    self.spike_scores.load_state_dict(state["spike_scores"])
-                self.tracker_ids = state.get("trackers") or {}
-                if self.procs.is_main:  # records after the checkpoint belong to the lost attempt
-                    self.checkpoints.truncate_log(self.step)
+                self.resume_from(state)
                 return True
         self.procs.barrier()  # no rank may still be reading an old checkpoint
         if self.procs.is_main:
             self.checkpoints.start_afresh(config)
         return False
+
+    def resume_from(self, state: dict) -> None:
+        """Continue from a checkpoint's state (save_checkpoint's): weights, optimizer, step, running
+        statistics and monitors; the records the lost attempt wrote after it are dropped."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.divergence.initial_loss, self.divergence.above_steps = state["initial_loss"], state["above_steps"]
+        self.stats = RunningStats.from_state_dict(state["stats"])
+        if self.spike_scores is not None:
+            self.spike_scores.load_state_dict(state["spike_scores"])
+        self.tracker_ids = state.get("trackers") or {}
+        if self.procs.is_main:
+            self.checkpoints.truncate_log(self.step)
 
     # ------------------------------------------------------------------ steps
 
