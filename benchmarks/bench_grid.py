@@ -150,6 +150,46 @@ def mps_daemon(log_dir: Path):
                 os.environ[k] = v
 
 
+GPU_SAMPLE_S = 5  # nvidia-smi's sampling period while the grid trains
+
+
+@contextlib.contextmanager
+def gpu_sampler(path: Path | None):
+    """nvidia-smi's utilization and memory of each GPU every GPU_SAMPLE_S seconds into `path`
+    (CSV) while the block runs; nothing without nvidia-smi or a path."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None or path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("timestamp,gpu,utilization_pct,memory_mib\n")
+        f.flush()
+        proc = subprocess.Popen([exe, "--query-gpu=timestamp,index,utilization.gpu,memory.used",
+                                 "--format=csv,noheader,nounits", "-l", str(GPU_SAMPLE_S)], stdout=f,
+                                stderr=subprocess.DEVNULL)
+        try:
+            yield
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
+def utilization_line(path: Path) -> str | None:
+    """grid.md's line on the samples: how often a kernel was running, and the memory in use."""
+    if not path.exists():
+        return None
+    rows = [line.split(",") for line in path.read_text().splitlines()[1:]]
+    rows = [(float(r[2]), float(r[3])) for r in rows if len(r) == 4 and r[2].strip().isdigit()]
+    if not rows:
+        return None
+    util = sorted(u for u, _ in rows)
+    busy = sum(u >= 99 for u in util)
+    return (f"- GPU utilization (nvidia-smi, the share of time a kernel was running, every {GPU_SAMPLE_S} s): "
+            f"median {util[len(util) // 2]:.0f} %, >= 99 % in {busy} of {len(util)} samples; "
+            f"memory in use up to {max(m for _, m in rows) / 1024:.1f} GiB")
+
+
 def prepare_data(cfg: dict, res: Path) -> None:
     """The data rules (corpus -> tokenizer -> tokenize) unless the token shards exist."""
     shards = Path(shards_dir(cfg))
@@ -262,6 +302,7 @@ def main(argv=None) -> dict:
     previous = signal.signal(signal.SIGTERM, CHILDREN.stop)
     try:
         with mps_daemon(res / "logs" / "mps") if args.mps else contextlib.nullcontext(), \
+                gpu_sampler(Path(args.out) / "gpu_util.csv" if args.out else None), \
                 ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(train, jobs))
     finally:
@@ -298,7 +339,8 @@ def report(args, cfg, res: Path, trained: list, wall: float, t_data: float, fail
              f"- wall time of the training phase: {wall:.1f} s (data preparation before it: {t_data:.1f} s)",
              f"- model FLOPs of the trained runs: {total / 1e15:.2f} PFLOP; aggregate MFU {mfu:.1f} % "
              f"of {args.peak_tflops:g} TFLOP/s",
-             f"- failed: {len(failed)}; not trained (deadline or SIGTERM): {len(skipped)}", "",
+             f"- failed: {len(failed)}; not trained (deadline or SIGTERM): {len(skipped)}",
+             *filter(None, [utilization_line(Path(args.out) / "gpu_util.csv") if args.out else None]), "",
              "| run | tokens | run wall (s) | tokens/s (own wall time) | peak memory (GiB) | final val loss |",
              "|---|---|---|---|---|---|"]
     for r in rows:

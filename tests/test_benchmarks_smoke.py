@@ -321,6 +321,31 @@ def test_compile_mode_check_trains_the_run_twice_through_the_cli(monkeypatch, tm
     assert (tmp_path / "cmp" / "reduce-overhead" / "summary.json").exists()
 
 
+def test_bench_grid_samples_gpu_utilization_while_it_trains(monkeypatch, tmp_path):
+    """With nvidia-smi on PATH, its samples land in gpu_util.csv during the block and stop after it;
+    grid.md's line counts them; without nvidia-smi nothing is written."""
+    bench_grid = _load("bench_grid")
+    (tmp_path / "bin").mkdir()
+    smi = tmp_path / "bin" / "nvidia-smi"  # alternately busy and half idle, as fast as the test needs
+    smi.write_text("#!/bin/sh\nwhile true; do echo '2026/12/01 10:00:00.000, 0, 100, 2048'; "
+                   "echo '2026/12/01 10:00:00.100, 0, 50, 4096'; sleep 0.1; done\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    log = tmp_path / "grid" / "gpu_util.csv"
+    with bench_grid.gpu_sampler(log):
+        time.sleep(1.0)
+    n = len(log.read_text().splitlines())
+    time.sleep(0.5)
+    assert n >= 3 and len(log.read_text().splitlines()) == n  # stopped with the block
+    line = bench_grid.utilization_line(log)
+    busy, total = (int(w) for w in line.split(">= 99 % in ")[1].split(" samples")[0].split(" of "))
+    assert total == n - 1 and abs(busy - total / 2) <= 1 and "up to 4.0 GiB" in line
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with bench_grid.gpu_sampler(tmp_path / "none.csv"):
+        pass
+    assert not (tmp_path / "none.csv").exists() and bench_grid.utilization_line(tmp_path / "none.csv") is None
+
+
 def test_bench_stacked_tiny(bench_throughput, tmp_path):
     """Both preset shapes (tiny), the single run and N = 1, 2 stacked members: every row ok with
     positive numbers, the stacked rows' tokens counting all members, the table written to --out."""
