@@ -88,7 +88,12 @@ class Children:
     training, orphaned, into the folders a restarted grid trains in."""
 
     def __init__(self):
-        self.lock, self.live, self.stopping = threading.Lock(), set(), False
+        # reentrant: the handler runs in the main thread, which may hold the lock (data preparation)
+        self.lock, self.live, self.stopped = threading.RLock(), set(), threading.Event()
+
+    @property
+    def stopping(self) -> bool:
+        return self.stopped.is_set()
 
     def run(self, cmd: list[str], **kwargs) -> int:
         with self.lock:
@@ -104,9 +109,13 @@ class Children:
 
     def stop(self, *_) -> None:
         with self.lock:
-            self.stopping = True
+            self.stopped.set()
             for proc in self.live:
                 proc.terminate()
+
+    def pause(self, seconds: float) -> None:
+        """Wait before a retry, cut short by a stop."""
+        self.stopped.wait(seconds)
 
 
 CHILDREN = Children()
@@ -132,7 +141,8 @@ def mps_daemon(log_dir: Path):
         raise SystemExit(f"--mps: {MPS_CONTROL} is not on PATH (it comes with the NVIDIA driver's utilities)")
     log_dir.mkdir(parents=True, exist_ok=True)
     # the pipe directory holds a unix socket, whose path must stay short: not under the results
-    env = {"CUDA_MPS_PIPE_DIRECTORY": tempfile.mkdtemp(prefix="mps-"), "CUDA_MPS_LOG_DIRECTORY": str(log_dir)}
+    pipe = tempfile.mkdtemp(prefix="mps-")
+    env = {"CUDA_MPS_PIPE_DIRECTORY": pipe, "CUDA_MPS_LOG_DIRECTORY": str(log_dir)}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -143,6 +153,7 @@ def mps_daemon(log_dir: Path):
         finally:
             subprocess.run([exe], input="quit\n", text=True)
     finally:
+        shutil.rmtree(pipe, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -269,7 +280,7 @@ def main(argv=None) -> dict:
         t0 = time.time()
         for attempt in range(args.retries + 1):
             if attempt:  # the GPU was full (or the run preempted): wait for others to free memory, resume
-                time.sleep(RETRY_PAUSE_S * attempt)
+                CHILDREN.pause(RETRY_PAUSE_S * attempt)
             # a stacked job's members that finished before it stopped are not trained again
             left = [r for r in job if not (res / r.path / "summary.json").exists()] if attempt else job
             code = launch(left, append=attempt > 0) if left else 0
@@ -278,7 +289,8 @@ def main(argv=None) -> dict:
         with lock:
             for run in job:
                 finished = code == 0 or (len(job) > 1 and (res / run.path / "summary.json").exists())
-                (done if finished else skipped if CHILDREN.stopping else failed).append(run)
+                stopped = CHILDREN.stopping and code == RETRY_EXIT_CODE  # checkpointed at the stop
+                (done if finished else skipped if stopped else failed).append(run)
                 print(f"[{len(done) + len(failed)}/{len(todo)}] {run.path}: exit {code} in {time.time() - t0:.0f} s "
                       f"(at {time.time() - start:.0f} s){f' (stacked x{len(job)})' if len(job) > 1 else ''}",
                       flush=True)

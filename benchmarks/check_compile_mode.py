@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 from pathlib import Path
 
 import bench_grid  # same folder: the data rules and the launch path
@@ -53,13 +54,18 @@ def read_records(folder: Path) -> dict[int, dict]:
 def differences(a: dict[int, dict], b: dict[int, dict]) -> list[dict]:
     """Per quantity logged in both: the largest |a - b| / (1 + |b|) over the steps both logged,
     and its step (speed columns left out: they differ by design). A value finite in one and not
-    the other counts as an infinite difference."""
+    the other (metrics.jsonl writes NaN and inf as null) counts as an infinite difference, and so
+    do steps logged by one run only (one stopped, diverged, earlier): the row `steps logged`."""
     skip = {"step", "tokens", "tokens_per_s"}
     rows = {}
+    only = sorted(a.keys() ^ b.keys())
+    if only:
+        rows["steps logged"] = {"quantity": "steps logged", "max_rel_diff": math.inf, "at_step": only[0]}
+    number = lambda v: math.nan if v is None else v  # noqa: E731
     for step in sorted(a.keys() & b.keys()):
         for key in (a[step].keys() & b[step].keys()) - skip:
-            x, y = a[step][key], b[step][key]
-            if not isinstance(x, (int, float)) or not isinstance(y, (int, float)):
+            x, y = number(a[step][key]), number(b[step][key])
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not isinstance(y, (int, float)):
                 continue
             if math.isnan(x) and math.isnan(y):
                 d = 0.0
@@ -70,6 +76,21 @@ def differences(a: dict[int, dict], b: dict[int, dict]) -> list[dict]:
             if key not in rows or d > rows[key]["max_rel_diff"]:
                 rows[key] = {"quantity": key, "max_rel_diff": d, "at_step": step}
     return sorted(rows.values(), key=lambda r: -r["max_rel_diff"])
+
+
+def train_both(args, out: Path, spec: Path, cfg: dict) -> dict[str, dict]:
+    """The run under the default mode, then under --mode: their summaries."""
+    summaries = {}
+    for mode in ("default", args.mode):
+        runtime = out / f"runtime_{mode}.json"
+        runtime.write_text(json.dumps({**(cfg.get("runtime") or {}), "compile_mode": mode}))
+        folder = out / mode
+        code = bench_grid.run_cli(["train", "--run", str(spec), "--out", str(folder), "--runtime", str(runtime),
+                                   "--threads", str(args.threads)], out / f"{mode}.log")
+        if code != 0:
+            raise SystemExit(f"the {mode} run exited {code}: see {out / f'{mode}.log'}")
+        summaries[mode] = json.loads((folder / "summary.json").read_text())
+    return summaries
 
 
 def main(argv=None) -> list[dict]:
@@ -84,16 +105,12 @@ def main(argv=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "run.json"
     spec.write_text(json.dumps(run_config(cfg, run, shards_dir(cfg)), sort_keys=True))
-    summaries = {}
-    for mode in ("default", args.mode):
-        runtime = out / f"runtime_{mode}.json"
-        runtime.write_text(json.dumps({**(cfg.get("runtime") or {}), "compile_mode": mode}))
-        folder = out / mode
-        code = bench_grid.run_cli(["train", "--run", str(spec), "--out", str(folder), "--runtime", str(runtime),
-                                   "--threads", str(args.threads)], out / f"{mode}.log")
-        if code != 0:
-            raise SystemExit(f"the {mode} run exited {code}: see {out / f'{mode}.log'}")
-        summaries[mode] = json.loads((folder / "summary.json").read_text())
+    bench_grid.CHILDREN = bench_grid.Children()  # a SIGTERM reaches the run in flight
+    previous = signal.signal(signal.SIGTERM, bench_grid.CHILDREN.stop)
+    try:
+        summaries = train_both(args, out, spec, cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     rows = differences(read_records(out / args.mode), read_records(out / "default"))
     lines = [f"# {args.mode} against default: {run.path} of {args.config}", "",
              "| quantity | max |a - b| / (1 + |b|) | at step |", "|---|---|---|"]

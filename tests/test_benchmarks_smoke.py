@@ -282,10 +282,23 @@ def test_a_sigterm_to_bench_grid_stops_its_runs_and_launches_no_more(monkeypatch
     monkeypatch.setattr(bench_grid, "report", lambda args, cfg, res, trained, wall, t_data, failed, skipped:
                         (trained, failed, skipped))
     before = signal.getsignal(signal.SIGTERM)
-    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    done = threading.Event()
+
+    def sigterm_once_both_run():  # into bench_grid's handler only: never after main() returned
+        while not done.wait(0.05):
+            logs = list((tmp_path / "results").rglob("*.log"))
+            if len(logs) == 2 and all(log.read_text() == "started\n" for log in logs):
+                if signal.getsignal(signal.SIGTERM) == bench_grid.CHILDREN.stop:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=sigterm_once_both_run, daemon=True).start()
     t0 = time.time()
-    trained, failed, skipped = bench_grid.main(["--config", str(BENCH.parent / "config.yaml"), "--studies", "lr",
-                                                "--variants", "baseline", "--jobs", "2", "--no-report"])
+    try:
+        trained, failed, skipped = bench_grid.main(["--config", str(BENCH.parent / "config.yaml"), "--studies",
+                                                    "lr", "--variants", "baseline", "--jobs", "2", "--no-report"])
+    finally:
+        done.set()
     assert time.time() - t0 < 30 and not trained and not failed and len(skipped) == 3
     logs = sorted((tmp_path / "results").rglob("*.log"))
     assert len(logs) == 2 and all(log.read_text() == "started\n" for log in logs)  # the third never started
@@ -294,14 +307,16 @@ def test_a_sigterm_to_bench_grid_stops_its_runs_and_launches_no_more(monkeypatch
 
 def test_compile_mode_check_reports_each_quantitys_largest_difference():
     check = _load("check_compile_mode")
-    a = {25: {"step": 25, "train_loss": 5.0, "val_loss": float("nan"), "tokens_per_s": 1.0},
-         50: {"step": 50, "train_loss": 4.0, "grad_norm": float("inf"), "tokens_per_s": 2.0}}
-    b = {25: {"step": 25, "train_loss": 5.5, "val_loss": float("nan"), "tokens_per_s": 9.0},
+    # as metrics.jsonl holds them: non-finite values are null; run a stopped (diverged) at step 50
+    a = {25: {"step": 25, "train_loss": 5.0, "val_loss": None, "tokens_per_s": 1.0},
+         50: {"step": 50, "train_loss": 4.0, "grad_norm": None, "tokens_per_s": 2.0}}
+    b = {25: {"step": 25, "train_loss": 5.5, "val_loss": None, "tokens_per_s": 9.0},
          50: {"step": 50, "train_loss": 4.0, "grad_norm": 3.0, "tokens_per_s": 9.0}, 75: {"train_loss": 1.0}}
     rows = {r["quantity"]: r for r in check.differences(a, b)}
-    assert set(rows) == {"train_loss", "val_loss", "grad_norm"}  # speed is not compared
+    assert set(rows) == {"train_loss", "val_loss", "grad_norm", "steps logged"}  # speed is not compared
     assert rows["train_loss"]["max_rel_diff"] == pytest.approx(0.5 / 6.5) and rows["train_loss"]["at_step"] == 25
     assert rows["val_loss"]["max_rel_diff"] == 0.0 and rows["grad_norm"]["max_rel_diff"] == float("inf")
+    assert rows["steps logged"] == {"quantity": "steps logged", "max_rel_diff": float("inf"), "at_step": 75}
 
 
 def test_compile_mode_check_trains_the_run_twice_through_the_cli(monkeypatch, tmp_path, tiny_data):

@@ -143,10 +143,13 @@ def interrupted(cfgs, outs, at: int, how: str) -> None:
         if group.stacked.step == at:
             if how == "crash":
                 raise Killed
-            os.kill(os.getpid(), signal.SIGTERM)  # handled between this step and the next
+            # handled between this step and the next; never to the test process's own handler
+            assert signal.getsignal(signal.SIGTERM) is not real, "StackedRuns.run installed no SIGTERM handler"
+            os.kill(os.getpid(), signal.SIGTERM)
         return original(measure)
 
     group.stacked.train_step = train_step
+    real = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Killed if how == "crash" else SystemExit) as stopped:
         group.run()
     if how == "sigterm":
@@ -154,7 +157,8 @@ def interrupted(cfgs, outs, at: int, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["crash", "sigterm"])
-def test_a_stopped_group_resumes_from_its_checkpoints_and_ends_as_if_never_stopped(tiny_data, tmp_path, how):
+def test_a_stopped_group_resumes_from_its_checkpoints_and_ends_as_if_never_stopped(tiny_data, tmp_path, how,
+                                                                                   capsys):
     runs = [load_run_config(config(tiny_data["shards"], lr, seed, train={"checkpoint_every": 8}))
             for lr, seed in [(1e-2, 0), (3e-3, 1)]]
     whole = [tmp_path / f"whole{i}" for i in range(2)]
@@ -162,7 +166,10 @@ def test_a_stopped_group_resumes_from_its_checkpoints_and_ends_as_if_never_stopp
     outs = [tmp_path / f"resumed{i}" for i in range(2)]
     interrupted(runs, outs, 13, how)  # crash: back to the checkpoint of step 8; SIGTERM: at step 14
     assert all((out / "ckpt.pt").exists() and not (out / "summary.json").exists() for out in outs)
+    capsys.readouterr()
     summaries = train_stacked(runs, outs, CPU)
+    # (retraining from step 0 would give the same numbers: the resume must be seen to happen)
+    assert f"resumed 2 stacked runs from step {8 if how == 'crash' else 14}" in capsys.readouterr().out
     for i in range(2):
         assert_same_records(records(whole[i]), records(outs[i]))
         uninterrupted = json.loads(json.dumps(expected[i]))
@@ -173,16 +180,35 @@ def test_a_stopped_group_resumes_from_its_checkpoints_and_ends_as_if_never_stopp
         assert not (outs[i] / "ckpt.pt").exists()  # finished: the checkpoint is dropped, as a run alone's
 
 
-def test_a_stacked_members_checkpoint_resumes_as_its_run_alone(tiny_data, tmp_path):
+def test_a_stacked_members_checkpoint_resumes_as_its_run_alone(tiny_data, tmp_path, capsys):
     """The checkpoint format is the single run's: a member stopped in a group and resumed by
     `Trainer.run` alone ends as the run trained alone from the start."""
     runs = [load_run_config(config(tiny_data["shards"], lr, seed)) for lr, seed in [(1e-2, 0), (3e-3, 1)]]
     alone = Trainer(runs[1], tmp_path / "alone", CPU).run()
     outs = [tmp_path / "g0", tmp_path / "g1"]
     interrupted(runs, outs, 9, "sigterm")
+    capsys.readouterr()
     summary = Trainer(runs[1], outs[1], CPU).run()
+    assert "resumed from step 10" in capsys.readouterr().out
     assert_same_records(records(tmp_path / "alone"), records(outs[1]))
     summary["provenance"]["stacked"] = 2  # finished alone: assert_same_summary expects the group's mark
     assert_same_summary(alone, summary, 2)
     mine, theirs = (load_weights(f / WEIGHTS, "cpu")["model"] for f in (outs[1], tmp_path / "alone"))
     assert max((mine[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-10
+
+
+def test_members_whose_checkpoints_differ_in_step_train_one_by_one_and_lose_nothing(tiny_data, tmp_path, capsys):
+    """A retried job regrouped (b checkpointed at step 10, c fresh) cannot share a stack: each trains
+    alone, b from its own checkpoint (kept, not restarted), and both end as their runs alone."""
+    runs = [load_run_config(config(tiny_data["shards"], lr, seed)) for lr, seed in [(1e-2, 0), (3e-3, 1), (2e-2, 2)]]
+    alone = [Trainer(runs[i], tmp_path / f"alone{i}", CPU).run() for i in (1, 2)]
+    outs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    interrupted(runs[:2], outs[:2], 9, "sigterm")
+    capsys.readouterr()
+    summaries = train_stacked(runs[1:], outs[1:], CPU)
+    printed = capsys.readouterr().out
+    assert "training them one by one" in printed and printed.count("resumed from step 10") == 1
+    for k, i in enumerate((1, 2)):
+        assert_same_records(records(tmp_path / f"alone{i}"), records(outs[i]))
+        summaries[k]["provenance"]["stacked"] = 1  # trained alone at the end: no group mark
+        assert_same_summary(alone[k], summaries[k], 1)

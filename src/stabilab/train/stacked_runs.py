@@ -14,8 +14,9 @@ as the run alone, whose weights went NaN there, is: NaN losses, norms and metric
 Checkpoints: every `train.checkpoint_every` steps and on SIGTERM, each unfinished member writes
 the checkpoint its run alone would write (`Trainer.save_checkpoint`'s format: its weights, an
 AdamW state dict of its moments, its running statistics and monitors). A preempted group resumes
-where it stopped when all its members' checkpoints are of one step (else all start afresh), and
-any member can be resumed alone by `stabilab train`.
+where it stopped when all its members' checkpoints are of one step; members at different steps
+(a retry that regrouped them, a stop between two members' saves) train one by one, each from its
+own checkpoint. Any member can also be resumed alone by `stabilab train`.
 
 What differs from single runs: wall time and peak memory are the group's (tokens/s: a member's
 tokens over the group's time); on a GPU the stacked step's attention kernel may differ from a
@@ -34,6 +35,7 @@ import torch
 from ..config import RunConfig, RuntimeConfig
 from ..errors import UserError
 from ..optim import build_optimizer
+from .checkpoint import Checkpointer
 from .monitor import StabilityProbe
 from .sinks import tracker_names
 from .stacked import StackedTrainer
@@ -49,6 +51,8 @@ class StackedRuns:
         if "wandb" in tracker_names(runtime.trackers):
             raise UserError("stacked runs cannot log to wandb (one W&B run per process): train them one by one, "
                             "or use tensorboard or mlflow")
+        self.runs = list(zip(cfgs, outs))  # as given: trained one by one if the stack cannot resume
+        self.runtime = runtime
         self.stacked = StackedTrainer(cfgs, runtime)
         # the members' own Trainers are never stepped or compiled: they keep folders, logs and verdicts
         eager = runtime.model_copy(update={"compile": False})
@@ -87,38 +91,52 @@ class StackedRuns:
         opt = self._optimizer(i)
         # AdamW's own step counter dtype (float64 under a float64 default, else float32)
         dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        for p, j in self._stacked_index():  # clones: a view would save the whole stacked tensor
-            opt.state[p] = {"step": torch.tensor(float(step), dtype=dtype), "exp_avg": st.exp_avgs[j][i].clone(),
-                            "exp_avg_sq": st.exp_avg_sqs[j][i].clone()}
+        for p, j in self._stacked_index():  # copies on the host: a view would save the whole stacked tensor
+            opt.state[p] = {"step": torch.tensor(float(step), dtype=dtype), "exp_avg": st.exp_avgs[j][i].cpu(),
+                            "exp_avg_sq": st.exp_avg_sqs[j][i].cpu()}
         m.opt, m.step, m.elapsed = opt, step, elapsed
         m.save_checkpoint()
         m.opt = None
 
-    def _resume(self) -> bool:
+    def _checkpoint_step(self, m: Trainer) -> int | None:
+        """The step of a member's checkpoint of its own config (read on the host), None: none."""
+        if not m.checkpoints.same_config(m.config_text):
+            return None
+        state = Checkpointer(m.out, torch.device("cpu")).load()
+        return None if state is None else state["step"]
+
+    def _resume(self) -> bool | None:
         """All members from their checkpoints when each has one of the same step (the group writes
-        them together); otherwise every member starts afresh."""
+        them together): True; none has one: False (a fresh start); else None: the stack cannot
+        hold members at different steps (a regrouped retry, or a stop between two members' saves)."""
         st = self.stacked
-        states = [m.checkpoints.load() if m.checkpoints.same_config(m.config_text) else None for m in self.members]
-        steps = {s["step"] if s is not None else None for s in states}
-        if len(steps) != 1 or None in steps:
-            if any(s is not None for s in states):
-                print("stacked runs: their checkpoints are not all of one step; every member starts from step 0",
-                      flush=True)
+        steps = [self._checkpoint_step(m) for m in self.members]
+        if all(s is None for s in steps):
             for m in self.members:
                 m.checkpoints.start_afresh(m.config_text)
             return False
+        if len(set(steps)) != 1:
+            return None
         with torch.no_grad():
-            for i, (m, state) in enumerate(zip(self.members, states)):
+            for i, m in enumerate(self.members):  # one at a time: one member's state on the device at once
                 m.opt = self._optimizer(i)
-                m.resume_from(state)  # into the shared model and this optimizer, then into the stack
+                m.resume_from(m.checkpoints.load())  # into the shared model and this optimizer, then the stack
                 for p, j in self._stacked_index():
                     st.params[st.names[j]][i].copy_(p)
                     st.exp_avgs[j][i].copy_(m.opt.state[p]["exp_avg"])
                     st.exp_avg_sqs[j][i].copy_(m.opt.state[p]["exp_avg_sq"])
                 st.alive[i] = all(bool(torch.isfinite(p).all()) for p in m.model.parameters())
                 m.opt = None
-        st.step = steps.pop()
+        st.step = steps[0]
         return True
+
+    def _one_by_one(self) -> list[dict]:
+        """Members whose checkpoints are of different steps: each trains alone, from its own
+        checkpoint if it has one, as `stabilab train` would (nothing already trained is lost)."""
+        print("stacked runs: their checkpoints are of different steps; training them one by one, each "
+              "from its own", flush=True)
+        self.stacked = None  # the stack's memory back before the runs alone take theirs
+        return [Trainer(cfg, out, self.runtime).run() for cfg, out in self.runs]
 
     def _finish(self, i: int, status: str) -> dict:
         m = self._load(i)
@@ -130,7 +148,10 @@ class StackedRuns:
 
     def run(self) -> list[dict]:
         t, st = self.stacked.cfgs[0].train, self.stacked
-        if self._resume():
+        resumed = self._resume()
+        if resumed is None:
+            return self._one_by_one()
+        if resumed:
             print(f"resumed {st.n} stacked runs from step {st.step}", flush=True)
         for m in self.members:
             m.log = m._sinks()
