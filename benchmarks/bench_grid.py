@@ -231,12 +231,14 @@ def chosen_runs(cfg: dict, args) -> list:
     return grid
 
 
-def stacked_jobs(cfg: dict, todo: list, size: int) -> list[list]:
+def stacked_jobs(cfg: dict, todo: list, size: int, res: Path) -> list[list]:
     """The runs grouped for `stabilab train-stacked`: runs whose resolved configs differ only in
-    optim.lr and seed, in launch order, at most `size` per job; a run the stacked path refuses
-    (SPAM, StableMax, ...) or one without a partner is a job of its own."""
+    optim.lr and seed and whose checkpoints (in `res`) resume from the same step (a stack holds
+    its members at one step), in launch order, at most `size` per job; a run the stacked path
+    refuses (SPAM, StableMax, ...) or one without a partner is a job of its own."""
     from stabilab.config import leaves, load_run_config
     from stabilab.errors import UserError
+    from stabilab.train.checkpoint import checkpoint_step
     from stabilab.train.stacked import PER_MEMBER, check_members
 
     groups: dict[str, list] = {}
@@ -247,7 +249,8 @@ def stacked_jobs(cfg: dict, todo: list, size: int) -> list[list]:
         except UserError:
             key = run.path  # trained alone
         else:
-            key = json.dumps({k: v for k, v in leaves(resolved).items() if k not in PER_MEMBER}, sort_keys=True,
+            shared = {k: v for k, v in leaves(resolved).items() if k not in PER_MEMBER}
+            key = json.dumps({**shared, "resumes from step": checkpoint_step(res / run.path)}, sort_keys=True,
                              default=str)
         groups.setdefault(key, []).append(run)
     jobs = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
@@ -268,7 +271,7 @@ def main(argv=None) -> dict:
     todo = [r for r in grid if not (res / r.path / "summary.json").exists()]
     print(f"{len(grid)} runs in the slice, {len(todo)} to train, {args.jobs} at a time", flush=True)
     lock, done, failed, skipped = threading.Lock(), [], [], []
-    jobs = stacked_jobs(cfg, todo, args.stacked) if args.stacked > 1 else [[r] for r in todo]
+    jobs = stacked_jobs(cfg, todo, args.stacked, res) if args.stacked > 1 else [[r] for r in todo]
     if args.stacked > 1:
         print(f"stacked: {len(todo)} runs in {len(jobs)} jobs of up to {args.stacked} members", flush=True)
 

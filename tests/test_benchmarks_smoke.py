@@ -195,6 +195,39 @@ def test_bench_grid_stacks_runs_that_differ_only_in_lr_and_seed(monkeypatch, tmp
         assert len({Path(f).name.split("_L")[0] for f in m}) == 1
 
 
+def test_bench_grid_stacks_only_runs_that_resume_from_the_same_step(monkeypatch, tmp_path):
+    """Two of three LRs have checkpoints of step 8 (a stopped group), the third none: the two are
+    one job again, the third trains alone (a stack holds its members at one step)."""
+    from stabilab.experiment import load_experiment, runs
+    from stabilab.layout import RESULTS
+    from stabilab.train.checkpoint import save_checked
+
+    bench_grid = _load("bench_grid")
+    config = BENCH.parent / "config.yaml"
+    cfg = load_experiment(config)
+    res = tmp_path / RESULTS.format(name=cfg["name"])
+    lr_runs = [r for r in runs(cfg) if r.study == "lr" and r.variant == "baseline"]
+    for run in lr_runs[:2]:
+        (res / run.path).mkdir(parents=True)
+        save_checked({"step": 8}, res / run.path / "ckpt.pt")
+    jobs = []
+
+    def fake_cli(args, log, append=False):
+        if args[0] in ("train", "train-stacked"):
+            jobs.append([Path(o).name for o in args[args.index("--outs" if args[0] == "train-stacked" else "--out") + 1:
+                                                     args.index("--runtime")]])
+        return 0
+
+    monkeypatch.setattr(bench_grid, "run_cli", fake_cli)
+    monkeypatch.setattr(bench_grid, "prepare_data", lambda cfg, res: None)
+    monkeypatch.setattr(bench_grid, "REPO", tmp_path)
+    monkeypatch.setattr(bench_grid, "report", lambda args, cfg, res, trained, *rest: trained)
+    bench_grid.main(["--config", str(config), "--studies", "lr", "--variants", "baseline", "--jobs", "1",
+                     "--no-report", "--stacked", "3"])
+    assert sorted(sorted(j) for j in jobs) == sorted([sorted(Path(r.path).name for r in lr_runs[:2]),
+                                                      [Path(lr_runs[2].path).name]])
+
+
 def test_a_stacked_job_that_stops_retries_only_its_unfinished_members(monkeypatch, tmp_path):
     """A stacked job exits 75 after one member finished: the retry trains the other alone, and both
     are reported as trained (the finished member is neither retrained nor counted as failed)."""

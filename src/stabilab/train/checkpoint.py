@@ -96,6 +96,18 @@ def load_checked(path: Path, device, fix: str) -> dict:
     return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
 
 
+def checkpoint_step(folder: str | Path) -> int:
+    """The step a run folder's checkpoint resumes from (read on the host); 0 without one, or with
+    one that cannot be read (the run starts afresh then)."""
+    path = Path(folder) / "ckpt.pt"
+    if not path.exists():
+        return 0
+    try:
+        return int(load_checked(path, "cpu", "")["step"])
+    except (UserError, KeyError, RuntimeError):
+        return 0
+
+
 def load_weights(path: str | Path, device) -> dict:
     """{"model": state_dict, "config": run config dict, "step": n} of a finished run's model.pt (or
     of its folder)."""
