@@ -18,10 +18,10 @@ Usage:
     python benchmarks/bench_grid.py --config configs/oec.yaml --jobs 6 --out benchmarks/results/oec_grid
     python benchmarks/bench_grid.py --config configs/oec.yaml --seeds 0 --lrs 0.1 0.3   # a slice
 
-Runs sharing a GPU as separate processes take turns on it: their kernels do not run side by side,
-so 10-16 small runs together reached about the MFU of one alone (benchmarks/README.md). `--mps`
-starts a CUDA MPS control daemon for the grid's processes (and stops it at the end), under which
-their kernels can overlap; `runtime.compile_mode=reduce-overhead` (an override) gives each run
+10-16 small runs sharing a GPU as separate processes reached about the MFU of one alone while a
+kernel was running nearly all the time (benchmarks/README.md): consistent with the processes
+taking turns on it. `--mps` starts a CUDA MPS control daemon for the grid's processes (and stops
+it at the end), under which their kernels can overlap; `runtime.compile_mode=reduce-overhead` (an override) gives each run
 CUDA graphs.
 """
 
@@ -241,6 +241,12 @@ def stacked_jobs(cfg: dict, todo: list, size: int, res: Path) -> list[list]:
     from stabilab.train.checkpoint import checkpoint_step
     from stabilab.train.stacked import PER_MEMBER, check_members
 
+    def resume_step(run) -> int | None:
+        try:
+            return checkpoint_step(res / run.path)
+        except (UserError, KeyError, RuntimeError):  # unreadable: grouped with the fresh runs; its run says so
+            return None
+
     groups: dict[str, list] = {}
     for run in todo:
         resolved = run_config(cfg, run, shards_dir(cfg))
@@ -250,7 +256,7 @@ def stacked_jobs(cfg: dict, todo: list, size: int, res: Path) -> list[list]:
             key = run.path  # trained alone
         else:
             shared = {k: v for k, v in leaves(resolved).items() if k not in PER_MEMBER}
-            key = json.dumps({**shared, "resumes from step": checkpoint_step(res / run.path)}, sort_keys=True,
+            key = json.dumps({**shared, "resumes from step": resume_step(run)}, sort_keys=True,
                              default=str)
         groups.setdefault(key, []).append(run)
     jobs = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]

@@ -42,7 +42,7 @@ class Checkpointer:
         whose bytes do not match its sha256 (truncated, empty, flipped) is a UserError."""
         if not self.path.exists():
             return None
-        state = load_checked(self.path, self.device, f"delete {self.path} to restart the run from step 0")
+        state = load_checked(self.path, self.device, restart_hint(self.path))
         torch.set_rng_state(state["rng_cpu"].cpu())
         if state["rng_cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
@@ -96,16 +96,15 @@ def load_checked(path: Path, device, fix: str) -> dict:
     return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
 
 
-def checkpoint_step(folder: str | Path) -> int:
-    """The step a run folder's checkpoint resumes from (read on the host); 0 without one, or with
-    one that cannot be read (the run starts afresh then)."""
+def restart_hint(path: Path) -> str:
+    return f"delete {path} to restart the run from step 0"
+
+
+def checkpoint_step(folder: str | Path) -> int | None:
+    """The step a run folder's checkpoint resumes from (read on the host), None without one; a
+    corrupt checkpoint is a UserError, as when the run itself loads it."""
     path = Path(folder) / "ckpt.pt"
-    if not path.exists():
-        return 0
-    try:
-        return int(load_checked(path, "cpu", "")["step"])
-    except (UserError, KeyError, RuntimeError):
-        return 0
+    return int(load_checked(path, "cpu", restart_hint(path))["step"]) if path.exists() else None
 
 
 def load_weights(path: str | Path, device) -> dict:

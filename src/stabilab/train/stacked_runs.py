@@ -35,7 +35,7 @@ import torch
 from ..config import RunConfig, RuntimeConfig
 from ..errors import UserError
 from ..optim import build_optimizer
-from .checkpoint import Checkpointer
+from .checkpoint import checkpoint_step
 from .monitor import StabilityProbe
 from .sinks import tracker_names
 from .stacked import StackedTrainer
@@ -98,12 +98,10 @@ class StackedRuns:
         m.save_checkpoint()
         m.opt = None
 
-    def _checkpoint_step(self, m: Trainer) -> int | None:
-        """The step of a member's checkpoint of its own config (read on the host), None: none."""
-        if not m.checkpoints.same_config(m.config_text):
-            return None
-        state = Checkpointer(m.out, torch.device("cpu")).load()
-        return None if state is None else state["step"]
+    @staticmethod
+    def _checkpoint_step(m: Trainer) -> int | None:
+        """The step of a member's checkpoint of its own config, None: none."""
+        return checkpoint_step(m.out) if m.checkpoints.same_config(m.config_text) else None
 
     def _resume(self) -> bool | None:
         """All members from their checkpoints when each has one of the same step (the group writes
