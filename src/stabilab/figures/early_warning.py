@@ -80,6 +80,8 @@ def failure_traces(steps, runs, study: str, spec: dict, palette: dict, max_runs:
         return fig
     fails = frame.drop_duplicates(ew.RUN)
     failing = fails[np.isfinite(fails["fail"])].head(max_runs)
+    if failing.empty:  # nothing to align (a stable twin): the runs' traces as they are, the control
+        return _traces_without_failure(fig, axes, frame, metrics, study, palette, len(fails))
     shown = set()
     for ax, metric in zip(axes, metrics):
         for _, cell in failing.groupby(ew.CELL):
@@ -104,4 +106,22 @@ def failure_traces(steps, runs, study: str, spec: dict, palette: dict, max_runs:
     handles += [Line2D([], [], color="0.65", lw=1, label="surviving seed"),
                 Line2D([], [], color=DIVERGED, lw=1.2, label="failure onset (METHODS.md §5)")]
     figure_legend(fig, handles, ncol=4)
+    return fig
+
+
+def _traces_without_failure(fig, axes, frame, metrics, study: str, palette: dict, n_runs: int):
+    """failure_traces of a study in which no run failed: each metric against the step, every run."""
+    variants = list(dict.fromkeys(frame["variant"]))
+    for ax, metric in zip(axes, metrics):
+        for _, g in frame.groupby(ew.RUN):
+            ax.plot(g["step"], g[f"{metric}:value"], color=palette.get(g["variant"].iloc[0], "0.2"), lw=0.9,
+                    alpha=0.8)
+        if ew.PREDICTORS[metric][1]:
+            ax.set_yscale("log")
+        ax.set_title(metric, fontsize=9.5)
+        ax.set_xlabel("step")
+    fig.suptitle(f"{study}: no run failed ({n_runs} runs), so nothing is aligned at a failure: "
+                 "each run's metrics against its step", fontsize=10)
+    figure_legend(fig, [Line2D([], [], color=palette.get(v, "0.2"), lw=1.5, label=f"{label(v)}: surviving run")
+                        for v in variants], ncol=4)
     return fig
