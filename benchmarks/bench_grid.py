@@ -21,8 +21,8 @@ Usage:
 10-16 small runs sharing a GPU as separate processes reached about the MFU of one alone while a
 kernel was running nearly all the time (benchmarks/README.md): consistent with the processes
 taking turns on it. `--mps` starts a CUDA MPS control daemon for the grid's processes (and stops
-it at the end), under which their kernels can overlap; `runtime.compile_mode=reduce-overhead` (an override) gives each run
-CUDA graphs.
+it at the end), or joins one already serving the environment, under which their kernels can
+overlap; `runtime.compile_mode=reduce-overhead` (an override) gives each run CUDA graphs.
 """
 
 from __future__ import annotations
@@ -135,7 +135,12 @@ MPS_CONTROL = "nvidia-cuda-mps-control"
 @contextlib.contextmanager
 def mps_daemon(log_dir: Path):
     """A CUDA MPS control daemon for the processes started inside (they inherit its pipe
-    directory through the environment), quit on the way out."""
+    directory through the environment), quit on the way out. With CUDA_MPS_PIPE_DIRECTORY already
+    set, the daemon that serves it is joined and left running: two grids can share one MPS server
+    (two daemons would each start their own and the grids would time-slice again)."""
+    if os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
+        yield {"CUDA_MPS_PIPE_DIRECTORY": os.environ["CUDA_MPS_PIPE_DIRECTORY"]}
+        return
     exe = shutil.which(MPS_CONTROL)
     if exe is None:
         raise SystemExit(f"--mps: {MPS_CONTROL} is not on PATH (it comes with the NVIDIA driver's utilities)")

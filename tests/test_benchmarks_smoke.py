@@ -301,6 +301,12 @@ def test_bench_grid_runs_the_grid_under_mps_and_stops_the_daemon(monkeypatch, tm
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(SystemExit, match="--mps: nvidia-cuda-mps-control is not on PATH"):
         bench_grid.main(argv)
+    # a daemon already serving this environment (another grid's) is joined, neither started nor quit
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "shared-pipe"))
+    pipes.clear()
+    assert len(bench_grid.main(argv)) == 3
+    assert pipes == [str(tmp_path / "shared-pipe")] * 3
+    assert os.environ["CUDA_MPS_PIPE_DIRECTORY"] == str(tmp_path / "shared-pipe")
 
 
 def test_a_sigterm_to_bench_grid_stops_its_runs_and_launches_no_more(monkeypatch, tmp_path):
