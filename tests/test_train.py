@@ -116,6 +116,41 @@ def test_compile_mode_reaches_the_model_graph_and_marks_steps_only_with_cuda_gra
     assert len(marks) == (2 if graphs else 0)  # one mark per micro-batch call
 
 
+def test_with_cuda_graphs_accumulated_gradients_leave_the_graph_memory_before_the_next_replay(
+        tiny_data, tmp_path, monkeypatch):
+    """Under CUDA graphs a backward's outputs live in the graph's memory pool, which the next
+    micro-batch's replay overwrites; autograd makes the first micro-batch's gradient tensors the
+    .grad themselves. So before the second micro-batch starts, no .grad may still be a tensor the
+    first backward produced (on the GPU: "accessing tensor output of CUDAGraphs that has been
+    overwritten"); the step's gradients, and so the run, stay those of the loop without graphs."""
+    import torch
+
+    from stabilab.config import RuntimeConfig
+
+    def step(graphs: bool):
+        produced, shared = {}, []
+
+        def mark():  # called before each micro-batch's forward
+            shared.append(sum(p.grad is not None and p.grad.data_ptr() == produced.get(i)
+                              for i, p in enumerate(trainer.params)))
+            produced.clear()
+
+        monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", mark)
+        trainer = Trainer(load_run_config(tiny_run(tiny_data["shards"], train={"grad_accum": 2})), tmp_path,
+                          RuntimeConfig(device="cpu", compile=False))
+        for i, p in enumerate(trainer.params):  # only the pointer: a kept reference would make autograd copy
+            p.register_hook(lambda g, i=i: produced.__setitem__(i, g.data_ptr()))
+        trainer.graphs = graphs
+        trainer.train_step(measure=False)
+        mark()
+        return shared, [p.detach().clone() for p in trainer.params]
+
+    shared, weights = step(graphs=True)
+    assert shared == [0, 0, 0]
+    _, plain = step(graphs=False)
+    assert all(torch.equal(a, b) for a, b in zip(weights, plain))
+
+
 def test_an_unknown_compile_mode_is_one_line(tiny_data, tmp_path):
     import subprocess
     import sys

@@ -177,6 +177,13 @@ class Trainer:
                 loss, ce = self.loss_fn(x, y)
                 # DDP averages over processes: scale so the result is the mean over all micro-batches
                 (loss * procs.world / t.grad_accum).backward()
+            if self.graphs and i == 0 and len(micro_batches) > 1:
+                # the first backward's gradients became the .grad tensors, in the graph's memory,
+                # which the next micro-batch's replay overwrites: give them memory of their own
+                # (later micro-batches then accumulate into it in place)
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad = p.grad.clone()
             self.stats.loss_sum += ce.detach()
         self.stats.loss_n += len(micro_batches)
         if self.spike_scores is not None:
