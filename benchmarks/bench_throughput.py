@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_common_args(p, "experiment config with the variants' overlays")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off on CPU)")
-    p.add_argument("--compile-mode", default="default", choices=typing.get_args(CompileMode),
-                   help="torch.compile mode of the model + loss graph (runtime.compile_mode)")
+    p.add_argument("--compile-mode", default="auto", choices=typing.get_args(CompileMode),
+                   help="torch.compile mode of the model + loss graph (runtime.compile_mode; auto as there)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--n-layer", type=int, default=12)
     p.add_argument("--n-embd", type=int, default=768)
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"vocab {args.vocab} (padded {padded_vocab(args.vocab)}), batch {args.batch_size} = "
               f"{args.batch_size // args.micro_batch} x micro-batch {args.micro_batch} "
               f"({tokens_per_step:,} tokens/step), "
-              f"dtype {args.dtype}, compile {compile_} ({args.compile_mode}), "
+              f"dtype {args.dtype}, compile {compile_} "
+              f"({RuntimeConfig(compile_mode=args.compile_mode).compile_mode_on(device, world)}), "
               f"{args.warmup} warm-up + {args.steps} timed steps per variant. "
               f"MFU = (6 N + 12 L H Q T) x tokens/s / {args.peak_tflops:g} TFLOP/s"
               f"{' / processes' if world > 1 else ''}, N = parameters without "

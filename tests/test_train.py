@@ -96,24 +96,42 @@ def test_final_weights_live_on_for_eval_sample_and_a_new_run(tiny_data, tmp_path
 
 
 @pytest.mark.parametrize("mode, graphs", [("default", False), ("reduce-overhead", True),
-                                          ("max-autotune-no-cudagraphs", False)])
+                                          ("max-autotune-no-cudagraphs", False), ("auto", False)])
 def test_compile_mode_reaches_the_model_graph_and_marks_steps_only_with_cuda_graphs(
         mode, graphs, tiny_data, tmp_path, monkeypatch):
-    """runtime.compile_mode is the mode the model + loss graph is compiled with; only the CUDA-graph
-    modes make the loop mark each call's start (on CUDA: here `graphs` is forced to see the calls)."""
+    """runtime.compile_mode is the mode the model + loss graph is compiled with (auto: torch's
+    default on the CPU) and the one summary.json records; only the CUDA-graph modes make the loop
+    mark each call's start (on CUDA: here `graphs` is forced to see the calls)."""
     import torch
 
-    from stabilab.config import RuntimeConfig
+    from stabilab.config import CUDA_GRAPH_MODES, RuntimeConfig
 
     modes, marks = [], []
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: modes.append(mode) or fn)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     runtime = RuntimeConfig(device="cpu", compile=True, compile_mode=mode)
-    trainer = Trainer(load_run_config(tiny_run(tiny_data["shards"], train={"grad_accum": 2})), tmp_path, runtime)
-    assert modes[0] == mode and runtime.cuda_graphs is graphs and trainer.graphs is False  # CPU: no graphs
-    trainer.graphs = runtime.cuda_graphs
+    cfg = load_run_config(tiny_run(tiny_data["shards"], train={"grad_accum": 2, "steps": 2}))
+    trainer = Trainer(cfg, tmp_path, runtime)
+    resolved = "default" if mode == "auto" else mode
+    assert modes[0] == resolved and trainer.graphs is False  # CPU: no graphs
+    trainer.graphs = resolved in CUDA_GRAPH_MODES
     trainer.train_step(measure=False)
     assert len(marks) == (2 if graphs else 0)  # one mark per micro-batch call
+    trainer.graphs = False
+    assert trainer.run()["provenance"]["compile_mode"] == resolved
+
+
+def test_auto_compile_mode_records_cuda_graphs_only_for_one_process_on_cuda():
+    import torch
+
+    from stabilab.config import RuntimeConfig
+
+    auto, fixed = RuntimeConfig(), RuntimeConfig(compile_mode="max-autotune")
+    assert auto.compile_mode == "auto"
+    assert auto.compile_mode_on(torch.device("cuda", 0)) == "reduce-overhead"
+    assert auto.compile_mode_on(torch.device("cuda", 1), world=2) == "default"
+    assert auto.compile_mode_on(torch.device("cpu")) == "default"
+    assert fixed.compile_mode_on(torch.device("cpu"), world=4) == "max-autotune"
 
 
 def test_with_cuda_graphs_accumulated_gradients_leave_the_graph_memory_before_the_next_replay(

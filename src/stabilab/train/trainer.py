@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, RuntimeConfig
+from ..config import CUDA_GRAPH_MODES, RunConfig, RuntimeConfig
 from ..device import autocast, pick_device, provenance, to_device
 from ..errors import UserError
 from ..io import write_json
@@ -76,9 +76,10 @@ class Trainer:
         # Model and fused head loss compile as one graph (its forward and written-out backward
         # become one reduction and one elementwise kernel over the logits); SPAM's and perpGrad's
         # updates compile to a fused kernel per tensor; the metrics pass compiles with the model.
-        self.loss_fn = torch.compile(self._loss, mode=self.runtime.compile_mode) if self.compiled else self._loss
+        self.compile_mode = self.runtime.compile_mode_on(self.device, self.procs.world) if self.compiled else None
+        self.loss_fn = torch.compile(self._loss, mode=self.compile_mode) if self.compiled else self._loss
         # with CUDA graphs the outputs of one call live in memory the next call reuses: mark each call
-        self.graphs = self.compiled and self.runtime.cuda_graphs and self.device.type == "cuda"
+        self.graphs = self.compile_mode in CUDA_GRAPH_MODES and self.device.type == "cuda"
         self.opt = build_optimizer(self.model, self.cfg.optim, self.device, compile=self.compiled)
         self.hooks = post_step_hooks(self.cfg)
         self.val_batches = [self.to_device(x, y) for x, y in eval_batches(data["val"], t.eval_batches, t.batch_size,
@@ -349,7 +350,7 @@ class Trainer:
             "vocab_size": cfg.model.vocab_size, "flops_per_token": self.model.flops_per_token(),
             "peak_memory_gib": (torch.cuda.max_memory_allocated(self.device) / 2**30
                                 if self.device.type == "cuda" else None),
-            "provenance": {**provenance(self.device), "compiled": self.compiled,
+            "provenance": {**provenance(self.device), "compiled": self.compiled, "compile_mode": self.compile_mode,
                            "tokenizer_sha256": self.meta["tokenizer"].get("sha256")},
         }
 
