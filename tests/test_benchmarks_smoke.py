@@ -358,9 +358,10 @@ def test_compile_mode_check_reports_each_quantitys_largest_difference():
     assert rows["steps logged"] == {"quantity": "steps logged", "max_rel_diff": float("inf"), "at_step": 75}
 
 
-def test_compile_mode_check_trains_the_run_twice_through_the_cli(monkeypatch, tmp_path, tiny_data):
-    """End to end on the CPU, compile off: the two trainings are the same computation, so every
-    logged quantity agrees exactly; compare.md and both run folders are written."""
+def test_compile_mode_check_trains_the_run_and_its_floor_through_the_cli(monkeypatch, tmp_path, tiny_data):
+    """End to end on the CPU, compile off: the three trainings (default, the mode, the default's
+    repeat) are the same computation, so every logged quantity agrees exactly in both columns;
+    compare.md and every run folder are written."""
     check = _load("check_compile_mode")
     monkeypatch.setattr(check.bench_grid, "prepare_data", lambda cfg, res: None)
     monkeypatch.setattr(check, "shards_dir", lambda cfg: tiny_data["shards"])
@@ -371,8 +372,10 @@ def test_compile_mode_check_trains_the_run_twice_through_the_cli(monkeypatch, tm
                        "tokenizer.vocab_size=300"])
     assert {"train_loss", "val_loss", "grad_norm"} <= {r["quantity"] for r in rows}
     assert all(r["max_rel_diff"] == 0.0 for r in rows)
-    assert (tmp_path / "cmp" / "compare.md").read_text().count("| default |") == 1
-    assert (tmp_path / "cmp" / "reduce-overhead" / "summary.json").exists()
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert md.count("| default |") == 1 and md.count("| default-repeat |") == 1
+    assert "| train_loss | 0 | 1 | 0 | 1 |" in md  # the mode's difference beside the floor's (first step)
+    assert all((tmp_path / "cmp" / name / "summary.json").exists() for name in ("reduce-overhead", "default-repeat"))
 
 
 def test_bench_grid_samples_gpu_utilization_while_it_trains(monkeypatch, tmp_path):
