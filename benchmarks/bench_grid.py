@@ -121,6 +121,16 @@ class Children:
 CHILDREN = Children()
 
 
+@contextlib.contextmanager
+def sigterm_to_children():
+    """While the block runs, a SIGTERM stops CHILDREN (this grid's runs) instead of this process."""
+    previous = signal.signal(signal.SIGTERM, CHILDREN.stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cli(args: list[str], log: Path, append: bool = False) -> int:
     """One `stabilab` subcommand, as a rule runs it, its output into `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -325,14 +335,10 @@ def main(argv=None) -> dict:
         return run_cli([*cli, "--runtime", runtime, "--threads", str(args.threads)], log, append=append)
 
     t_train = time.time()
-    previous = signal.signal(signal.SIGTERM, CHILDREN.stop)
-    try:
-        with mps_daemon(res / "logs" / "mps") if args.mps else contextlib.nullcontext(), \
-                gpu_sampler(Path(args.out) / "gpu_util.csv" if args.out else None), \
-                ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(train, jobs))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_to_children(), mps_daemon(res / "logs" / "mps") if args.mps else contextlib.nullcontext(), \
+            gpu_sampler(Path(args.out) / "gpu_util.csv" if args.out else None), \
+            ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(train, jobs))
     t_train = time.time() - t_train
     if CHILDREN.stopping:
         print(f"SIGTERM: stopped; {len(skipped)} runs not trained (those stopped wrote their checkpoints)",

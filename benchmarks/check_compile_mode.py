@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import signal
 from pathlib import Path
 
 import bench_grid  # same folder: the data rules and the launch path
@@ -117,11 +116,8 @@ def main(argv=None) -> list[dict]:
     spec = out / "run.json"
     spec.write_text(json.dumps(run_config(cfg, run, shards_dir(cfg)), sort_keys=True))
     bench_grid.CHILDREN = bench_grid.Children()  # a SIGTERM reaches the run in flight
-    previous = signal.signal(signal.SIGTERM, bench_grid.CHILDREN.stop)
-    try:
+    with bench_grid.sigterm_to_children():
         summaries = train_all(args, out, spec, cfg)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     default = read_records(out / "default")
     rows = differences(read_records(out / args.mode), default)
     floor = {} if args.no_floor else {r["quantity"]: r for r in differences(read_records(out / REPEAT), default)}
