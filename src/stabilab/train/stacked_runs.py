@@ -186,9 +186,11 @@ class StackedRuns:
                     for i in active:
                         self._save(i, step, elapsed + time.time() - tick)
             if stop["requested"] and active:
+                saved = st.step % t.checkpoint_every == 0 and st.step < t.steps  # by the loop, at this step
                 for i in active:
                     self.members[i].log.close("preempted", None)
-                    self._save(i, st.step, elapsed + time.time() - tick)
+                    if not saved:
+                        self._save(i, st.step, elapsed + time.time() - tick)
                 print(f"SIGTERM: {len(active)} stacked runs stopped at step {st.step}, their checkpoints written; "
                       "exiting for requeue", flush=True)
                 active = []
