@@ -180,6 +180,21 @@ def test_the_study_kind_writes_its_table_and_figures(tmp_path):
         assert (ROOT / "workflow" / "report" / caption).read_text().strip()
 
 
+def test_the_failure_traces_draw_as_many_failing_runs_as_their_title_counts():
+    """With more failing runs than max_runs, each panel draws max_runs of them (in the variant's
+    colour) and every surviving seed of their cells (grey), as the title says."""
+    import matplotlib.colors as mcolors
+
+    from stabilab.figures.early_warning import failure_traces
+
+    runs, steps = synthetic_study(seeds=12)  # 6 failing, 6 surviving, one cell
+    fig = failure_traces(steps, runs, "ew", {}, {"baseline": "#1f77b4"}, max_runs=4)
+    ax = fig.axes[0]
+    colours = [mcolors.to_hex(line.get_color()) for line in ax.get_lines() if len(line.get_xdata()) > 2]
+    assert colours.count("#1f77b4") == 4 and colours.count(mcolors.to_hex("0.65")) == 6
+    assert "4 of 6 failing runs shown" in fig._suptitle.get_text()
+
+
 def test_labels_are_configured_with_documented_checked_fields():
     base = {"name": "x", "studies": {"ew": {"kind": "early_warning", "variants": ["baseline"], "depths": [1],
                                             "lrs": [0.1], "early_warning": {"rise": 0.5, "leads": [50, 100]}}}}

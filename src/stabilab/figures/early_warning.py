@@ -82,6 +82,7 @@ def failure_traces(steps, runs, study: str, spec: dict, palette: dict, max_runs:
     failing = fails[np.isfinite(fails["fail"])].head(max_runs)
     if failing.empty:  # nothing to align (a stable twin): the runs' traces as they are, the control
         return _traces_without_failure(fig, axes, frame, metrics, study, palette, len(fails))
+    chosen = set(failing[ew.RUN].itertuples(index=False, name=None))  # the failing runs drawn
     shown = set()
     for ax, metric in zip(axes, metrics):
         for _, cell in failing.groupby(ew.CELL):
@@ -90,6 +91,8 @@ def failure_traces(steps, runs, study: str, spec: dict, palette: dict, max_runs:
             k0 = float(cell["fail"].median())
             for _, g in frame[same].groupby("seed"):
                 fail = g["fail"].iloc[0]
+                if np.isfinite(fail) and next(g[ew.RUN].itertuples(index=False, name=None)) not in chosen:
+                    continue  # a failing run beyond the first max_runs: not drawn (the title counts the drawn)
                 colour, lw = (palette.get(key["variant"], "0.2"), 1.3) if np.isfinite(fail) else ("0.65", 0.8)
                 ax.plot(g["step"] - (fail if np.isfinite(fail) else k0), g[f"{metric}:value"], color=colour, lw=lw)
                 shown.add(key["variant"])
