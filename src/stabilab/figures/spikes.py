@@ -117,10 +117,11 @@ def _spike_figures(summary, steps, runs, variants, folder, study, spec, palette,
 COUNT_PANELS = [
     ("spike_count", "total-norm spikes per run\n(norm > {f:g}× mean of the earlier norms)", "{:,.0f}"),
     ("gss_spikes", "per-element spikes per run (GSS > {f:g}, SPAM's score)\nstacked by parameter kind",
-     "{:,.0f}"),
+     "{:.3g}"),
     ("spam_clipped_frac", "share of gradient entries SPAM clipped\n(mean over measured steps)", "{:.2e}"),
 ]
 KIND_HATCH = {"embedding": "", "attn": "//", "mlp": "..", "norm": "xx", "head": "--"}
+RANGE_LABEL_MAX_BARS = 6  # with more bars the seeds' range, written under each value, collides (the bar shows it)
 
 
 def _spike_counts(summary, variants, study, spec, palette):
@@ -138,14 +139,15 @@ def _spike_counts(summary, variants, study, spec, palette):
             _stacked_kinds(ax, rows, summary, palette)
         means, lows, highs = draw_bars(ax, rows, palette) if metric != "gss_spikes" else _totals(rows)
         top = float(np.nanmax(np.fmax(np.nan_to_num(means), np.nan_to_num(highs)))) or 1.0
-        label_bars(ax, rows, means, highs, top, lambda m, r, number=number: number.format(m) + (
-            f"\n({number.format(r['min'])}–{number.format(r['max'])})" if r.get("n", 1) > 1 else ""),
+        ranges = len(rows) <= RANGE_LABEL_MAX_BARS
+        label_bars(ax, rows, means, highs, top, lambda m, r, number=number, ranges=ranges: number.format(m) + (
+            f"\n({number.format(r['min'])}–{number.format(r['max'])})" if ranges and r.get("n", 1) > 1 else ""),
             pad=0.03, fontsize=7.5)
         ax.set_ylim(0, top * 1.25)
         if metric != "spam_clipped_frac":
             ax.yaxis.set_major_locator(mticker.MaxNLocator(integer=True))
         ax.set_title(title.format(f=SPIKE_FACTOR), fontsize=9.5)
-        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
+        plt.setp(ax.get_xticklabels(), rotation=30 if ranges else 50, ha="right", rotation_mode="anchor")
         if np.nansum(means) == 0:
             ax.text(0.5, 0.55, "no spikes in any run", transform=ax.transAxes, ha="center", color="0.35", fontsize=9)
     if not panels:
