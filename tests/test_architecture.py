@@ -63,7 +63,7 @@ def test_qk_norm_bounds_every_attention_logit(kind):
             block.attn.dense.weight.mul_(1e3)
             block.attn.q_norm.weight.copy_(torch.rand(16, dtype=torch.float64) * 3)
             block.attn.k_norm.weight.copy_(torch.rand(16, dtype=torch.float64) * 2)
-    _, maxes = model.logits_and_attention_max(torch.randint(0, 100, (2, 16)))
+    *_, maxes = model.metrics_forward(torch.randint(0, 100, (2, 16)))
     for block, m in zip(model.blocks, maxes):
         a = block.attn
         bound = a.q_norm.weight.abs().max() * a.k_norm.weight.abs().max() * math.sqrt(16)
@@ -72,7 +72,7 @@ def test_qk_norm_bounds_every_attention_logit(kind):
     with torch.no_grad():
         for block in plain.blocks:
             block.attn.dense.weight.mul_(1e3)
-    _, plain_max = plain.logits_and_attention_max(torch.randint(0, 100, (2, 16)))
+    *_, plain_max = plain.metrics_forward(torch.randint(0, 100, (2, 16)))
     assert plain_max.max().item() > 1e3  # without qk-norm nothing bounds them
 
 

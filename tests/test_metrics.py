@@ -11,7 +11,7 @@ import torch
 from conftest import run_killed_at, tiny_run
 from stabilab.config import MLRAConfig, ModelConfig, RuntimeConfig, load_run_config
 from stabilab.layers import attention_logit_max
-from stabilab.metrics import collapse_fractions, grad_group_norms, logit_stats, mu_norm, tev
+from stabilab.metrics import collapse_fractions, grad_group_norms, hidden_alignment, logit_stats, mu_norm, tev
 from stabilab.model import GPT
 from stabilab.stats import lr_sensitivity
 from stabilab.train import Trainer, to_floats
@@ -65,6 +65,36 @@ def causal_max_float64(q: torch.Tensor, k: torch.Tensor) -> float:
     return s.masked_fill(~torch.ones(s.shape[-1], s.shape[-1], dtype=torch.bool).tril(), -math.inf).max().item()
 
 
+def test_hidden_alignment_splits_the_mean_logit_into_hidden_norm_and_cosine_with_mu():
+    """Per position, the mean logit over the vocabulary is h . mu = ||h|| ||mu|| cos(h, mu)
+    (untied head, no soft-cap): checked against loops in float64, and mu = 0 gives cosine 0."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False)
+    model = GPT(cfg).double().eval()
+    with torch.no_grad():
+        idx = torch.randint(0, 50, (2, 8))
+        shared = model.metrics_forward(idx)[0].mean(dim=(0, 1))  # untied: h does not depend on the head
+        model.lm_head.weight += 0.3 * shared / shared.norm()  # a mu along the hidden states' mean
+        h, logits, _ = model.metrics_forward(idx)
+        E = model.output_embedding()
+        got = hidden_alignment(h, E)
+        mu = [sum(E[v, i].item() for v in range(50)) / 50 for i in range(16)]
+        mu_len = math.sqrt(sum(m * m for m in mu))
+        norms, cosines = [], []
+        for vec in h.reshape(-1, 16).tolist():
+            n = math.sqrt(sum(a * a for a in vec))
+            norms.append(n)
+            cosines.append(sum(a * m for a, m in zip(vec, mu)) / (n * mu_len))
+        assert got["hidden_norm"].item() == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+        assert got["hidden_mu_cos"].item() == pytest.approx(sum(cosines) / len(cosines), rel=1e-5)
+        assert got["hidden_mu_cos"].item() > 0.05  # the shift above aligned mu with the states
+        mean_logit = sum(n * c for n, c in zip(norms, cosines)) / len(norms) * mu_len
+        assert logit_stats(logits)["logits_mean"].item() == pytest.approx(mean_logit, rel=1e-5)
+        centered = hidden_alignment(h, torch.zeros_like(E))  # mu exactly 0: no direction
+        assert centered["hidden_mu_cos"].item() == 0.0
+        assert torch.isfinite(centered["hidden_norm"])
+
+
 def test_attention_logit_max_is_the_max_over_causal_pairs():
     torch.manual_seed(0)
     q, k = torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
@@ -92,7 +122,7 @@ def test_the_models_attention_logit_max_per_layer_is_recomputed_from_its_own_hea
     model = GPT(cfg).double().eval()
     idx = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
-        logits, maxes = model.logits_and_attention_max(idx)
+        _, logits, maxes = model.metrics_forward(idx)
         assert torch.equal(logits, model(idx))
         x = model.wte(idx) + model.wpe(torch.arange(12))
         expected = []
@@ -106,12 +136,12 @@ def test_the_models_attention_logit_max_per_layer_is_recomputed_from_its_own_hea
 
 def test_the_compiled_metrics_pass_equals_the_eager_one(tiny_data, tmp_path):
     """`runtime.compile` compiles the forward-pass metrics (attention maxima, logit statistics,
-    collapse fractions); they are the eager ones up to float32 rounding."""
+    hidden-state alignment, collapse fractions); they are the eager ones up to float32 rounding."""
     tr = Trainer(load_run_config(tiny_run(tiny_data["shards"])), tmp_path, RuntimeConfig(compile=True))
     x, y = (t[:4] for t in tr.val_batches[0])
     tr.model.eval()
     eager, compiled = to_floats(tr.probe._output_metrics(x, y)), to_floats(tr.probe.output_metrics(x, y))
-    assert compiled.keys() == eager.keys() and len(eager) == 2 + 5
+    assert compiled.keys() == eager.keys() and len(eager) == 2 + 3 + 2 + 2
     for key in eager:
         assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-6), key
 

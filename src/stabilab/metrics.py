@@ -32,6 +32,18 @@ def mu_norm(embedding: torch.Tensor) -> torch.Tensor:
     return embedding.detach().float().mean(dim=0).norm()
 
 
+def hidden_alignment(hidden: torch.Tensor, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The final hidden states h (..., d) against mu, the mean output-embedding row (V x d). Without
+    soft-capping each position's mean logit is h . mu = ||h|| ||mu|| cos(h, mu), so these split
+    OEC's drift of the mean logit into its parts: `hidden_norm` (mean ||h||) and `hidden_mu_cos`
+    (mean cosine; 0 where mu = 0, noise where mu is rounding noise, as under mu-centering)."""
+    h = hidden.detach().float().flatten(0, -2)
+    mu = embedding.detach().float().mean(dim=0)
+    norms = h.norm(dim=-1)
+    cos = (h @ mu) / (norms * mu.norm()).clamp_min(torch.finfo(torch.float32).tiny)
+    return {"hidden_norm": norms.mean(), "hidden_mu_cos": cos.mean()}
+
+
 def collapse_fractions(logits: torch.Tensor, targets: torch.Tensor, kind: str = "softmax") -> dict[str, torch.Tensor]:
     """Softmax Collapse (arXiv 2501.04697): the fraction of positions whose
     sum(exp(z - max z)) is exactly 1 (every other class underflows), and the fraction whose

@@ -155,13 +155,13 @@ class GPT(nn.Module):
         return objective(self.head(h), targets, loss or LossConfig(), self.output_embedding(),
                          self.cfg.logit_softcap)
 
-    def logits_and_attention_max(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 logits (B, T, V) and each layer's attention logit max (n_layer,), the max of
-        q.k/sqrt(d_head) over heads and causal pairs (Wortsman et al. 2023). Costs an explicit
-        q k^T per layer: for the metrics pass, not for training."""
+    def metrics_forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The final hidden states (B, T, C), float32 logits (B, T, V) and each layer's attention
+        logit max (n_layer,), the max of q.k/sqrt(d_head) over heads and causal pairs (Wortsman et
+        al. 2023). Costs an explicit q k^T per layer: for the metrics pass, not for training."""
         maxes: list[torch.Tensor] = []
-        logits = self.logits(self.hidden(idx, maxes))
-        return logits, torch.stack(maxes)
+        h = self.hidden(idx, maxes)
+        return h, self.logits(h), torch.stack(maxes)
 
 
 def seeded_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> GPT:

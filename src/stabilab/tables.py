@@ -27,7 +27,8 @@ from .studies import KINDS
 
 RUN_KEYS = ["study", "variant", "depth", "lr", "seed"]
 LAST_VALUE = ["tev_mean", "tev_std", "tev_lm_head_mean", "tev_lm_head_std", "mu_norm", "mu_norm_wte",
-              "logits_mean", "logits_absmax", "log_z_sq", "collapse_frac", "zero_loss_frac", "spike_count"]
+              "logits_mean", "logits_absmax", "log_z_sq", "hidden_norm", "hidden_mu_cos", "collapse_frac",
+              "zero_loss_frac", "spike_count"]
 
 
 def read_run(summary_path: str | Path) -> tuple[dict, pd.DataFrame]:

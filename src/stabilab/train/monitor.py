@@ -133,9 +133,10 @@ class StabilityProbe:
     @torch.no_grad()
     def _output_metrics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(self.device, self.cfg.train.dtype):
-            logits, attn_max = self.model.logits_and_attention_max(x)
+            h, logits, attn_max = self.model.metrics_forward(x)
         out = {f"attn_logit_max_l{i}": m for i, m in enumerate(attn_max.unbind())}
         out.update(metrics.logit_stats(logits))
+        out.update(metrics.hidden_alignment(h, self.model.output_embedding()))
         out.update(metrics.collapse_fractions(logits, y, self.cfg.loss.kind))
         return out
 
