@@ -14,6 +14,7 @@ import pytest
 
 from stabilab.errors import UserError
 from stabilab.figures import draw_figures
+from stabilab.figures.style import fmt
 from stabilab.studies import expected_figures
 from stabilab.tables import study_summary
 
@@ -192,3 +193,13 @@ def test_a_studys_own_labels_name_its_variants_in_every_legend_and_nowhere_else(
     assert not any("μ-centering" in t for t in lr_texts)
     assert not any("centred (ours)" in t for t in other_texts) and any("MLRA" in t for t in other_texts)
     assert label("oec_center") == "μ-centering"
+
+
+@pytest.mark.parametrize("value, text", [
+    (3, "3"), (2.0, "2"), (1e-3, "1e-3"), (0.003, "3e-3"), (8e-3, "8e-3"), (1.6e-2, "1.6e-2"),
+    (3.2e-2, "3.2e-2"), (6.4e-2, "6.4e-2"), (0.0125, "1.25e-2"), (0.1, "0.1"), (0.128, "0.128"),
+    (0.256, "0.256"), (1.5, "1.5"), (123456.0, "1.23e5"), (-0.05, "-5e-2")])
+def test_numbers_in_figures_follow_one_style_per_range(value, text):
+    """An LR sweep's labels change notation only at 0.1 (the early-warning sweep mixed '3.2e-2'
+    with '0.064' before)."""
+    assert fmt(value) == text

@@ -82,21 +82,19 @@ def palette_for(studies: dict) -> dict[str, tuple]:
 
 
 def fmt(value) -> str:
-    """1e-3 -> '1e-3', 0.003 -> '3e-3', 3.0 -> '3', 2 -> '2'."""
+    """Numbers in axes, legends and titles, one style per range: integers as such; below 0.1 as
+    mantissa e exponent (1e-3, 3e-3, 3.2e-2, 6.4e-2, 1.25e-2); else 3 significant digits (0.1,
+    0.128, 1.5), and 'e' notation again where those need it (1.23e5)."""
     value = float(value)
     if value == int(value) and abs(value) < 1e4:
         return str(int(value))
-    if 0 < abs(value) < 0.05:
-        mantissa, exp = f"{value:.2g}".split("e") if "e" in f"{value:.2g}" else f"{value:.1e}".split("e")
+    text = f"{value:.2e}" if 0 < abs(value) < 0.1 else f"{value:.3g}"
+    if "e" not in text:
+        return text
+    mantissa, exp = text.split("e")
+    if "." in mantissa:
         mantissa = mantissa.rstrip("0").rstrip(".")
-        return f"{mantissa}e{int(exp)}"
-    text = f"{value:.3g}"
-    if "e" in text:
-        mantissa, exp = text.split("e")
-        return f"{mantissa}e{int(exp)}"
-    if abs(value) < 0.01:
-        return f"{value:.0e}".replace("e-0", "e-")
-    return text
+    return f"{mantissa}e{int(exp)}"
 
 
 def seed_count(spec: dict, default: int = 1) -> int:
