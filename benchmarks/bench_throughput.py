@@ -17,6 +17,13 @@ input embedding (tied wte/lm_head counted once; for MLRA the factorized attentio
 L layers, H heads, Q = n_embd / H the head dim and T the sequence length; MFU = FLOPs/token x
 tokens/s / peak, peak 989 TFLOP/s (H100 SXM, dense bf16) by default.
 
+Profile (`--profile-steps K`): after the timed steps, K more steps under torch.profiler, and
+`<out>/profile_<variant>.md`: the device's kernel time by kind (matmul, attention, Triton-fused
+elementwise and reductions, optimizer, memory copies), the busy fraction of the profiled wall time
+(the union of the kernels' intervals: what is left is launch and host time), and the longest
+kernels. On the CPU the same table is made of the operators' own CPU time. Kernels inside CUDA
+graphs may be reported as whole graphs: profile under `--compile-mode default`.
+
 Data parallel: started under `torchrun --nproc_per_node N`, every process is one rank of the
 project's DDP path (`train.processes`); the global batch stays `--batch-size` (each rank runs
 its share of the micro-batches), tokens/s is the global rate, MFU is per GPU, and rank 0 writes
@@ -89,6 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward (grad accumulation)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per variant (compilation included)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="steps profiled after the timed ones, per variant (0: none); needs --out")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS,
                    help="peak FLOP/s for MFU, in TFLOP/s (989: H100 SXM dense bf16)")
     p.add_argument("--out", default=None,
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batch_size % (args.micro_batch * world):
         raise SystemExit(f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch ({args.micro_batch})"
                          f" x processes ({world})")
+    if args.profile_steps and not args.out:
+        raise SystemExit("--profile-steps needs --out (the folder for profile_<variant>.md)")
     experiment = load_experiment(args.config)
     variants = parse_variants(args.variants)
     device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -202,6 +213,14 @@ def _bench_variant(args, experiment, name, overrides, runtime, device, tokens_pe
                    mfu_pct=100 * row["flops_per_token"] * tok_s / (world * args.peak_tflops * 1e12))
         if device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if args.profile_steps and (world == 1 or int(os.environ.get("RANK", "0")) == 0):
+            profile = profile_steps(tr, args.profile_steps, device)
+            row["busy_pct"] = profile["busy_pct"]
+            title = (f"# Profile of `{name}`: {args.profile_steps} steps after {args.steps} timed ones "
+                     f"({environment_line(device)}; {tokens_per_step:,} tokens/step, {row['ms_per_step']:.2f} ms/step "
+                     f"timed, MFU {row['mfu_pct']:.3g} %)\n\n")
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"profile_{name.replace('+', '_')}.md").write_text(title + profile["markdown"] + "\n")
     except torch.cuda.OutOfMemoryError:
         row["status"] = "OOM"
     finally:
@@ -210,6 +229,79 @@ def _bench_variant(args, experiment, name, overrides, runtime, device, tokens_pe
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+# (kind, lower-case substrings of a kernel's or operator's name); the first match wins
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "sdpa", "scaled_dot_product", "attention")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "triton_tem", "aten::mm", "aten::addmm", "aten::bmm",
+                "aten::matmul", "aten::linear")),
+    ("optimizer", ("multi_tensor", "adam", "_foreach")),
+    ("memory copy / set", ("memcpy", "memset", "fillfunctor", "aten::copy_", "aten::fill_", "aten::zero_")),
+    ("Triton-fused elementwise and reductions", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: the time at least one kernel ran."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def profile_steps(tr: Trainer, steps: int, device: torch.device) -> dict:
+    """`steps` train steps under torch.profiler: kernel (CUDA) or operator (CPU) time by kind, the
+    busy fraction of the wall time, and the longest kernels, as markdown."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tr.train_step(False)
+        sync(device)
+        wall_us = (time.perf_counter() - t0) * 1e6
+    if cuda:  # (name, start, duration in us, calls) of every kernel and copy on the device
+        spans = [(e.name, e.time_range.start, e.time_range.elapsed_us(), 1) for e in prof.events()
+                 if e.device_type == DeviceType.CUDA]
+    else:  # operators' own CPU time (self time: nested operators are not counted twice)
+        spans = [(e.key, 0.0, e.self_cpu_time_total, e.count) for e in prof.key_averages()
+                 if e.self_cpu_time_total > 0]
+    total = sum(d for _, _, d, _ in spans) or 1.0
+    busy = busy_time([(a, a + d) for _, a, d, _ in spans]) if cuda else total
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}  # name -> [time, calls]
+    for name, _, d, calls in spans:
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + d
+        entry = by_name.setdefault(name, [0.0, 0])
+        entry[0] += d
+        entry[1] += calls
+    unit = "kernel" if cuda else "operator (self CPU time)"
+    kinds = [[kind, f"{t / steps / 1e3:.3f}", f"{100 * t / total:.1f} %"]
+             for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+    longest = [[kernel_kind(n), f"`{n[:90]}`", f"{calls / steps:g}", f"{t / steps / 1e3:.3f}",
+                f"{100 * t / total:.1f} %"] for n, (t, calls) in top]
+    busy_pct = 100 * busy / wall_us
+    markdown = (f"Per step: wall {wall_us / steps / 1e3:.3f} ms; {unit} time {total / steps / 1e3:.3f} ms"
+                + (f"; the device busy (at least one kernel running) {busy / steps / 1e3:.3f} ms = "
+                   f"**{busy_pct:.1f} %** of the wall time" if cuda else "") + ".\n\n"
+                + markdown_table([f"{unit} kind", "ms per step", "share"], kinds) + "\n\n"
+                + markdown_table(["kind", "name", "calls per step", "ms per step", "share"], longest))
+    return {"busy_pct": busy_pct, "by_kind_ms": {k: t / steps / 1e3 for k, t in by_kind.items()},
+            "markdown": markdown}
 
 
 if __name__ == "__main__":

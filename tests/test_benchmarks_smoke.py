@@ -106,6 +106,44 @@ def test_bench_throughput_tiny(bench_throughput, bench_variants, tmp_path):
     assert (out / "throughput.md").exists()
 
 
+def test_bench_throughput_profile_sorts_the_time_by_kind(bench_throughput, tmp_path):
+    out = tmp_path / "out"
+    bench_throughput.main(TINY + ["--vocab", "300", "--batch-size", "4", "--micro-batch", "2", "--warmup", "1",
+                                  "--steps", "1", "--variants", "baseline", "--profile-steps", "2", "--out", str(out)])
+    text = (out / "profile_baseline.md").read_text()
+    kinds = {}
+    for line in text.split("\n\n")[2].splitlines()[2:]:  # the by-kind table's rows
+        kind, ms, share = (c.strip() for c in line.strip("|").split("|"))
+        kinds[kind] = (float(ms), float(share.rstrip(" %")))
+    assert {"matmul", "attention", "optimizer"} <= set(kinds)
+    assert sum(share for _, share in kinds.values()) == pytest.approx(100, abs=0.5)
+    assert "| matmul | `aten::mm` | " in text  # its calls per step follow: 2 micro-batches' worth, not 1/steps
+    calls = float(text.split("| matmul | `aten::mm` | ")[1].split("|")[0])
+    assert calls >= 2 * 3  # at least q/k/v-or-fused, proj and MLP matmuls, forward, for each micro-batch
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel",
+     "matmul"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNT", "matmul"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "attention"),
+    ("triton_per_fused__to_copy_add_native_layer_norm_0", "Triton-fused elementwise and reductions"),
+    ("triton_tem_fused_mm_0", "matmul"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("Memcpy DtoD (Device -> Device)", "memory copy / set"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "memory copy / set"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<float>>>", "other"),
+])
+def test_kernel_kinds_of_real_kernel_names(bench_throughput, name, kind):
+    assert bench_throughput.kernel_kind(name) == kind
+
+
+def test_busy_time_is_the_union_of_kernel_intervals(bench_throughput):
+    assert bench_throughput.busy_time([]) == 0
+    assert bench_throughput.busy_time([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == pytest.approx(4)
+    assert bench_throughput.busy_time([(4, 9), (0, 1)]) == pytest.approx(6)
+
+
 @pytest.mark.slow
 def test_bench_throughput_under_torchrun_reports_the_global_rate(tmp_path):
     """Two gloo processes (what `torchrun --nproc_per_node 2` does on two GPUs): rank 0 writes one
