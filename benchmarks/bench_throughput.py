@@ -213,9 +213,10 @@ def _bench_variant(args, experiment, name, overrides, runtime, device, tokens_pe
                    mfu_pct=100 * row["flops_per_token"] * tok_s / (world * args.peak_tflops * 1e12))
         if device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if args.profile_steps and (world == 1 or int(os.environ.get("RANK", "0")) == 0):
+        if args.profile_steps:  # every rank steps (DDP all-reduces); rank 0 writes the report
             profile = profile_steps(tr, args.profile_steps, device)
             row["busy_pct"] = profile["busy_pct"]
+        if args.profile_steps and int(os.environ.get("RANK", "0")) == 0:
             title = (f"# Profile of `{name}`: {args.profile_steps} steps after {args.steps} timed ones "
                      f"({environment_line(device)}; {tokens_per_step:,} tokens/step, {row['ms_per_step']:.2f} ms/step "
                      f"timed, MFU {row['mfu_pct']:.3g} %)\n\n")
