@@ -147,7 +147,8 @@ def test_busy_time_is_the_union_of_kernel_intervals(bench_throughput):
 @pytest.mark.slow
 def test_bench_throughput_under_torchrun_reports_the_global_rate(tmp_path):
     """Two gloo processes (what `torchrun --nproc_per_node 2` does on two GPUs): rank 0 writes one
-    table whose header names the process count, with the global batch and a per-device MFU."""
+    table whose header names the process count, with the global batch and a per-device MFU, and
+    the profile (both ranks run its steps: one rank alone would wait for the other's all-reduce)."""
     import os
     import subprocess
 
@@ -156,9 +157,11 @@ def test_bench_throughput_under_torchrun_reports_the_global_rate(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(BENCH / "bench_throughput.py"), *TINY, "--no-compile", "--variants", "baseline", "--vocab", "300",
-           "--batch-size", "4", "--micro-batch", "2", "--warmup", "1", "--steps", "2", "--out", str(out)]
+           "--batch-size", "4", "--micro-batch", "2", "--warmup", "1", "--steps", "2", "--profile-steps", "1",
+           "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| matmul |" in (out / "profile_baseline.md").read_text()
     markdown = (out / "throughput.md").read_text()
     assert "2 processes (DDP" in markdown and "/ processes" in markdown
     with open(out / "throughput.csv") as f:
