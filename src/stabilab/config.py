@@ -216,6 +216,10 @@ class TrainConfig(Section):
         return (step % self.metrics_every == 0 or last, step == 1 or step % self.log_every == 0 or last,
                 step % self.eval_every == 0 or last)
 
+    def checkpoints_at(self, step: int) -> bool:
+        """Whether the loop writes a checkpoint after step `step` (not after the last: the run is done)."""
+        return step % self.checkpoint_every == 0 and step < self.steps
+
 
 class DataConfig(Section):
     shards: str = knob("", "folder with train.bin, val.bin, meta.json")

@@ -182,14 +182,13 @@ class StackedRuns:
                             st.alive[i] = False
                             active.remove(i)
                     tick, tick_step = time.time(), step
-                if step % t.checkpoint_every == 0 and step < t.steps:
+                if t.checkpoints_at(step):
                     for i in active:
                         self._save(i, step, elapsed + time.time() - tick)
             if stop["requested"] and active:
-                saved = st.step % t.checkpoint_every == 0 and st.step < t.steps  # by the loop, at this step
                 for i in active:
                     self.members[i].log.close("preempted", None)
-                    if not saved:
+                    if not t.checkpoints_at(st.step):  # else the loop has just written this step's
                         self._save(i, st.step, elapsed + time.time() - tick)
                 print(f"SIGTERM: {len(active)} stacked runs stopped at step {st.step}, their checkpoints written; "
                       "exiting for requeue", flush=True)

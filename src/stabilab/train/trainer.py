@@ -308,7 +308,7 @@ class Trainer:
                         break
                 else:
                     log.tick()
-                if self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                if t.checkpoints_at(self.step):
                     self.save_checkpoint()
             if self.stop_requested and self.step < t.steps and self.divergence.verdict is None:
                 status = "preempted"
