@@ -216,12 +216,12 @@ def _bench_variant(args, experiment, name, overrides, runtime, device, tokens_pe
         if args.profile_steps:  # every rank steps (DDP all-reduces); rank 0 writes the report
             profile = profile_steps(tr, args.profile_steps, device)
             row["busy_pct"] = profile["busy_pct"]
-        if args.profile_steps and int(os.environ.get("RANK", "0")) == 0:
-            title = (f"# Profile of `{name}`: {args.profile_steps} steps after {args.steps} timed ones "
-                     f"({environment_line(device)}; {tokens_per_step:,} tokens/step, {row['ms_per_step']:.2f} ms/step "
-                     f"timed, MFU {row['mfu_pct']:.3g} %)\n\n")
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / f"profile_{name.replace('+', '_')}.md").write_text(title + profile["markdown"] + "\n")
+            if int(os.environ.get("RANK", "0")) == 0:
+                title = (f"# Profile of `{name}`: {args.profile_steps} steps after {args.steps} timed ones "
+                         f"({environment_line(device)}; {tokens_per_step:,} tokens/step, "
+                         f"{row['ms_per_step']:.2f} ms/step timed, MFU {row['mfu_pct']:.3g} %)\n\n")
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / f"profile_{name.replace('+', '_')}.md").write_text(title + profile["markdown"] + "\n")
     except torch.cuda.OutOfMemoryError:
         row["status"] = "OOM"
     finally:
@@ -281,14 +281,15 @@ def profile_steps(tr: Trainer, steps: int, device: torch.device) -> dict:
                  if e.self_cpu_time_total > 0]
     total = sum(d for _, _, d, _ in spans) or 1.0
     busy = busy_time([(a, a + d) for _, a, d, _ in spans]) if cuda else total
-    by_kind: dict[str, float] = {}
     by_name: dict[str, list[float]] = {}  # name -> [time, calls]
     for name, _, d, calls in spans:
-        kind = kernel_kind(name)
-        by_kind[kind] = by_kind.get(kind, 0.0) + d
         entry = by_name.setdefault(name, [0.0, 0])
         entry[0] += d
         entry[1] += calls
+    by_kind: dict[str, float] = {}  # each distinct name classified once
+    for name, (d, _) in by_name.items():
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + d
     unit = "kernel" if cuda else "operator (self CPU time)"
     kinds = [[kind, f"{t / steps / 1e3:.3f}", f"{100 * t / total:.1f} %"]
              for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])]
