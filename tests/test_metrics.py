@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from conftest import run_killed_at, tiny_run
-from stabilab.config import MLRAConfig, ModelConfig, RuntimeConfig, load_run_config
+from stabilab.config import MLRAConfig, ModelConfig, OptimConfig, RuntimeConfig, load_run_config
 from stabilab.layers import attention_logit_max
 from stabilab.metrics import collapse_fractions, grad_group_norms, hidden_alignment, logit_stats, mu_norm, tev
 from stabilab.model import GPT
-from stabilab.stats import lr_sensitivity
+from stabilab.optim import lr_at
+from stabilab.stats import lr_sensitivity, summed_lr
 from stabilab.train import Trainer, to_floats
 
 
@@ -281,3 +282,18 @@ def test_spike_scores_in_the_trainer_log_counts_and_every_steps_grad_norm(tiny_d
             a, b = ([{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
                     for lines in (a, b))
         assert a == b, name
+
+
+def test_summed_lr_from_logged_steps_matches_the_schedules_sum():
+    # the oec_long schedule: 1000 warmup steps, cosine to 0 over 20k; step s (1-based) trains at lr_at(s - 1)
+    cfg, total = OptimConfig(lr=0.3, warmup_steps=1000, min_lr_ratio=0.0), 20000
+    logged = [1] + list(range(50, total + 1, 50))
+    got = summed_lr(logged, [lr_at(s - 1, cfg, total) for s in logged])
+    exact, running = {}, 0.0
+    for s in range(1, total + 1):
+        running += lr_at(s - 1, cfg, total)
+        exact[s] = running
+    for s, value in zip(logged, got):  # within half the step's LR (trapezoid vs sum) plus the cosine's curvature
+        assert abs(value - exact[s]) <= 0.5 * cfg.lr + 1e-3 * exact[s], s
+    assert got[-1] == pytest.approx(0.3 * (500 + 19000 / 2), rel=1e-3)  # Σ lr = lr (warmup/2 + decay/2)
+    assert summed_lr([], []) == []

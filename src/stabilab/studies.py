@@ -48,7 +48,8 @@ KINDS: dict[str, StudyKind] = {k.name: k for k in (
         "Learning-rate study (OEC)",
         ("final_val_loss", "mu_norm", "logits_absmax", "logits_mean", "logits_mean_abs", "attn_logit_max"),
         {**LOSS_CURVES, "loss_vs_lr": "loss_vs_lr.rst", "lr_sensitivity": "lr_sensitivity.rst",
-         "mu_norm_logits_vs_lr": "mu_norm_logits_vs_lr.rst"},
+         "mu_norm_logits_vs_lr": "mu_norm_logits_vs_lr.rst",
+         "drift_vs_summed_lr": "drift_vs_summed_lr.rst"},
         "stabilab.figures.lr:draw", extra_rows="stabilab.tables:lr_sensitivity_rows"),
     StudyKind(
         "spikes", "SPAM: spike-aware clipping and moment reset beat Adam", "Gradient spikes (SPAM)",

@@ -1,4 +1,5 @@
-"""LR study (OEC / Wortsman et al.): final loss vs LR, LR sensitivity, ‖μ‖ and logit size vs LR."""
+"""LR study (OEC / Wortsman et al.): final loss vs LR, LR sensitivity, ‖μ‖ and logit size vs LR, and
+the drift over training against the summed learning rate."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
 
+from ..stats import summed_lr
 from .context import StudyTables
 from .points import bar_rows, draw_bars, label_bars, vs_x, vs_x_legend
-from .style import fmt, metric_rows, no_data, save, seed_count
+from .style import DIVERGED, div_handle, figure_legend, fmt, metric_rows, no_data, save, seed_count, variant_handles
 
 
 def draw(t: StudyTables) -> list[Path]:
     """The study's figures beside its loss curves (`studies.KINDS['lr']`)."""
-    return _lr_figures(t.summary, t.runs, t.variants, t.folder, t.study, t.spec, t.palette)
+    written = _lr_figures(t.summary, t.runs, t.variants, t.folder, t.study, t.spec, t.palette)
+    return written + save(_drift_vs_summed_lr(t.steps, t.runs, t.variants, t.palette, t.study), t.folder,
+                          "drift_vs_summed_lr")
 
 
 def _lr_figures(summary, runs, variants, folder, study, spec, palette) -> list[Path]:
@@ -122,3 +127,72 @@ def _dots(ax, rows, palette, number: str) -> None:
     ax.set_xticks(xs, [name for name, _, _ in rows], rotation=30)
     ax.set_xlim(-0.6, len(rows) - 0.2)
     ax.margins(y=0.2)
+
+
+DRIFT_PANELS = [  # (column, title, y label); the mean logit is h·μ = ‖h‖ ‖μ‖ cos(h, μ) (METHODS.md §3)
+    ("mu_norm", "mean output embedding ‖μ‖", "‖μ‖ (log)"),
+    ("logits_mean", "mean logit (over positions and vocabulary)", "mean logit (symlog)"),
+    ("hidden_mu_cos", "alignment of the final hidden state with μ", "cos(h, μ)"),
+]
+# OEC's 16M baseline (arXiv 2601.02031; its repository's loss_overview.csv), as a yardstick: ‖μ‖ grows
+# about as 0.04 Σ_t lr_t, and at the end of its 100k-step runs (5000 warmup, cosine; Σ_t lr_t ≈ 5e4 ×
+# peak LR) the mean logit is 588 at LR 0.1 and 1152 at LR 0.3.
+OEC_MU_PER_SUMMED_LR = 0.04
+OEC_FINAL_MEAN_LOGIT = [(5.0e3, 588.0), (1.5e4, 1152.0)]  # (Σ_t lr_t, mean logit)
+OEC_REFERENCE = "OEC's 16M baseline (100k steps of 64 × 2048 tokens)"
+
+
+def _drift_vs_summed_lr(steps, runs, variants, palette, study):
+    """‖μ‖, the mean logit and cos(h, μ) over training against Σ_t lr_t, one line per run (colour:
+    variant, width: peak LR, every seed drawn), OEC's 16M baseline beside them in grey: OEC relates
+    the drift to the summed LR, so runs of different lengths and LRs share one axis. The deepest
+    depth only when the study has several."""
+    d = steps.dropna(subset=["lr_now"]).sort_values("step") if "lr_now" in steps else steps.iloc[0:0]
+    if "depth" in d and d["depth"].nunique() > 1:
+        d = d[d["depth"] == d["depth"].max()]
+    panels = [p for p in DRIFT_PANELS if p[0] in d and d[p[0]].notna().any()]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 4.0), squeeze=False,
+                             layout="constrained")
+    lrs = sorted(d["lr"].unique()) if len(d) else []
+    width = {lr: 0.8 + 2.0 * i / max(1, len(lrs) - 1) for i, lr in enumerate(lrs)}
+    diverged = runs.loc[runs["diverged"].astype(bool), ["variant", "lr", "seed"]]
+    gone = {tuple(k) for k in diverged.itertuples(index=False)}
+    reference = False
+    for ax, (column, title, ylabel) in zip(axes[0], panels):
+        for (variant, lr, seed), g in d.groupby(["variant", "lr", "seed"]):
+            g = g[["step", "lr_now", column]].assign(lr_sum=summed_lr(g["step"], g["lr_now"])).dropna(subset=[column])
+            if not len(g):
+                continue
+            ax.plot(g["lr_sum"], g[column], color=palette.get(variant, "0.5"), lw=width[lr], alpha=0.85)
+            if (variant, lr, seed) in gone:
+                ax.scatter(g["lr_sum"].iloc[-1:], g[column].iloc[-1:], marker="x", s=50, lw=1.8, color=DIVERGED,
+                           zorder=5)
+        ax.set_xscale("log")
+        if column == "mu_norm":
+            ax.set_yscale("log")
+            lo, hi = ax.get_xlim()
+            xs = np.geomspace(lo, max(hi, OEC_FINAL_MEAN_LOGIT[-1][0]), 50)
+            ax.plot(xs, OEC_MU_PER_SUMMED_LR * xs, color="0.55", ls=":", lw=1.6)
+            reference = True
+        elif column == "logits_mean":
+            ax.set_yscale("symlog", linthresh=10.0)
+            ax.scatter(*zip(*OEC_FINAL_MEAN_LOGIT), marker="*", s=90, color="0.55", zorder=4)
+            reference = True
+        ax.set(xlabel="summed learning rate Σ_t lr_t (log scale)", ylabel=ylabel)
+        ax.set_title(title, fontsize=9.5)
+    if not panels:
+        no_data(axes[0][0])
+    present = [v for v in variants if v in set(d["variant"])]
+    handles = variant_handles(present, palette) + [
+        Line2D([], [], color="0.35", lw=width[lr], label=f"peak LR {fmt(lr)}") for lr in lrs]
+    if reference:
+        handles += [Line2D([], [], color="0.55", ls=":", lw=1.6, label=f"{OEC_REFERENCE}: ‖μ‖ ≈ 0.04 Σ_t lr_t"),
+                    Line2D([], [], color="0.55", ls="none", marker="*", ms=10,
+                           label="the same, final mean logit (LR 0.1, 0.3)")]
+    if any(k[0] in present for k in gone):
+        handles.append(div_handle("diverged: run stopped at ×"))
+    figure_legend(fig, handles, ncol=min(len(handles), 4))
+    depth = f", {int(d['depth'].iloc[0])} layers" if len(d) and "depth" in d else ""
+    fig.suptitle(f"{study}: output-logit drift over training vs the summed learning rate{depth}\n"
+                 "(one line per run, every seed; grey: OEC's own baseline for scale)", fontsize=10.5)
+    return fig
