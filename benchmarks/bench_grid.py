@@ -72,6 +72,10 @@ def parse_args(argv):
     p.add_argument("--stacked", type=int, default=0, metavar="N",
                    help="train runs that differ only in LR and seed N at a time in one process (stabilab "
                         "train-stacked); a job of N counts as one of --jobs")
+    p.add_argument("--compile-first", action="store_true",
+                   help="of the runs whose compiled graphs are the same (configs equal but for LR and seed), the "
+                        "first compiles alone and the others start once it has logged its first step, reading "
+                        "its graphs from Inductor's on-disk cache instead of compiling them again")
     p.add_argument("--deadline", type=float, default=None, help="launch no run after this many seconds")
     p.add_argument("--mps", action="store_true",
                    help="run the grid's processes under CUDA MPS (nvidia-cuda-mps-control), started and stopped here")
@@ -246,15 +250,58 @@ def chosen_runs(cfg: dict, args) -> list:
     return grid
 
 
+def graph_key(cfg: dict, run) -> str:
+    """Runs with the same key compile the same graphs: their resolved configs differ only in what
+    a stacked job's members may differ in (optim.lr and seed; `stacked.PER_MEMBER`)."""
+    from stabilab.config import leaves
+    from stabilab.train.stacked import PER_MEMBER
+
+    resolved = run_config(cfg, run, shards_dir(cfg))
+    return json.dumps({k: v for k, v in leaves(resolved).items() if k not in PER_MEMBER}, sort_keys=True,
+                      default=str)
+
+
+class CompileFirst:
+    """`--compile-first`: per graph key, the first job to start compiles alone; the key's later
+    jobs wait (in their worker, holding their slot) until it has logged a step past its start,
+    i.e. its first step, compilation included, is done and its graphs are in Inductor's on-disk
+    cache, or until it has exited. A job that never compiles the same graphs gains nothing and
+    loses nothing but the wait."""
+
+    POLL_S = 1.0
+
+    def __init__(self, keys: dict[str, str], res: Path):
+        self.keys, self.res = keys, res  # run path -> graph key
+        self.lock = threading.Lock()
+        self.pioneers: dict[str, tuple[Path, int, threading.Event]] = {}
+
+    @staticmethod
+    def _size(path: Path) -> int:
+        return path.stat().st_size if path.exists() else 0
+
+    def before(self, job: list) -> threading.Event | None:
+        """Wait for this job's pioneer, or become it (then the returned event is set when it exits)."""
+        key = self.keys[job[0].path]
+        with self.lock:
+            if key not in self.pioneers:
+                log = self.res / job[0].path / "metrics.jsonl"
+                self.pioneers[key] = (log, self._size(log), threading.Event())
+                return self.pioneers[key][2]
+            log, size_at_start, exited = self.pioneers[key]
+        while not (exited.is_set() or CHILDREN.stopping or self._size(log) > size_at_start):
+            time.sleep(self.POLL_S)
+        return None
+
+
 def stacked_jobs(cfg: dict, todo: list, size: int, res: Path) -> list[list]:
     """The runs grouped for `stabilab train-stacked`: runs whose resolved configs differ only in
     optim.lr and seed and whose checkpoints (in `res`) resume from the same step (a stack holds
     its members at one step), in launch order, at most `size` per job; a run the stacked path
     refuses (SPAM, StableMax, ...) or one without a partner is a job of its own."""
-    from stabilab.config import leaves, load_run_config
+    from stabilab.config import load_run_config
     from stabilab.errors import UserError
     from stabilab.train.checkpoint import checkpoint_step
-    from stabilab.train.stacked import PER_MEMBER, check_members
+    from stabilab.train.stacked import check_members
 
     def resume_step(run) -> int | None:
         try:
@@ -264,15 +311,12 @@ def stacked_jobs(cfg: dict, todo: list, size: int, res: Path) -> list[list]:
 
     groups: dict[str, list] = {}
     for run in todo:
-        resolved = run_config(cfg, run, shards_dir(cfg))
         try:
-            check_members([load_run_config(resolved)])
+            check_members([load_run_config(run_config(cfg, run, shards_dir(cfg)))])
         except UserError:
             key = run.path  # trained alone
         else:
-            shared = {k: v for k, v in leaves(resolved).items() if k not in PER_MEMBER}
-            key = json.dumps({**shared, "resumes from step": resume_step(run)}, sort_keys=True,
-                             default=str)
+            key = json.dumps([graph_key(cfg, run), resume_step(run)])
         groups.setdefault(key, []).append(run)
     jobs = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
     return sorted(jobs, key=lambda job: todo.index(job[0]))  # the launch order of their first members
@@ -295,12 +339,21 @@ def main(argv=None) -> dict:
     jobs = stacked_jobs(cfg, todo, args.stacked, res) if args.stacked > 1 else [[r] for r in todo]
     if args.stacked > 1:
         print(f"stacked: {len(todo)} runs in {len(jobs)} jobs of up to {args.stacked} members", flush=True)
+    first = CompileFirst({job[0].path: graph_key(cfg, job[0]) for job in jobs}, res) if args.compile_first else None
 
     def train(job: list) -> None:
-        if CHILDREN.stopping or (args.deadline is not None and time.time() - start > args.deadline):
-            with lock:
-                skipped.extend(job)
-            return
+        pioneer = first.before(job) if first else None  # a later job of its graph key waits here
+        try:
+            if CHILDREN.stopping or (args.deadline is not None and time.time() - start > args.deadline):
+                with lock:
+                    skipped.extend(job)
+                return
+            train_job(job)
+        finally:
+            if pioneer is not None:
+                pioneer.set()
+
+    def train_job(job: list) -> None:
         t0 = time.time()
         for attempt in range(args.retries + 1):
             if attempt:  # the GPU was full (or the run preempted): wait for others to free memory, resume
@@ -366,6 +419,7 @@ def report(args, cfg, res: Path, trained: list, wall: float, t_data: float, fail
     mfu = 100 * total / max(wall, 1e-9) / (args.peak_tflops * 1e12)
     how = f", stacked {args.stacked} per process" if args.stacked > 1 else ""
     how += ", under CUDA MPS" if args.mps else ""
+    how += ", compile first" if args.compile_first else ""
     lines = [f"# Grid benchmark: {args.config} ({len(rows)} runs trained, {args.jobs} at a time{how})", "",
              *([f"- overrides: {' '.join(args.overrides)}"] if args.overrides else []),
              f"- wall time of the training phase: {wall:.1f} s (data preparation before it: {t_data:.1f} s)",

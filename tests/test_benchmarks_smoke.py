@@ -208,6 +208,57 @@ def test_bench_grid_retries_a_run_that_exits_75_and_keeps_its_log(monkeypatch, t
     assert calls[:2] == [False, True]
 
 
+def test_bench_grid_compile_first_holds_a_graphs_later_runs_until_its_first_has_logged(monkeypatch, tmp_path):
+    """--compile-first: of the runs that compile the same graphs (one variant, LRs differing),
+    the first starts alone and the others once it has logged its first step; another variant's
+    first run does not wait. A first run that exits without logging releases the others."""
+    import threading
+    import time as clock
+
+    bench_grid = _load("bench_grid")
+    monkeypatch.setattr(bench_grid.CompileFirst, "POLL_S", 0.005)
+    events, guard = [], threading.Lock()
+
+    def note(what, out):
+        with guard:
+            events.append((clock.monotonic(), what, Path(out).parent.name, Path(out).name))
+
+    def fake_cli(args, log, append=False):
+        if args[0] != "train":
+            return 0
+        out = Path(args[args.index("--out") + 1])
+        note("start", out)
+        clock.sleep(0.15)  # compiling
+        if Path(out).parent.name == "zloss" or "lr0.1_" not in out.name:  # baseline's first run logs nothing
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.jsonl").write_text('{"step": 1}\n')
+            note("logged", out)
+        clock.sleep(0.1)
+        return 0 if (out / "metrics.jsonl").exists() else 1
+
+    monkeypatch.setattr(bench_grid, "run_cli", fake_cli)
+    monkeypatch.setattr(bench_grid, "prepare_data", lambda cfg, res: None)
+    monkeypatch.setattr(bench_grid, "REPO", tmp_path)
+    monkeypatch.setattr(bench_grid, "report", lambda args, cfg, res, trained, wall, t_data, failed, skipped:
+                        (trained, failed))
+    trained, failed = bench_grid.main(["--config", str(BENCH.parent / "config.yaml"), "--studies", "lr",
+                                       "--variants", "baseline", "zloss", "--jobs", "4", "--no-report",
+                                       "--compile-first"])
+    assert len(trained) == 5 and len(failed) == 1  # baseline's first run exited 1 without logging
+    starts = {(v, r): t for t, what, v, r in events if what == "start"}
+    logged = {(v, r): t for t, what, v, r in events if what == "logged"}
+    first = {v: min((t, r) for (w, r), t in starts.items() if w == v) for v in ("baseline", "zloss")}
+    assert first["baseline"][1].startswith("L") and "lr0.1_" in first["baseline"][1]  # the launch order's first
+    assert abs(first["baseline"][0] - first["zloss"][0]) < 0.1  # two graph keys: their first runs start together
+    for (variant, run), t in starts.items():
+        if run == first[variant][1]:
+            continue
+        if variant == "zloss":  # started only after its key's first run had logged
+            assert t >= logged[("zloss", first["zloss"][1])]
+        else:  # released when baseline's first run exited (it never logged)
+            assert t >= first["baseline"][0] + 0.25
+
+
 def test_bench_grid_stacks_runs_that_differ_only_in_lr_and_seed(monkeypatch, tmp_path):
     """--stacked N: the lr study's 3 LRs of one variant are one `train-stacked` job (at most N
     members), a method the stacked path refuses (mu-centering's post-step hook) trains alone."""
