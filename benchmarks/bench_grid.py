@@ -261,34 +261,62 @@ def graph_key(cfg: dict, run) -> str:
                       default=str)
 
 
+def job_key(cfg: dict, job: list) -> str:
+    """Jobs with the same key compile the same graphs: one `train` run or a stack of the same size
+    (a stack's graphs are specialized on its member count) of runs with one graph key."""
+    return json.dumps([graph_key(cfg, job[0]), len(job)])
+
+
 class CompileFirst:
-    """`--compile-first`: per graph key, the first job to start compiles alone; the key's later
-    jobs wait (in their worker, holding their slot) until it has logged a step past its start,
-    i.e. its first step, compilation included, is done and its graphs are in Inductor's on-disk
-    cache, or until it has exited. A job that never compiles the same graphs gains nothing and
-    loses nothing but the wait."""
+    """`--compile-first`: of the jobs with one `job_key`, the first in launch order (the pioneer)
+    starts at once; the others wait, in their worker and holding its slot, until the pioneer has
+    logged a step past the one it started from (so its training step, compilation included, has
+    run once and those graphs are in Inductor's on-disk cache; its evaluation and metrics graphs
+    come later and are still compiled by every run), or until it has exited, or the grid stops.
+    The pool takes jobs first-in, first-out, so a pioneer is always running before its followers
+    wait for it."""
 
     POLL_S = 1.0
 
-    def __init__(self, keys: dict[str, str], res: Path):
-        self.keys, self.res = keys, res  # run path -> graph key
-        self.lock = threading.Lock()
-        self.pioneers: dict[str, tuple[Path, int, threading.Event]] = {}
+    def __init__(self, jobs: list[list], keys: list[str], res: Path):
+        self.res = res
+        self.key = {job[0].path: key for job, key in zip(jobs, keys)}
+        self.pioneer: dict[str, str] = {}  # key -> the path of its first job's first run
+        for job, key in zip(jobs, keys):
+            self.pioneer.setdefault(key, job[0].path)
+        self.started: dict[str, tuple[float, int]] = {}  # pioneer path -> (start time, step it resumes from)
+        self.exited = {path: threading.Event() for path in self.pioneer.values()}
 
-    @staticmethod
-    def _size(path: Path) -> int:
-        return path.stat().st_size if path.exists() else 0
+    def _logged_past(self, path: str) -> bool:
+        """The pioneer's metrics.jsonl, rewritten since it started, ends past its starting step."""
+        t0, from_step = self.started.get(path, (float("inf"), 0))
+        log = self.res / path / "metrics.jsonl"
+        try:
+            if log.stat().st_mtime < t0:
+                return False
+            with open(log, "rb") as f:
+                f.seek(max(0, log.stat().st_size - 4096))
+                lines = f.read().splitlines()
+            return bool(lines) and json.loads(lines[-1]).get("step", 0) > from_step
+        except (OSError, ValueError):  # not written yet, or a line half-written
+            return False
 
     def before(self, job: list) -> threading.Event | None:
-        """Wait for this job's pioneer, or become it (then the returned event is set when it exits)."""
-        key = self.keys[job[0].path]
-        with self.lock:
-            if key not in self.pioneers:
-                log = self.res / job[0].path / "metrics.jsonl"
-                self.pioneers[key] = (log, self._size(log), threading.Event())
-                return self.pioneers[key][2]
-            log, size_at_start, exited = self.pioneers[key]
-        while not (exited.is_set() or CHILDREN.stopping or self._size(log) > size_at_start):
+        """Wait for this job's pioneer, or, being one, note its start; a pioneer gets the event to
+        set when it exits."""
+        from stabilab.errors import UserError
+        from stabilab.train.checkpoint import checkpoint_step
+
+        path = job[0].path
+        pioneer = self.pioneer[self.key[path]]
+        if pioneer == path:
+            try:
+                from_step = checkpoint_step(self.res / path) or 0
+            except (UserError, KeyError, RuntimeError):  # unreadable: its run says so; here, count from 0
+                from_step = 0
+            self.started[path] = (time.time() - 1.0, from_step)  # mtime resolution
+            return self.exited[path]
+        while not (self.exited[pioneer].is_set() or CHILDREN.stopping or self._logged_past(pioneer)):
             time.sleep(self.POLL_S)
         return None
 
@@ -339,7 +367,7 @@ def main(argv=None) -> dict:
     jobs = stacked_jobs(cfg, todo, args.stacked, res) if args.stacked > 1 else [[r] for r in todo]
     if args.stacked > 1:
         print(f"stacked: {len(todo)} runs in {len(jobs)} jobs of up to {args.stacked} members", flush=True)
-    first = CompileFirst({job[0].path: graph_key(cfg, job[0]) for job in jobs}, res) if args.compile_first else None
+    first = CompileFirst(jobs, [job_key(cfg, job) for job in jobs], res) if args.compile_first else None
 
     def train(job: list) -> None:
         pioneer = first.before(job) if first else None  # a later job of its graph key waits here

@@ -38,7 +38,7 @@ def summed_lr(steps, lrs) -> list[float]:
     """Σ_{t ≤ s} lr_t at each logged step s, from the LR logged at those steps: the trapezoid rule
     from (0, 0), exact for a schedule that is linear between logged steps (the warmup) and within
     lr_s / 2 of the discrete sum otherwise. OEC relates the output-embedding drift to this sum
-    (‖μ‖ ≈ 0.04 Σ_t lr_t in its runs, METHODS.md §1b)."""
+    (docs/METHODS.md §3)."""
     total, prev_step, prev_lr, out = 0.0, 0.0, 0.0, []
     for step, lr in zip(steps, lrs):
         total += (float(step) - prev_step) * (prev_lr + float(lr)) / 2

@@ -134,33 +134,35 @@ DRIFT_PANELS = [  # (column, title, y label); the mean logit is h·μ = ‖h‖ 
     ("logits_mean", "mean logit (over positions and vocabulary)", "mean logit (symlog)"),
     ("hidden_mu_cos", "alignment of the final hidden state with μ", "cos(h, μ)"),
 ]
-# OEC's 16M baseline (arXiv 2601.02031; its repository's loss_overview.csv), as a yardstick: ‖μ‖ grows
-# about as 0.04 Σ_t lr_t, and at the end of its 100k-step runs (5000 warmup, cosine; Σ_t lr_t ≈ 5e4 ×
-# peak LR) the mean logit is 588 at LR 0.1 and 1152 at LR 0.3.
-OEC_MU_PER_SUMMED_LR = 0.04
-OEC_FINAL_MEAN_LOGIT = [(5.0e3, 588.0), (1.5e4, 1152.0)]  # (Σ_t lr_t, mean logit)
-OEC_REFERENCE = "OEC's 16M baseline (100k steps of 64 × 2048 tokens)"
+MEAN_LOGIT_LINEAR_WITHIN = 10.0  # the symlog axis is linear in ±this (workflow/report/drift_vs_summed_lr.rst)
+# OEC's 16M baseline at the end of its 100k-step runs (arXiv 2601.02031; its repository's
+# loss_overview.csv; 5000 warmup steps then cosine, so Σ_t lr_t ≈ 5e4 × peak LR), for scale.
+OEC_LRS = (0.1, 0.3)
+OEC_FINAL = {"mu_norm": (187.0, 331.0), "logits_mean": (588.0, 1152.0)}  # at OEC_LRS
+OEC_SUMMED_LR_PER_PEAK = 5.0e4
 
 
 def _drift_vs_summed_lr(steps, runs, variants, palette, study):
     """‖μ‖, the mean logit and cos(h, μ) over training against Σ_t lr_t, one line per run (colour:
-    variant, width: peak LR, every seed drawn), OEC's 16M baseline beside them in grey: OEC relates
-    the drift to the summed LR, so runs of different lengths and LRs share one axis. The deepest
-    depth only when the study has several."""
+    variant, width: peak LR, every seed drawn), with OEC's 16M baseline at the end of its runs in
+    grey: OEC relates the drift to the summed LR, so runs of different lengths and LRs share one
+    axis. The smallest depth, as in the vs-LR figures, when the study has several."""
     d = steps.dropna(subset=["lr_now"]).sort_values("step") if "lr_now" in steps else steps.iloc[0:0]
+    r = runs
     if "depth" in d and d["depth"].nunique() > 1:
-        d = d[d["depth"] == d["depth"].max()]
+        d, r = d[d["depth"] == d["depth"].min()], runs[runs["depth"] == d["depth"].min()]
     panels = [p for p in DRIFT_PANELS if p[0] in d and d[p[0]].notna().any()]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 4.0), squeeze=False,
                              layout="constrained")
     lrs = sorted(d["lr"].unique()) if len(d) else []
     width = {lr: 0.8 + 2.0 * i / max(1, len(lrs) - 1) for i, lr in enumerate(lrs)}
-    diverged = runs.loc[runs["diverged"].astype(bool), ["variant", "lr", "seed"]]
+    diverged = r.loc[r["diverged"].astype(bool), ["variant", "lr", "seed"]]
     gone = {tuple(k) for k in diverged.itertuples(index=False)}
     reference = False
     for ax, (column, title, ylabel) in zip(axes[0], panels):
         for (variant, lr, seed), g in d.groupby(["variant", "lr", "seed"]):
-            g = g[["step", "lr_now", column]].assign(lr_sum=summed_lr(g["step"], g["lr_now"])).dropna(subset=[column])
+            g = g[["step", "lr_now", column]].assign(lr_sum=summed_lr(g["step"], g["lr_now"]))
+            g = g[np.isfinite(g[column])]
             if not len(g):
                 continue
             ax.plot(g["lr_sum"], g[column], color=palette.get(variant, "0.5"), lw=width[lr], alpha=0.85)
@@ -168,16 +170,14 @@ def _drift_vs_summed_lr(steps, runs, variants, palette, study):
                 ax.scatter(g["lr_sum"].iloc[-1:], g[column].iloc[-1:], marker="x", s=50, lw=1.8, color=DIVERGED,
                            zorder=5)
         ax.set_xscale("log")
+        if column in OEC_FINAL:
+            ax.scatter([OEC_SUMMED_LR_PER_PEAK * lr for lr in OEC_LRS], OEC_FINAL[column], marker="*", s=90,
+                       color="0.55", zorder=4)
+            reference = True
         if column == "mu_norm":
             ax.set_yscale("log")
-            lo, hi = ax.get_xlim()
-            xs = np.geomspace(lo, max(hi, OEC_FINAL_MEAN_LOGIT[-1][0]), 50)
-            ax.plot(xs, OEC_MU_PER_SUMMED_LR * xs, color="0.55", ls=":", lw=1.6)
-            reference = True
         elif column == "logits_mean":
-            ax.set_yscale("symlog", linthresh=10.0)
-            ax.scatter(*zip(*OEC_FINAL_MEAN_LOGIT), marker="*", s=90, color="0.55", zorder=4)
-            reference = True
+            ax.set_yscale("symlog", linthresh=MEAN_LOGIT_LINEAR_WITHIN)
         ax.set(xlabel="summed learning rate Σ_t lr_t (log scale)", ylabel=ylabel)
         ax.set_title(title, fontsize=9.5)
     if not panels:
@@ -186,9 +186,8 @@ def _drift_vs_summed_lr(steps, runs, variants, palette, study):
     handles = variant_handles(present, palette) + [
         Line2D([], [], color="0.35", lw=width[lr], label=f"peak LR {fmt(lr)}") for lr in lrs]
     if reference:
-        handles += [Line2D([], [], color="0.55", ls=":", lw=1.6, label=f"{OEC_REFERENCE}: ‖μ‖ ≈ 0.04 Σ_t lr_t"),
-                    Line2D([], [], color="0.55", ls="none", marker="*", ms=10,
-                           label="the same, final mean logit (LR 0.1, 0.3)")]
+        handles.append(Line2D([], [], color="0.55", ls="none", marker="*", ms=10,
+                              label=f"OEC's 16M baseline, end of its runs (LR {', '.join(fmt(x) for x in OEC_LRS)})"))
     if any(k[0] in present for k in gone):
         handles.append(div_handle("diverged: run stopped at ×"))
     figure_legend(fig, handles, ncol=min(len(handles), 4))
