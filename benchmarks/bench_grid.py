@@ -250,6 +250,18 @@ def chosen_runs(cfg: dict, args) -> list:
     return grid
 
 
+def resume_step(folder: Path) -> int | None:
+    """The step a run folder's checkpoint resumes from; None without one, or when it cannot be
+    read (its run then says so; here it counts as a fresh start)."""
+    from stabilab.errors import UserError
+    from stabilab.train.checkpoint import checkpoint_step
+
+    try:
+        return checkpoint_step(folder)
+    except (UserError, KeyError, RuntimeError):
+        return None
+
+
 def graph_key(cfg: dict, run) -> str:
     """Runs with the same key compile the same graphs: their resolved configs differ only in what
     a stacked job's members may differ in (optim.lr and seed; `stacked.PER_MEMBER`)."""
@@ -292,10 +304,11 @@ class CompileFirst:
         t0, from_step = self.started.get(path, (float("inf"), 0))
         log = self.res / path / "metrics.jsonl"
         try:
-            if log.stat().st_mtime < t0:
+            stat = log.stat()
+            if stat.st_mtime < t0:
                 return False
             with open(log, "rb") as f:
-                f.seek(max(0, log.stat().st_size - 4096))
+                f.seek(max(0, stat.st_size - 4096))
                 lines = f.read().splitlines()
             return bool(lines) and json.loads(lines[-1]).get("step", 0) > from_step
         except (OSError, ValueError):  # not written yet, or a line half-written
@@ -304,17 +317,10 @@ class CompileFirst:
     def before(self, job: list) -> threading.Event | None:
         """Wait for this job's pioneer, or, being one, note its start; a pioneer gets the event to
         set when it exits."""
-        from stabilab.errors import UserError
-        from stabilab.train.checkpoint import checkpoint_step
-
         path = job[0].path
         pioneer = self.pioneer[self.key[path]]
         if pioneer == path:
-            try:
-                from_step = checkpoint_step(self.res / path) or 0
-            except (UserError, KeyError, RuntimeError):  # unreadable: its run says so; here, count from 0
-                from_step = 0
-            self.started[path] = (time.time() - 1.0, from_step)  # mtime resolution
+            self.started[path] = (time.time() - 1.0, resume_step(self.res / path) or 0)  # -1 s: mtime resolution
             return self.exited[path]
         while not (self.exited[pioneer].is_set() or CHILDREN.stopping or self._logged_past(pioneer)):
             time.sleep(self.POLL_S)
@@ -328,14 +334,7 @@ def stacked_jobs(cfg: dict, todo: list, size: int, res: Path) -> list[list]:
     refuses (SPAM, StableMax, ...) or one without a partner is a job of its own."""
     from stabilab.config import load_run_config
     from stabilab.errors import UserError
-    from stabilab.train.checkpoint import checkpoint_step
     from stabilab.train.stacked import check_members
-
-    def resume_step(run) -> int | None:
-        try:
-            return checkpoint_step(res / run.path)
-        except (UserError, KeyError, RuntimeError):  # unreadable: grouped with the fresh runs; its run says so
-            return None
 
     groups: dict[str, list] = {}
     for run in todo:
@@ -344,7 +343,7 @@ def stacked_jobs(cfg: dict, todo: list, size: int, res: Path) -> list[list]:
         except UserError:
             key = run.path  # trained alone
         else:
-            key = json.dumps([graph_key(cfg, run), resume_step(run)])
+            key = json.dumps([graph_key(cfg, run), resume_step(res / run.path)])
         groups.setdefault(key, []).append(run)
     jobs = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
     return sorted(jobs, key=lambda job: todo.index(job[0]))  # the launch order of their first members

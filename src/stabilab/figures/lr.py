@@ -150,7 +150,8 @@ def _drift_vs_summed_lr(steps, runs, variants, palette, study):
     d = steps.dropna(subset=["lr_now"]).sort_values("step") if "lr_now" in steps else steps.iloc[0:0]
     r = runs
     if "depth" in d and d["depth"].nunique() > 1:
-        d, r = d[d["depth"] == d["depth"].min()], runs[runs["depth"] == d["depth"].min()]
+        shown = d["depth"].min()
+        d, r = d[d["depth"] == shown], runs[runs["depth"] == shown]
     panels = [p for p in DRIFT_PANELS if p[0] in d and d[p[0]].notna().any()]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 4.0), squeeze=False,
                              layout="constrained")
@@ -159,16 +160,18 @@ def _drift_vs_summed_lr(steps, runs, variants, palette, study):
     diverged = r.loc[r["diverged"].astype(bool), ["variant", "lr", "seed"]]
     gone = {tuple(k) for k in diverged.itertuples(index=False)}
     reference = False
-    for ax, (column, title, ylabel) in zip(axes[0], panels):
-        for (variant, lr, seed), g in d.groupby(["variant", "lr", "seed"]):
-            g = g[["step", "lr_now", column]].assign(lr_sum=summed_lr(g["step"], g["lr_now"]))
-            g = g[np.isfinite(g[column])]
-            if not len(g):
+    for (variant, lr, seed), g in d.groupby(["variant", "lr", "seed"]):
+        columns = ["step", "lr_now", *(column for column, _, _ in panels)]
+        g = g[columns].assign(lr_sum=summed_lr(g["step"], g["lr_now"]))  # once per run, for every panel
+        for ax, (column, _, _) in zip(axes[0], panels):
+            points = g[np.isfinite(g[column])]
+            if not len(points):
                 continue
-            ax.plot(g["lr_sum"], g[column], color=palette.get(variant, "0.5"), lw=width[lr], alpha=0.85)
+            ax.plot(points["lr_sum"], points[column], color=palette.get(variant, "0.5"), lw=width[lr], alpha=0.85)
             if (variant, lr, seed) in gone:
-                ax.scatter(g["lr_sum"].iloc[-1:], g[column].iloc[-1:], marker="x", s=50, lw=1.8, color=DIVERGED,
-                           zorder=5)
+                ax.scatter(points["lr_sum"].iloc[-1:], points[column].iloc[-1:], marker="x", s=50, lw=1.8,
+                           color=DIVERGED, zorder=5)
+    for ax, (column, title, ylabel) in zip(axes[0], panels):
         ax.set_xscale("log")
         if column in OEC_FINAL:
             ax.scatter([OEC_SUMMED_LR_PER_PEAK * lr for lr in OEC_LRS], OEC_FINAL[column], marker="*", s=90,
