@@ -203,3 +203,30 @@ def test_numbers_in_figures_follow_one_style_per_range(value, text):
     """An LR sweep's labels change notation only at 0.1 (the early-warning sweep mixed '3.2e-2'
     with '0.064' before)."""
     assert fmt(value) == text
+
+
+def test_depth_figures_draw_each_lr_in_its_own_panel_and_lm_head_tev_when_untied():
+    """A depth study at two peak LRs: one panel per LR, each holding that LR's seed means (not the
+    first LR's for both); lm_head's TEV rows appear only when the runs logged them (untied)."""
+    from stabilab.figures import depth
+    from stabilab.methods import label
+
+    lrs, variants = [3e-3, 1e-2], ["baseline", "mlra"]
+    rows = [synthetic_run("depth", v, d, lr, s)[0] for v in variants for d in (1, 2) for lr in lrs for s in (0, 1)]
+    runs = pd.DataFrame(rows)
+    summary = study_summary(runs, "depth", "depth")
+    palette = {"baseline": "0.2", "mlra": "tab:blue"}
+    fig = depth._vs_depth(summary, runs, variants, palette, 2, [("final_val_ppl", "ppl")], lrs, "t", 3.0)
+    panels = {}
+    for ax, lr in zip(fig.axes, lrs):
+        assert ax.get_title() == f"peak LR {fmt(lr)}"
+        (line,) = [ln for ln in ax.lines if ln.get_label() == label("baseline")]
+        want = summary[(summary.metric == "final_val_ppl") & (summary.variant == "baseline")
+                       & np.isclose(summary.lr, lr)].sort_values("depth")["mean"].to_numpy()
+        np.testing.assert_allclose(line.get_ydata(), want)
+        panels[lr] = want
+    assert not np.allclose(panels[lrs[0]], panels[lrs[1]])
+    assert [m for m, _, _ in depth.tev_metrics(summary)] == ["tev_mean", "tev_std"]
+    untied = runs.assign(tev_lm_head_mean=runs.tev_mean * 1.1, tev_lm_head_std=runs.tev_std * 1.1)
+    assert [m for m, _, _ in depth.tev_metrics(study_summary(untied, "depth", "depth"))] == \
+        ["tev_mean", "tev_std", "tev_lm_head_mean", "tev_lm_head_std"]

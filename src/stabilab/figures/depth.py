@@ -1,4 +1,5 @@
-"""Depth study (MLRA / TEV): perplexity, TEV and grad-norm variance vs depth, TEV over training."""
+"""Depth study (MLRA / TEV): perplexity, TEV and grad-norm variance vs depth, TEV over training.
+With several peak LRs, each figure has one column of panels per LR."""
 
 from __future__ import annotations
 
@@ -24,82 +25,110 @@ from .style import (
     variant_handles,
 )
 
+# TEV of each embedding matrix: (metric, the matrix, mean or std over tokens); lm_head's only when untied
+TEV_METRICS = [("tev_mean", "wte", "mean"), ("tev_std", "wte", "std"),
+               ("tev_lm_head_mean", "lm_head", "mean"), ("tev_lm_head_std", "lm_head", "std")]
+DEPTH_AXIS = "depth (transformer layers)"
+
 
 def draw(t: StudyTables) -> list[Path]:
     """The study's figures beside its loss curves (`studies.KINDS['depth']`)."""
     return _depth_figures(t.summary, t.steps, t.runs, t.variants, t.folder, t.study, t.spec, t.palette)
 
 
+def study_lrs(frame: pd.DataFrame) -> list[float]:
+    return sorted(float(v) for v in frame["lr"].dropna().unique()) if len(frame) else []
+
+
+def at_lr(frame: pd.DataFrame, lr: float) -> pd.DataFrame:
+    return frame[np.isclose(frame["lr"].astype(float), lr)]
+
+
+def tev_metrics(frame: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The TEV metrics with a value in `frame` (a summary's `metric` rows or steps' columns)."""
+    if "metric" in frame:
+        present = set(frame.loc[np.isfinite(frame["mean"].astype(float)), "metric"])
+        return [m for m in TEV_METRICS if m[0] in present]
+    return [m for m in TEV_METRICS if m[0] in frame and frame[m[0]].notna().any()]
+
+
+def _vs_depth(summary, runs, variants, palette, n, rows, lrs, suptitle, height, logy=False):
+    """One panel per (metric row, LR column), each the metric vs depth; `rows` = [(metric, ylabel)]."""
+    cols = max(1, len(lrs))
+    fig, axes = plt.subplots(len(rows), cols, figsize=(max(5.0, 4.4 * cols), height * len(rows) + 0.4),
+                             squeeze=False, layout="constrained")  # own y per panel: LRs differ in scale
+    flags = [False, False]
+    for i, (metric, ylabel) in enumerate(rows):
+        for j, lr in enumerate(lrs or [np.nan]):
+            ax = axes[i][j]
+            df = metric_rows(summary, metric)
+            some, alld = vs_x(ax, at_lr(df, lr) if lrs else df, "depth", variants, palette, n, logy=logy, runs=runs)
+            flags = [flags[0] or some, flags[1] or alld]
+            ax.set(xlabel=DEPTH_AXIS if i == len(rows) - 1 else "", ylabel=ylabel if j == 0 else "")
+            if i == 0 and lrs:
+                ax.set_title(f"peak LR {fmt(lr)}", fontsize=10)
+    fig.suptitle(suptitle, fontsize=10.5)
+    vs_x_legend(fig, variants, palette, *flags, n, n > 1)
+    return fig
+
+
 def _depth_figures(summary, steps, runs, variants, folder, study, spec, palette) -> list[Path]:
-    written = []
     n = seed_count(spec)
-    band = n > 1
-
-    def one_lr(df):  # a depth study normally has one LR; with several, show the first and say so
-        lrs = sorted(df["lr"].dropna().unique())
-        return (df[np.isclose(df["lr"], lrs[0])] if len(lrs) > 1 else df), (lrs[0] if len(lrs) > 1 else None)
-
-    fig, ax = plt.subplots(figsize=(5.0, 4.0), layout="constrained")
-    df, lr = one_lr(metric_rows(summary, "final_val_ppl"))
-    some, alld = vs_x(ax, df, "depth", variants, palette, n, runs=runs)
-    ax.set(xlabel="depth (transformer layers)", ylabel="final validation perplexity (lower is better)")
-    ax.set_title(f"{study}: perplexity vs depth" + (f" (peak LR {fmt(lr)})" if lr else ""), fontsize=10.5)
-    vs_x_legend(fig, variants, palette, some, alld, n, band)
+    lrs = study_lrs(summary)
+    written = []
+    ppl = [("final_val_ppl", "final validation perplexity\n(lower is better)")]
+    fig = _vs_depth(summary, runs, variants, palette, n, ppl, lrs, f"{study}: perplexity vs depth", 3.6)
     written += save(fig, folder, "ppl_vs_depth")
 
-    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.9), layout="constrained")
-    some_all = [False, False]
-    for ax, metric, label in zip(axes, ["tev_mean", "tev_std"],
-                                 ["TEV mean: mean over tokens of std(e_i)", "TEV std: std over tokens of std(e_i)"]):
-        df, _ = one_lr(metric_rows(summary, metric))
-        some, alld = vs_x(ax, df, "depth", variants, palette, n, runs=runs)
-        some_all = [some_all[0] or some, some_all[1] or alld]
-        name = "TEV mean" if metric == "tev_mean" else "TEV std"
-        ax.set(xlabel="depth (transformer layers)", ylabel=f"{name} (embedding-weight units)")
-        ax.set_title(label, fontsize=9.5)
-    fig.suptitle(f"{study}: token-embedding variability (TEV) of wte at the end of training", fontsize=10.5)
-    vs_x_legend(fig, variants, palette, *some_all, n, band)
+    tev = tev_metrics(summary) or TEV_METRICS[:2]
+    rows = [(m, f"TEV {kind}, {matrix}\n(weight units)") for m, matrix, kind in tev]
+    fig = _vs_depth(summary, runs, variants, palette, n, rows, lrs,
+                    f"{study}: token-embedding variability (TEV) at the end of training\n"
+                    "mean: mean over tokens of std(e_i); std: std over tokens of std(e_i)", 2.9)
     written += save(fig, folder, "tev_vs_depth")
 
     written += save(_tev_over_training(steps, runs, variants, study, spec, palette), folder, "tev_over_training")
 
-    fig, ax = plt.subplots(figsize=(5.0, 4.0), layout="constrained")
-    df, lr = one_lr(metric_rows(summary, "grad_norm_var"))
-    some, alld = vs_x(ax, df, "depth", variants, palette, n, logy=True, runs=runs)
-    ax.set(xlabel="depth (transformer layers)", ylabel="variance of total grad norm (log scale)")
-    ax.set_title(f"{study}: gradient-norm variance vs depth\n"
-                 "(sliding-window variance, averaged over the 2nd half of training)",
-                 fontsize=10)
-    vs_x_legend(fig, variants, palette, some, alld, n, band)
+    gvar = [("grad_norm_var", "variance of total grad norm\n(log scale)")]
+    fig = _vs_depth(summary, runs, variants, palette, n, gvar, lrs, f"{study}: gradient-norm variance vs depth "
+                    "(sliding-window variance, averaged over the 2nd half of training)", 3.6, logy=True)
     written += save(fig, folder, "grad_norm_var_vs_depth")
     return written
 
 
 def _tev_over_training(steps, runs, variants, study, spec, palette):
+    """Rows: per LR, the wte TEV mean and the lm_head's (untied) or the wte TEV std (tied); columns: depths."""
     n = seed_count(spec)
     depths = sorted(int(x) for x in steps["depth"].unique()) if len(steps) else []
+    lrs = study_lrs(steps) or [np.nan]
+    present = {m for m, _, _ in tev_metrics(steps)}
+    shown = [m for m in TEV_METRICS if m[0] == "tev_mean"]
+    shown += [m for m in TEV_METRICS if m[0] == ("tev_lm_head_mean" if "tev_lm_head_mean" in present else "tev_std")]
+    rows = [(lr, metric, matrix, kind) for lr in lrs for metric, matrix, kind in shown]
     cols = max(1, len(depths))
-    fig, axes = plt.subplots(2, cols, figsize=(3.5 * cols, 5.6), squeeze=False, sharex=True, sharey="row",
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.5 * cols, 2.8 * len(rows)), squeeze=False, sharex=True,
                              layout="constrained")
-    have = [c for c in ("tev_mean", "tev_std") if c in steps]
-    d = steps.dropna(subset=have) if have else steps.iloc[0:0]
+    d = steps.dropna(subset=[m for m, _, _ in shown if m in steps]) if present else steps.iloc[0:0]
     if d.empty:
         for ax in axes.flat:
             no_data(ax)
     tps = tokens_per_step(steps) if len(steps) else pd.Series(dtype=float)
     any_div = False
     for j, depth in enumerate(depths):
-        sub = d[d["depth"] == depth]
-        for i, metric in enumerate(["tev_mean", "tev_std"]):
+        for i, (lr, metric, matrix, kind) in enumerate(rows):
             ax = axes[i][j]
+            sub = d[d["depth"] == depth]
+            sub = at_lr(sub, lr) if np.isfinite(lr) else sub
+            gone_runs = runs[(runs["depth"] == depth) & runs["diverged"]]
+            gone_runs = at_lr(gone_runs, lr) if np.isfinite(lr) else gone_runs
             if metric not in sub:
                 no_data(ax)
                 continue
             for variant in [v for v in variants if v in set(sub["variant"])]:
-                gone = set(runs[(runs["variant"] == variant) & (runs["depth"] == depth) & runs["diverged"]]["seed"])
+                gone = set(gone_runs[gone_runs["variant"] == variant]["seed"])
                 seed_band(ax, sub[sub["variant"] == variant], "tokens", metric, palette[variant], gone, lw=1.6,
-                           marker="o", ms=3)
-            for row in runs[(runs["depth"] == depth) & runs["diverged"]].itertuples(index=False):
+                          marker="o", ms=3)
+            for row in gone_runs.itertuples(index=False):
                 t = sub[(sub["variant"] == row.variant) & (sub["seed"] == row.seed)].sort_values("step")
                 if len(t):
                     key = (row.variant, row.depth, row.lr, row.seed)
@@ -107,15 +136,15 @@ def _tev_over_training(steps, runs, variants, study, spec, palette):
                     ax.scatter([step * tps.get(key, 1.0)], [t[metric].iloc[-1]], marker="x", s=70, lw=2,
                                color=DIVERGED, zorder=8)
                     any_div = True
-            ax.set_ylabel(("TEV mean" if metric == "tev_mean" else "TEV std") + " (weight units)" if j == 0 else "")
+            lr_text = f", LR {fmt(lr)}" if len(lrs) > 1 else ""
+            ax.set_ylabel(f"TEV {kind}, {matrix}{lr_text}" if j == 0 else "")
             if i == 0:
                 ax.set_title(f"{depth} layer{'s' if depth != 1 else ''}", fontsize=10)
             tokens_axis(ax)
-            if i == 0:
+            if i < len(rows) - 1:
                 ax.set_xlabel("")
-    fig.suptitle(f"{study}: token-embedding variability of wte during training", fontsize=10.5)
+    fig.suptitle(f"{study}: token-embedding variability during training (weight units)", fontsize=10.5)
     handles = variant_handles([v for v in variants if v in set(steps["variant"])], palette)
     handles += seed_curve_handles(n, any_div)
     figure_legend(fig, handles)
     return fig
-
