@@ -41,13 +41,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 try:
     import stabilab  # noqa: F401
 except ImportError:  # not installed (e.g. on a bare GPU box): use the checkout's src/
     sys.path.insert(0, str(REPO / "src"))
 
-from stabilab.config import parse_overrides
+from stabilab.config import RuntimeConfig, parse_overrides, validated
 from stabilab.device import PEAK_BF16_TFLOPS
 from stabilab.experiment import load_experiment, run_config, runs, shards_dir, write_runtime
 from stabilab.layout import FIGURES, RESULTS, TOKENIZER
@@ -72,10 +74,11 @@ def parse_args(argv):
     p.add_argument("--stacked", type=int, default=0, metavar="N",
                    help="train runs that differ only in LR and seed N at a time in one process (stabilab "
                         "train-stacked); a job of N counts as one of --jobs")
-    p.add_argument("--compile-first", action="store_true",
+    p.add_argument("--compile-first", action=argparse.BooleanOptionalAction, default=True,
                    help="of the runs whose compiled graphs are the same (configs equal but for LR and seed), the "
                         "first compiles alone and the others start once it has logged its first step, reading "
-                        "its graphs from Inductor's on-disk cache instead of compiling them again")
+                        "its graphs from Inductor's on-disk cache instead of compiling them again (default; "
+                        "--no-compile-first launches every run at once, each compiling its own)")
     p.add_argument("--deadline", type=float, default=None, help="launch no run after this many seconds")
     p.add_argument("--mps", action="store_true",
                    help="run the grid's processes under CUDA MPS (nvidia-cuda-mps-control), started and stopped here")
@@ -279,6 +282,14 @@ def job_key(cfg: dict, job: list) -> str:
     return json.dumps([graph_key(cfg, job[0]), len(job)])
 
 
+def runs_compile(cfg: dict) -> bool:
+    """Whether the grid's runs will compile (`runtime.compile`, auto: on CUDA), so that a first run
+    has graphs to leave in the cache; without compilation `--compile-first` would only delay."""
+    rt = validated(RuntimeConfig, cfg.get("runtime") or {}, "runtime")
+    cuda = rt.device != "cpu" and torch.cuda.is_available()
+    return rt.compiles_on(torch.device("cuda" if cuda else "cpu"))
+
+
 class CompileFirst:
     """`--compile-first`: of the jobs with one `job_key`, the first in launch order (the pioneer)
     starts at once; the others wait, in their worker and holding its slot, until the pioneer has
@@ -366,7 +377,8 @@ def main(argv=None) -> dict:
     jobs = stacked_jobs(cfg, todo, args.stacked, res) if args.stacked > 1 else [[r] for r in todo]
     if args.stacked > 1:
         print(f"stacked: {len(todo)} runs in {len(jobs)} jobs of up to {args.stacked} members", flush=True)
-    first = CompileFirst(jobs, [job_key(cfg, job) for job in jobs], res) if args.compile_first else None
+    share = args.compile_first and runs_compile(cfg)
+    first = CompileFirst(jobs, [job_key(cfg, job) for job in jobs], res) if share else None
 
     def train(job: list) -> None:
         pioneer = first.before(job) if first else None  # a later job of its graph key waits here
@@ -446,7 +458,7 @@ def report(args, cfg, res: Path, trained: list, wall: float, t_data: float, fail
     mfu = 100 * total / max(wall, 1e-9) / (args.peak_tflops * 1e12)
     how = f", stacked {args.stacked} per process" if args.stacked > 1 else ""
     how += ", under CUDA MPS" if args.mps else ""
-    how += ", compile first" if args.compile_first else ""
+    how += ", compile first" if args.compile_first and runs_compile(cfg) else ""
     lines = [f"# Grid benchmark: {args.config} ({len(rows)} runs trained, {args.jobs} at a time{how})", "",
              *([f"- overrides: {' '.join(args.overrides)}"] if args.overrides else []),
              f"- wall time of the training phase: {wall:.1f} s (data preparation before it: {t_data:.1f} s)",

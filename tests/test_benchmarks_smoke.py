@@ -243,7 +243,7 @@ def test_bench_grid_compile_first_holds_a_graphs_later_runs_until_its_first_has_
                         (trained, failed))
     trained, failed = bench_grid.main(["--config", str(BENCH.parent / "config.yaml"), "--studies", "lr",
                                        "--variants", "baseline", "zloss", "--jobs", "4", "--no-report",
-                                       "--compile-first"])
+                                       "runtime.compile=true"])  # compile-first is the default when runs compile
     assert len(trained) == 5 and len(failed) == 1  # baseline's first run exited 1 without logging
     starts = {(v, r): t for t, what, v, r in events if what == "start"}
     logged = {(v, r): t for t, what, v, r in events if what == "logged"}
@@ -257,6 +257,19 @@ def test_bench_grid_compile_first_holds_a_graphs_later_runs_until_its_first_has_
             assert t >= logged[("zloss", first["zloss"][1])]
         else:  # released when baseline's first run exited (it never logged)
             assert t >= first["baseline"][0] + 0.25
+
+
+def test_compile_first_is_the_default_only_where_the_runs_compile():
+    """On by default, off with --no-compile-first, and never where the runs do not compile (the CPU's
+    `compile: auto`), where holding the followers back would only delay them."""
+    bench_grid = _load("bench_grid")
+    config = str(BENCH.parent / "config.yaml")
+    assert bench_grid.parse_args(["--config", config]).compile_first
+    assert not bench_grid.parse_args(["--config", config, "--no-compile-first"]).compile_first
+    cfg = bench_grid.load_experiment(config, {})
+    assert bench_grid.runs_compile(cfg) is bench_grid.torch.cuda.is_available()
+    assert bench_grid.runs_compile(bench_grid.load_experiment(config, {"runtime": {"compile": True}}))
+    assert not bench_grid.runs_compile(bench_grid.load_experiment(config, {"runtime": {"compile": False}}))
 
 
 def test_compile_first_waits_for_a_resumed_pioneer_to_log_past_its_checkpoint(monkeypatch, tmp_path):
