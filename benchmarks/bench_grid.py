@@ -23,6 +23,11 @@ kernel was running nearly all the time (benchmarks/README.md): consistent with t
 taking turns on it. `--mps` starts a CUDA MPS control daemon for the grid's processes (and stops
 it at the end), or joins one already serving the environment, under which their kernels can
 overlap; `runtime.compile_mode=reduce-overhead` (an override) gives each run CUDA graphs.
+
+Where the runs compile, the first of the runs that compile the same graphs starts alone and the
+others once it has logged a step, reading its graphs from Inductor's on-disk cache
+(`--compile-first`, the default; `--no-compile-first` starts them all at once). On one H200 the
+whole paper grid took 566 s at 20.4 % aggregate MFU this way (benchmarks/results/h200_grid_paper_full.md).
 """
 
 from __future__ import annotations
