@@ -187,3 +187,39 @@ def test_a_cuda_fault_that_is_not_transient_keeps_its_traceback(tiny_data, tmp_p
     run.write_text(json.dumps(tiny_run(tiny_data["shards"])))
     with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
         main(["train", "--run", str(run), "--out", str(tmp_path / "out")])
+
+
+def test_a_checkpoints_step_is_read_from_its_header_and_v1_files_still_load(tiny_data, tmp_path):
+    """The step comes from the header line, without loading the payload (a flipped payload byte
+    leaves it readable while the load still refuses the file); a v1 file (no header line) loads
+    and gives its step; a header without a step is one line naming the file."""
+    import hashlib
+    import io
+
+    from stabilab.train import checkpoint
+
+    good = _checkpoint(tiny_data, tmp_path / "run")
+    blob = good.read_bytes()
+    assert blob.startswith(checkpoint.MAGIC) and checkpoint.checkpoint_step(good.parent) == 5
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    damaged = bytearray(blob)
+    damaged[-100] ^= 0xFF  # deep in the payload
+    (bad / "ckpt.pt").write_bytes(bytes(damaged))
+    assert checkpoint.checkpoint_step(bad) == 5
+    with pytest.raises(UserError, match="ckpt.pt is corrupt"):
+        Checkpointer(bad, torch.device("cpu")).load()
+
+    state = torch.load(io.BytesIO(blob[blob.index(b"\n", len(checkpoint.MAGIC) + 65) + 1:]), weights_only=True)
+    payload = io.BytesIO()
+    torch.save(state, payload)
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "ckpt.pt").write_bytes(checkpoint.MAGIC_V1 + hashlib.sha256(payload.getvalue()).hexdigest().encode()
+                                 + b"\n" + payload.getvalue())
+    assert checkpoint.checkpoint_step(v1) == 5 and Checkpointer(v1, torch.device("cpu")).load()["step"] == 5
+
+    (bad / "ckpt.pt").write_bytes(checkpoint.MAGIC + b"0" * 64 + b"\n" + b'{"epoch": 3}\n' + b"x" * 10)
+    with pytest.raises(UserError, match="no step in its header") as info:
+        checkpoint.checkpoint_step(bad)
+    assert "\n" not in str(info.value)

@@ -4,7 +4,8 @@ A checkpoint holds the model, the optimizer, the loop's counters and running sta
 RNG states, so that a resumed run continues exactly where the checkpoint was taken; metrics
 records after it belong to the lost attempt and are dropped from metrics.jsonl on resume. The
 file carries the sha256 of its payload, checked before anything is loaded: a corrupt checkpoint
-stops the run with one line instead of resuming from garbage.
+stops the run with one line instead of resuming from garbage. Its header also holds the step, so
+that a grid launcher can group and order resuming runs without reading whole checkpoints.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ WEIGHTS = "model.pt"  # the final weights and the run's config (runtime.keep_wei
 OUTPUTS = ("ckpt.pt", "metrics.jsonl", "grad_norm.csv", WEIGHTS, "summary.json")  # a fresh start removes
 
 
-MAGIC = b"stabilab-checkpoint-v1\n"  # then the payload's sha256 (64 hex digits and a newline), then torch.save bytes
+# then the sha256 of the rest (64 hex digits and a newline); the rest: one JSON line of metadata
+# ({"step": n}, so that the step is read without loading the payload), then torch.save bytes
+MAGIC = b"stabilab-checkpoint-v2\n"
+MAGIC_V1 = b"stabilab-checkpoint-v1\n"  # as v2 without the metadata line (still read)
+DIGEST = 65  # hex digits and newline
+HEADER_MAX = 4096  # bytes read for the metadata line
 
 
 class Checkpointer:
@@ -74,26 +80,49 @@ class Checkpointer:
 
 
 def save_checked(state: dict, path: Path) -> None:
-    """torch.save `state` into `path` atomically, behind MAGIC and the sha256 of the payload."""
+    """torch.save `state` into `path` atomically, behind MAGIC, the sha256 of what follows it, and a
+    metadata line holding the state's step."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    payload = buffer.getbuffer()
+    meta = json.dumps({"step": state.get("step")}).encode() + b"\n"
+    digest = hashlib.sha256(meta)
+    digest.update(buffer.getbuffer())
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
-        f.write(payload)
+        f.write(MAGIC + digest.hexdigest().encode() + b"\n" + meta)
+        f.write(buffer.getbuffer())
 
 
 def load_checked(path: Path, device, fix: str) -> dict:
-    """The state in a file written by `save_checked`, after checking its sha256 (a UserError naming
-    the file and `fix` otherwise); torch.load with weights_only=True (no arbitrary unpickling)."""
+    """The state in a file written by `save_checked` (or by its v1 format, without the metadata
+    line), after checking its sha256 (a UserError naming the file and `fix` otherwise); torch.load
+    with weights_only=True (no arbitrary unpickling)."""
     blob = Path(path).read_bytes()
-    head = len(MAGIC) + 65
-    if not blob.startswith(MAGIC) or len(blob) < head:
+    magic = MAGIC if blob.startswith(MAGIC) else MAGIC_V1
+    head = len(magic) + DIGEST
+    if not blob.startswith(magic) or len(blob) < head:
         raise UserError(f"checkpoint {path} is corrupt or not a stabilab checkpoint: {fix}")
-    digest, payload = blob[len(MAGIC):head - 1].decode("ascii", "replace"), memoryview(blob)[head:]
-    if hashlib.sha256(payload).hexdigest() != digest:
+    digest, rest = blob[len(magic):head - 1].decode("ascii", "replace"), memoryview(blob)[head:]
+    if hashlib.sha256(rest).hexdigest() != digest:
         raise UserError(f"checkpoint {path} is corrupt (its sha256 does not match): {fix}")
+    payload = rest[blob.index(b"\n", head) + 1 - head:] if magic == MAGIC else rest
     return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+
+
+def checked_step(path: Path, fix: str) -> int:
+    """The step in a checkpoint's metadata line, read without loading (or checking) its payload,
+    which the run's own load checks; a v1 file has no such line and is loaded whole."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER_MAX)
+    if not head.startswith(MAGIC):
+        return load_checked(path, "cpu", fix)["step"]
+    end = head.find(b"\n", len(MAGIC) + DIGEST)
+    try:
+        step = json.loads(head[len(MAGIC) + DIGEST:end])["step"] if end > 0 else None
+    except (ValueError, KeyError, TypeError):
+        step = None
+    if not isinstance(step, int):
+        raise UserError(f"checkpoint {path} is corrupt (no step in its header): {fix}")
+    return step
 
 
 def restart_hint(path: Path) -> str:
@@ -101,10 +130,10 @@ def restart_hint(path: Path) -> str:
 
 
 def checkpoint_step(folder: str | Path) -> int | None:
-    """The step a run folder's checkpoint resumes from (read on the host), None without one; a
-    corrupt checkpoint is a UserError, as when the run itself loads it."""
+    """The step a run folder's checkpoint resumes from (its header's; `checked_step`), None without
+    one; a checkpoint whose header is unreadable is a UserError, as when the run itself loads it."""
     path = Path(folder) / "ckpt.pt"
-    return int(load_checked(path, "cpu", restart_hint(path))["step"]) if path.exists() else None
+    return int(checked_step(path, restart_hint(path))) if path.exists() else None
 
 
 def load_weights(path: str | Path, device) -> dict:
