@@ -230,3 +230,30 @@ def test_depth_figures_draw_each_lr_in_its_own_panel_and_lm_head_tev_when_untied
     untied = runs.assign(tev_lm_head_mean=runs.tev_mean * 1.1, tev_lm_head_std=runs.tev_std * 1.1)
     assert [m for m, _, _ in depth.tev_metrics(study_summary(untied, "depth", "depth"))] == \
         ["tev_mean", "tev_std", "tev_lm_head_mean", "tev_lm_head_std"]
+
+
+def test_tev_over_training_keeps_tied_variants_beside_untied_ones():
+    """A depth study with an untied and a tied variant: the untied one adds lm_head rows, and the
+    tied one (no lm_head TEV logged) still has its wte curves."""
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    from stabilab.figures import depth
+
+    variants, palette = ["baseline", "mlra"], {"baseline": "#222222", "mlra": "#1f77b4"}
+    runs, steps = [], []
+    for v in variants:
+        for d in (1, 2):
+            for s in (0, 1):
+                run, st = synthetic_run("depth", v, d, 3e-3, s)
+                if v == "baseline":  # untied
+                    st["tev_lm_head_mean"] = st["tev_mean"] * 1.1
+                runs.append(run)
+                steps.append(st)
+    runs, steps = pd.DataFrame(runs), pd.concat(steps, ignore_index=True)
+    fig = depth._tev_over_training(steps, runs, variants, "depth", STUDIES["depth"], palette)
+    first_row, lm_head_row = fig.axes[0], fig.axes[2]  # columns: depths 1, 2
+    colours = lambda ax: {mcolors.to_hex(line.get_color()) for line in ax.lines}
+    assert colours(first_row) == set(palette.values())
+    assert colours(lm_head_row) == {palette["baseline"]}
+    plt.close(fig)

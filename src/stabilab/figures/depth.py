@@ -108,10 +108,11 @@ def _tev_over_training(steps, runs, variants, study, spec, palette):
     cols = max(1, len(depths))
     fig, axes = plt.subplots(len(rows), cols, figsize=(3.5 * cols, 2.8 * len(rows)), squeeze=False, sharex=True,
                              layout="constrained")
-    d = steps.dropna(subset=[m for m, _, _ in shown if m in steps]) if present else steps.iloc[0:0]
+    d = steps if present else steps.iloc[0:0]
     if d.empty:
         for ax in axes.flat:
             no_data(ax)
+        depths = []
     tps = tokens_per_step(steps) if len(steps) else pd.Series(dtype=float)
     any_div = False
     for j, depth in enumerate(depths):
@@ -121,9 +122,9 @@ def _tev_over_training(steps, runs, variants, study, spec, palette):
             sub = at_lr(sub, lr) if np.isfinite(lr) else sub
             gone_runs = runs[(runs["depth"] == depth) & runs["diverged"]]
             gone_runs = at_lr(gone_runs, lr) if np.isfinite(lr) else gone_runs
-            if metric not in sub:
+            sub = sub.dropna(subset=[metric]) if metric in sub else sub.iloc[0:0]  # tied runs have no lm_head TEV
+            if sub.empty:
                 no_data(ax)
-                continue
             for variant in [v for v in variants if v in set(sub["variant"])]:
                 gone = set(gone_runs[gone_runs["variant"] == variant]["seed"])
                 seed_band(ax, sub[sub["variant"] == variant], "tokens", metric, palette[variant], gone, lw=1.6,
@@ -143,8 +144,10 @@ def _tev_over_training(steps, runs, variants, study, spec, palette):
             tokens_axis(ax)
             if i < len(rows) - 1:
                 ax.set_xlabel("")
-    fig.suptitle(f"{study}: token-embedding variability during training (weight units)", fontsize=10.5)
-    handles = variant_handles([v for v in variants if v in set(steps["variant"])], palette)
+    one_lr = f" (peak LR {fmt(lrs[0])})" if len(lrs) == 1 and np.isfinite(lrs[0]) else ""
+    fig.suptitle(f"{study}: token-embedding variability during training{one_lr} (weight units)", fontsize=10.5)
+    logged = set(steps["variant"]) if "variant" in steps else set()
+    handles = variant_handles([v for v in variants if v in logged], palette)
     handles += seed_curve_handles(n, any_div)
     figure_legend(fig, handles)
     return fig
