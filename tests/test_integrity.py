@@ -223,3 +223,13 @@ def test_a_checkpoints_step_is_read_from_its_header_and_v1_files_still_load(tiny
     with pytest.raises(UserError, match="no step in its header") as info:
         checkpoint.checkpoint_step(bad)
     assert "\n" not in str(info.value)
+    rest = b'{"step": 1}'  # a matching sha256, but no end to the header line
+    (bad / "ckpt.pt").write_bytes(checkpoint.MAGIC + hashlib.sha256(rest).hexdigest().encode() + b"\n" + rest)
+    with pytest.raises(UserError, match="no end to its header"):
+        Checkpointer(bad, torch.device("cpu")).load()
+    (bad / "ckpt.pt").unlink()
+    (bad / "ckpt.pt").mkdir()  # unreadable
+    for read in (lambda: checkpoint.checkpoint_step(bad), lambda: Checkpointer(bad, torch.device("cpu")).load()):
+        with pytest.raises(UserError, match="ckpt.pt cannot be read") as info:
+            read()
+        assert "\n" not in str(info.value) and "delete" in str(info.value)

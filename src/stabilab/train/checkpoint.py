@@ -96,7 +96,7 @@ def load_checked(path: Path, device, fix: str) -> dict:
     """The state in a file written by `save_checked` (or by its v1 format, without the metadata
     line), after checking its sha256 (a UserError naming the file and `fix` otherwise); torch.load
     with weights_only=True (no arbitrary unpickling)."""
-    blob = Path(path).read_bytes()
+    blob = _read(path, None, fix)
     magic = MAGIC if blob.startswith(MAGIC) else MAGIC_V1
     head = len(magic) + DIGEST
     if not blob.startswith(magic) or len(blob) < head:
@@ -104,15 +104,17 @@ def load_checked(path: Path, device, fix: str) -> dict:
     digest, rest = blob[len(magic):head - 1].decode("ascii", "replace"), memoryview(blob)[head:]
     if hashlib.sha256(rest).hexdigest() != digest:
         raise UserError(f"checkpoint {path} is corrupt (its sha256 does not match): {fix}")
-    payload = rest[blob.index(b"\n", head) + 1 - head:] if magic == MAGIC else rest
+    end = blob.find(b"\n", head) if magic == MAGIC else head - 1
+    if end < 0:
+        raise UserError(f"checkpoint {path} is corrupt (no end to its header): {fix}")
+    payload = memoryview(blob)[end + 1:]
     return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
 
 
 def checked_step(path: Path, fix: str) -> int:
     """The step in a checkpoint's metadata line, read without loading (or checking) its payload,
     which the run's own load checks; a v1 file has no such line and is loaded whole."""
-    with open(path, "rb") as f:
-        head = f.read(HEADER_MAX)
+    head = _read(path, HEADER_MAX, fix)
     if not head.startswith(MAGIC):
         return load_checked(path, "cpu", fix)["step"]
     end = head.find(b"\n", len(MAGIC) + DIGEST)
@@ -123,6 +125,15 @@ def checked_step(path: Path, fix: str) -> int:
     if not isinstance(step, int):
         raise UserError(f"checkpoint {path} is corrupt (no step in its header): {fix}")
     return step
+
+
+def _read(path: Path, size: int | None, fix: str) -> bytes:
+    """The file's bytes (its first `size`, or all): an unreadable file is one line naming it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read() if size is None else f.read(size)
+    except OSError as e:
+        raise UserError(f"checkpoint {path} cannot be read ({e.strerror or e}): {fix}") from None
 
 
 def restart_hint(path: Path) -> str:
