@@ -27,7 +27,8 @@ overlap; `runtime.compile_mode=reduce-overhead` (an override) gives each run CUD
 Where the runs compile, the first of the runs that compile the same graphs starts alone and the
 others once it has logged a step, reading its graphs from Inductor's on-disk cache
 (`--compile-first`, the default; `--no-compile-first` starts them all at once). On one H200 the
-whole paper grid took 566 s at 20.4 % aggregate MFU this way (benchmarks/results/h200_grid_paper_full.md).
+whole paper grid took 566 s at 20.4 % aggregate MFU this way (benchmarks/results/h200_grid_paper_full.md;
+no run of the whole grid without it was made to compare).
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def parse_args(argv):
     p.add_argument("--compile-first", action=argparse.BooleanOptionalAction, default=True,
                    help="of the runs whose compiled graphs are the same (configs equal but for LR and seed), the "
                         "first compiles alone and the others start once it has logged its first step, reading "
-                        "its graphs from Inductor's on-disk cache instead of compiling them again (default; "
-                        "--no-compile-first launches every run at once, each compiling its own)")
+                        "its graphs from Inductor's on-disk cache instead of compiling them again (default where the "
+                        "runs compile; --no-compile-first launches every run at once, each compiling its own)")
     p.add_argument("--deadline", type=float, default=None, help="launch no run after this many seconds")
     p.add_argument("--mps", action="store_true",
                    help="run the grid's processes under CUDA MPS (nvidia-cuda-mps-control), started and stopped here")
