@@ -383,8 +383,8 @@ def main(argv=None) -> dict:
     jobs = stacked_jobs(cfg, todo, args.stacked, res) if args.stacked > 1 else [[r] for r in todo]
     if args.stacked > 1:
         print(f"stacked: {len(todo)} runs in {len(jobs)} jobs of up to {args.stacked} members", flush=True)
-    share = args.compile_first and runs_compile(cfg)
-    first = CompileFirst(jobs, [job_key(cfg, job) for job in jobs], res) if share else None
+    args.compile_first = args.compile_first and runs_compile(cfg)  # decided once: the grid and its report
+    first = CompileFirst(jobs, [job_key(cfg, job) for job in jobs], res) if args.compile_first else None
 
     def train(job: list) -> None:
         pioneer = first.before(job) if first else None  # a later job of its graph key waits here
@@ -464,7 +464,7 @@ def report(args, cfg, res: Path, trained: list, wall: float, t_data: float, fail
     mfu = 100 * total / max(wall, 1e-9) / (args.peak_tflops * 1e12)
     how = f", stacked {args.stacked} per process" if args.stacked > 1 else ""
     how += ", under CUDA MPS" if args.mps else ""
-    how += ", compile first" if args.compile_first and runs_compile(cfg) else ""
+    how += ", compile first" if args.compile_first else ""
     lines = [f"# Grid benchmark: {args.config} ({len(rows)} runs trained, {args.jobs} at a time{how})", "",
              *([f"- overrides: {' '.join(args.overrides)}"] if args.overrides else []),
              f"- wall time of the training phase: {wall:.1f} s (data preparation before it: {t_data:.1f} s)",

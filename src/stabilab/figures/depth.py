@@ -59,9 +59,9 @@ def _vs_depth(summary, runs, variants, palette, n, rows, lrs, suptitle, height, 
                              squeeze=False, layout="constrained")  # own y per panel: LRs differ in scale
     flags = [False, False]
     for i, (metric, ylabel) in enumerate(rows):
+        df = metric_rows(summary, metric)
         for j, lr in enumerate(lrs or [np.nan]):
             ax = axes[i][j]
-            df = metric_rows(summary, metric)
             some, alld = vs_x(ax, at_lr(df, lr) if lrs else df, "depth", variants, palette, n, logy=logy, runs=runs)
             flags = [flags[0] or some, flags[1] or alld]
             ax.set(xlabel=DEPTH_AXIS if i == len(rows) - 1 else "", ylabel=ylabel if j == 0 else "")
