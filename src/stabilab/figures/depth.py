@@ -90,7 +90,7 @@ def _depth_figures(summary, steps, runs, variants, folder, study, spec, palette)
     written += save(_tev_over_training(steps, runs, variants, study, spec, palette), folder, "tev_over_training")
 
     gvar = [("grad_norm_var", "variance of total grad norm\n(log scale)")]
-    fig = _vs_depth(summary, runs, variants, palette, n, gvar, lrs, f"{study}: gradient-norm variance vs depth "
+    fig = _vs_depth(summary, runs, variants, palette, n, gvar, lrs, f"{study}: gradient-norm variance vs depth\n"
                     "(sliding-window variance, averaged over the 2nd half of training)", 3.6, logy=True)
     written += save(fig, folder, "grad_norm_var_vs_depth")
     return written
