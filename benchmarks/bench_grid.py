@@ -441,7 +441,9 @@ def main(argv=None) -> dict:
     if CHILDREN.stopping:
         print(f"SIGTERM: stopped; {len(skipped)} runs not trained (those stopped wrote their checkpoints)",
               flush=True)
-    summaries = [res / r.path / "summary.json" for r in grid if (res / r.path / "summary.json").exists()]
+    # the tables cover every finished run of the preset, not only this slice's: a slice that completes
+    # a grid must not leave tables of the slice alone
+    summaries = [res / r.path / "summary.json" for r in runs(cfg) if (res / r.path / "summary.json").exists()]
     if summaries and not args.no_report:
         tables = res / "tables"
         run_cli(["tables", *map(str, summaries), "--studies", json.dumps(cfg["studies"]), "--out", str(tables)],

@@ -208,6 +208,48 @@ def test_bench_grid_retries_a_run_that_exits_75_and_keeps_its_log(monkeypatch, t
     assert calls[:2] == [False, True]
 
 
+def test_bench_grid_tables_after_a_slice_cover_every_finished_run_of_the_preset(monkeypatch, tmp_path):
+    """A slice that completes a grid (here: one variant) redraws the tables from every run of the
+    preset with a summary, the runs finished earlier included, and from no run outside the preset."""
+    bench_grid = _load("bench_grid")
+    from stabilab.experiment import load_experiment, runs
+
+    config = BENCH.parent / "config.yaml"
+    cfg = load_experiment(str(config))
+    res = tmp_path / bench_grid.RESULTS.format(name=cfg["name"])
+    earlier = next(r for r in runs(cfg) if r.study == "lr" and r.variant == "zloss")
+    (res / earlier.path).mkdir(parents=True)
+    (res / earlier.path / "summary.json").write_text("{}")
+    stray = res / "runs" / "lr" / "not_in_preset" / "L2_lr0.1_s0"
+    stray.mkdir(parents=True)
+    (stray / "summary.json").write_text("{}")
+    tables = []
+
+    def fake_cli(args, log, append=False):
+        if args[0] == "train":
+            out = Path(args[args.index("--out") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "summary.json").write_text("{}")
+        elif args[0] == "tables":
+            tables.append([a for a in args if a.endswith("summary.json")])
+        return 0
+
+    monkeypatch.setattr(bench_grid, "run_cli", fake_cli)
+    monkeypatch.setattr(bench_grid, "prepare_data", lambda cfg, res: None)
+    monkeypatch.setattr(bench_grid, "REPO", tmp_path)
+    monkeypatch.setattr(bench_grid, "report", lambda args, cfg, res, trained, wall, t_data, failed, skipped:
+                        (trained, failed))
+    trained, failed = bench_grid.main(["--config", str(config), "--studies", "lr", "--variants", "baseline",
+                                       "--seeds", "0", "--jobs", "1", "--no-compile-first"])
+    assert trained and not failed
+    assert len(tables) == 1
+    listed = {Path(p).parent for p in tables[0]}
+    assert res / earlier.path in listed  # finished before this slice, outside it
+    assert {res / r.path for r in trained} <= listed
+    assert stray not in listed
+    assert len(listed) == len(trained) + 1
+
+
 def test_bench_grid_compile_first_holds_a_graphs_later_runs_until_its_first_has_logged(monkeypatch, tmp_path):
     """--compile-first: of the runs that compile the same graphs (one variant, LRs differing),
     the first starts alone and the others once it has logged its first step; another variant's
