@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_documents, tiny_run, write_text_files
+from conftest import make_documents, run_killed_at, tiny_run, write_text_files
 from stabilab.config import load_run_config
 from stabilab.corpus import write_split
 from stabilab.errors import UserError
@@ -233,3 +233,37 @@ def test_a_checkpoints_step_is_read_from_its_header_and_v1_files_still_load(tiny
         with pytest.raises(UserError, match="ckpt.pt cannot be read") as info:
             read()
         assert "\n" not in str(info.value) and "delete" in str(info.value)
+
+
+def _finished_run(tiny_data, folder, **sections):
+    Trainer(load_run_config(tiny_run(tiny_data["shards"], train={"steps": 5}, **sections)), folder).run()
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_an_unknown_tracker_in_the_environment_touches_no_file(tiny_data, tmp_path, monkeypatch):
+    """STABILAB_TRACKERS=bogus on a finished run's folder is refused before the folder is reset."""
+    from stabilab.cli import main
+
+    before = _finished_run(tiny_data, tmp_path / "run")
+    monkeypatch.setenv("STABILAB_TRACKERS", "bogus")
+    run = json.dumps(tiny_run(tiny_data["shards"], train={"steps": 6}))  # another config: would start afresh
+    assert main(["train", "--run", run, "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_init_from_weights_of_another_architecture_is_one_line(tiny_data, tmp_path, capsys):
+    from stabilab.cli import main
+
+    _finished_run(tiny_data, tmp_path / "a", model={"n_layer": 1})
+    run = json.dumps(tiny_run(tiny_data["shards"], train={"init_from": str(tmp_path / "a" / "model.pt")}))
+    assert main(["train", "--run", run, "--out", str(tmp_path / "b"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another architecture (model.n_layer 1 there, 2 here)" in err
+
+
+def test_weights_of_an_unfinished_run_are_refused_as_unfinished(tiny_data, tmp_path):
+    from stabilab.inference import evaluate
+
+    run_killed_at(Trainer(load_run_config(tiny_run(tiny_data["shards"])), tmp_path), 25)
+    with pytest.raises(UserError, match=r"is not a finished run \(its checkpoint is at step 20\).*train command again"):
+        evaluate(tmp_path, device="cpu")

@@ -174,6 +174,10 @@ def test_a_stopped_group_resumes_from_its_checkpoints_and_ends_as_if_never_stopp
         assert_same_records(records(whole[i]), records(outs[i]))
         uninterrupted = json.loads(json.dumps(expected[i]))
         uninterrupted["provenance"].pop("stacked")
+        why = "error (Killed: ) at step 13" if how == "crash" else "preempted (SIGTERM) at step 14"
+        assert uninterrupted["resumes"] == [] and summaries[i].pop("resumes") == [
+            {"from_step": 8 if how == "crash" else 14, "reason": why}]
+        uninterrupted.pop("resumes")
         assert_same_summary(uninterrupted, summaries[i], 2)
         mine, theirs = (load_weights(f[i] / WEIGHTS, "cpu")["model"] for f in (outs, whole))
         assert max((mine[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-10
@@ -192,6 +196,8 @@ def test_a_stacked_members_checkpoint_resumes_as_its_run_alone(tiny_data, tmp_pa
     assert "resumed from step 10" in capsys.readouterr().out
     assert_same_records(records(tmp_path / "alone"), records(outs[1]))
     summary["provenance"]["stacked"] = 2  # finished alone: assert_same_summary expects the group's mark
+    assert summary.pop("resumes") == [{"from_step": 10, "reason": "preempted (SIGTERM) at step 10"}]
+    alone.pop("resumes")
     assert_same_summary(alone, summary, 2)
     mine, theirs = (load_weights(f / WEIGHTS, "cpu")["model"] for f in (outs[1], tmp_path / "alone"))
     assert max((mine[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-10
@@ -211,4 +217,6 @@ def test_members_whose_checkpoints_differ_in_step_train_one_by_one_and_lose_noth
     for k, i in enumerate((1, 2)):
         assert_same_records(records(tmp_path / f"alone{i}"), records(outs[i]))
         summaries[k]["provenance"]["stacked"] = 1  # trained alone at the end: no group mark
+        resumed = [{"from_step": 10, "reason": "preempted (SIGTERM) at step 10"}] if i == 1 else []
+        assert summaries[k].pop("resumes") == resumed and alone[k].pop("resumes") == []
         assert_same_summary(alone[k], summaries[k], 1)

@@ -179,3 +179,64 @@ def test_an_unknown_compile_mode_is_one_line(tiny_data, tmp_path):
                            str(tmp_path / "out"), "--runtime", json.dumps({"compile_mode": "fast"})],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "compile_mode" in proc.stderr
+
+
+def _signal_at(trainer, step: int, signum) -> None:
+    """Send `signum` to this process just before `trainer` takes step `step + 1` (once)."""
+    import os
+
+    original = trainer.train_step
+
+    def train_step(measure):
+        if trainer.step == step:
+            os.kill(os.getpid(), signum)
+        return original(measure)
+
+    trainer.train_step = train_step
+
+
+def test_ctrl_c_checkpoints_like_sigterm_and_the_resume_says_from_where_and_why(tiny_data, tmp_path, capsys):
+    import signal
+
+    run = tiny_run(tiny_data["shards"])
+    Trainer(load_run_config(run), tmp_path / "full").run()
+    first = Trainer(load_run_config(run), tmp_path / "resumed")
+    _signal_at(first, 12, signal.SIGINT)  # stops at the next log step, 15, with a checkpoint there
+    with pytest.raises(SystemExit) as stop:
+        first.run()
+    assert stop.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert "interrupted: checkpoint written at step 15; run the same command again to resume" in capsys.readouterr().out
+    summary = Trainer(load_run_config(run), tmp_path / "resumed").run()
+    assert records(tmp_path / "resumed") == records(tmp_path / "full")  # nothing lost, nothing changed
+    assert summary["resumes"] == [{"from_step": 15, "reason": "interrupted (SIGINT) at step 15"}]
+    assert json.loads((tmp_path / "full" / "summary.json").read_text())["resumes"] == []
+
+
+def test_a_resume_after_running_out_of_memory_or_a_kill_says_so(tiny_data, tmp_path):
+    import torch
+
+    run = tiny_run(tiny_data["shards"])
+    trainer = Trainer(load_run_config(run), tmp_path)
+    original = trainer.train_step
+
+    def out_of_memory_at_25(measure):
+        if trainer.step == 25:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(measure)
+
+    trainer.train_step = out_of_memory_at_25
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.run()
+    run_killed_at(Trainer(load_run_config(run), tmp_path), 33)  # resumes from 20, then dies at 33
+    (tmp_path / "attempts.jsonl").write_text(  # as if SIGKILLed: the second attempt left no record
+        "\n".join((tmp_path / "attempts.jsonl").read_text().splitlines()[:-1]) + "\n")
+    summary = Trainer(load_run_config(run), tmp_path).run()
+    assert summary["resumes"] == [{"from_step": 20, "reason": "out of GPU memory at step 25"},
+                                  {"from_step": 30, "reason": "unknown (the attempt before left no record: killed)"}]
+
+
+def test_a_changed_config_forgets_the_earlier_attempts(tiny_data, tmp_path):
+    run_killed_at(Trainer(load_run_config(tiny_run(tiny_data["shards"])), tmp_path), 25)
+    assert (tmp_path / "attempts.jsonl").exists()
+    summary = Trainer(load_run_config(tiny_run(tiny_data["shards"], train={"steps": 15})), tmp_path).run()
+    assert summary["resumes"] == [] and not (tmp_path / "attempts.jsonl").exists()

@@ -21,7 +21,8 @@ from ..errors import UserError
 from ..io import atomic_path, atomic_write
 
 WEIGHTS = "model.pt"  # the final weights and the run's config (runtime.keep_weights)
-OUTPUTS = ("ckpt.pt", "metrics.jsonl", "grad_norm.csv", WEIGHTS, "summary.json")  # a fresh start removes
+ATTEMPTS = "attempts.jsonl"  # how each unfinished attempt ended and where the next resumed (Checkpointer.note)
+OUTPUTS = ("ckpt.pt", "metrics.jsonl", "grad_norm.csv", ATTEMPTS, WEIGHTS, "summary.json")  # a fresh start removes
 
 
 # then the sha256 of the rest (64 hex digits and a newline); the rest: one JSON line of metadata
@@ -77,6 +78,30 @@ class Checkpointer:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+    def note(self, **event) -> None:
+        """Append one event to attempts.jsonl: {"stopped": step, "reason": ...} when an attempt ends
+        unfinished, {"resumed": step} when the next one continues from a checkpoint."""
+        with open(self.folder / ATTEMPTS, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def resumes(self) -> list[dict]:
+        """Every resume of the run, in order: {"from_step": n, "reason": why the attempt before it ended
+        (and at which step), or "unknown" when it left no record (killed, e.g. SIGKILL or a node lost)}."""
+        path = self.folder / ATTEMPTS
+        if not path.exists():
+            return []
+        out, stopped = [], None
+        for line in path.read_text().splitlines():
+            event = json.loads(line)
+            if "stopped" in event:
+                stopped = event
+            elif "resumed" in event:
+                reason = f"{stopped['reason']} at step {stopped['stopped']}" if stopped else \
+                    "unknown (the attempt before left no record: killed)"
+                out.append({"from_step": event["resumed"], "reason": reason})
+                stopped = None
+        return out
 
 
 def save_checked(state: dict, path: Path) -> None:
@@ -153,5 +178,14 @@ def load_weights(path: str | Path, device) -> dict:
     path = Path(path)
     path = path / WEIGHTS if path.is_dir() else path
     if not path.exists():
-        raise UserError(f"no final weights at {path} (runs keep them with runtime.keep_weights: true)")
+        folder = path.parent
+        if not folder.is_dir():
+            raise UserError(f"no run folder at {folder} (no final weights at {path})")
+        if not (folder / "summary.json").exists():
+            ckpt = folder / "ckpt.pt"
+            where = f" (its checkpoint is at step {checked_step(ckpt, restart_hint(ckpt))})" if ckpt.exists() else ""
+            raise UserError(f"{folder} is not a finished run{where}: no summary.json and no final weights; "
+                            "finish it by running its train command again (it resumes), then retry")
+        raise UserError(f"no final weights at {path}: the run finished with runtime.keep_weights: false; "
+                        "train it again with keep_weights true (the default) to keep them")
     return load_checked(path, device, "re-train the run (its model.pt is damaged)")

@@ -39,7 +39,7 @@ from .checkpoint import checkpoint_step
 from .monitor import StabilityProbe
 from .sinks import tracker_names
 from .stacked import StackedTrainer
-from .trainer import PREEMPTED_EXIT_CODE, Trainer
+from .trainer import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, STOP_SIGNALS, Trainer, stop_reason, stopped_line
 
 
 class StackedRuns:
@@ -119,6 +119,7 @@ class StackedRuns:
             for i, m in enumerate(self.members):  # one at a time: one member's state on the device at once
                 m.opt = self._optimizer(i)
                 m.resume_from(m.checkpoints.load())  # into the shared model and this optimizer, then the stack
+                m.checkpoints.note(resumed=m.step)
                 for p, j in self._stacked_index():
                     st.params[st.names[j]][i].copy_(p)
                     st.exp_avgs[j][i].copy_(m.opt.state[p]["exp_avg"])
@@ -155,8 +156,14 @@ class StackedRuns:
             m.log = m._sinks()
         summaries: dict[int, dict] = {}
         active = list(range(st.n))
-        stop = {"requested": False}
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+        stop = {"requested": False, "signal": None}
+
+        def on_stop_signal(signum, frame):
+            if signum == signal.SIGINT and stop["signal"] == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last periodic checkpoints are kept)
+            stop.update(requested=True, signal=stop["signal"] or signum)
+
+        previous = {sig: signal.signal(sig, on_stop_signal) for sig in STOP_SIGNALS}
         tick, tick_step, elapsed = time.time(), st.step, self.members[0].elapsed
         try:
             while st.step < t.steps and active and not stop["requested"]:
@@ -190,15 +197,21 @@ class StackedRuns:
                     self.members[i].log.close("preempted", None)
                     if not t.checkpoints_at(st.step):  # else the loop has just written this step's
                         self._save(i, st.step, elapsed + time.time() - tick)
-                print(f"SIGTERM: {len(active)} stacked runs stopped at step {st.step}, their checkpoints written; "
-                      "exiting for requeue", flush=True)
+                    self.members[i].checkpoints.note(stopped=st.step, reason=STOP_SIGNALS[stop["signal"]])
+                print(stopped_line(stop["signal"], f"{len(active)} stacked runs stopped at step {st.step}, their "
+                                                   "checkpoints written"), flush=True)
                 active = []
-                raise SystemExit(PREEMPTED_EXIT_CODE)
+                raise SystemExit(INTERRUPTED_EXIT_CODE if stop["signal"] == signal.SIGINT else PREEMPTED_EXIT_CODE)
             for i in active:
                 summaries[i] = self._finish(i, "finished")
             active = []
+        except BaseException as e:  # out of GPU memory, a fault: each unfinished member's next resume says so
+            for i in active:
+                self.members[i].checkpoints.note(stopped=st.step, reason=stop_reason(e))
+            raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             for i in active:  # an exception: the unfinished members' sinks end as a failed run's do
                 self.members[i].log.close("failed", None)
         return [summaries[i] for i in range(st.n)]

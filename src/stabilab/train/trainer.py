@@ -13,7 +13,10 @@ micro-batch of the step's `grad_accum` micro-batches, so the global batch, and t
 themselves, are those of a single-process run. Rank 0 alone evaluates and writes files.
 
 Preemption: on SIGTERM the run stops at the next log step (all ranks agree on it), writes a
-checkpoint and exits with PREEMPTED_EXIT_CODE; the next attempt resumes from it.
+checkpoint and exits with PREEMPTED_EXIT_CODE; the next attempt resumes from it. SIGINT (Ctrl-C)
+does the same and exits 130; a second Ctrl-C stops at once, without a checkpoint. How each
+unfinished attempt ended (a signal, out of GPU memory, an error) goes to attempts.jsonl, and
+summary.json's `resumes` says from which step each resume continued and why.
 """
 
 from __future__ import annotations
@@ -42,12 +45,15 @@ from .monitor import DivergenceMonitor, RunningStats, SpikeScores, StabilityProb
 from .sinks import ConsoleSink, JSONLSink, RunLog, tracker_names, tracker_sinks
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written on SIGTERM, the job may be requeued
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: checkpoint written on Ctrl-C
+STOP_SIGNALS = {signal.SIGTERM: "preempted (SIGTERM)", signal.SIGINT: "interrupted (SIGINT)"}
 GRAD_NORMS = "grad_norm.csv"  # step,grad_norm for every step (train.spike_scores)
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, runtime: RuntimeConfig | None = None):
         self.runtime = runtime or RuntimeConfig()
+        self.trackers = tracker_names(self.runtime.trackers)  # STABILAB_TRACKERS checked before any file is touched
         self.out = Path(out_dir)
         t = cfg.train
         self.procs = Processes()
@@ -66,7 +72,7 @@ class Trainer:
         self.cfg = cfg.with_vocab(self.meta["tokenizer"]["vocab_size"])
         self.model = seeded_model(self.cfg.model, cfg.seed, self.device)
         if t.init_from:  # a finished run's weights instead of a fresh init (same architecture)
-            self.model.load_state_dict(load_weights(t.init_from, self.device)["model"])
+            self.load_init(t.init_from)
         self.forward = self.model
         if self.procs.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -97,7 +103,21 @@ class Trainer:
         self.lr = 0.0
         self.elapsed = 0.0
         self.stop_requested = False
+        self.stop_signal: int | None = None  # the first SIGTERM or SIGINT received
         self.tracker_ids: dict[str, str] = {}  # the trackers' run ids, kept in the checkpoint (a resume continues them)
+
+    def load_init(self, path: str) -> None:
+        """train.init_from: a finished run's weights; of another architecture, one line naming the
+        model settings that differ (not load_state_dict's list of every mismatched tensor)."""
+        saved = load_weights(path, self.device)
+        try:
+            self.model.load_state_dict(saved["model"])
+        except RuntimeError as e:
+            theirs, ours = (saved.get("config") or {}).get("model") or {}, self.cfg.model.to_dict()
+            diff = [f"model.{k} {theirs[k]!r} there, {v!r} here" for k, v in ours.items()
+                    if k in theirs and theirs[k] != v]
+            what = "; ".join(diff) or " ".join(str(e).split())[:300]
+            raise UserError(f"train.init_from: {path} holds weights of another architecture ({what})") from None
 
     # ------------------------------------------------------------------ data
 
@@ -135,6 +155,8 @@ class Trainer:
             state = self.checkpoints.load()
             if state is not None:
                 self.resume_from(state)
+                if self.procs.is_main:
+                    self.checkpoints.note(resumed=self.step)
                 return True
         self.procs.barrier()  # no rank may still be reading an old checkpoint
         if self.procs.is_main:
@@ -277,7 +299,7 @@ class Trainer:
     def _sinks(self) -> RunLog:
         if not self.procs.is_main:
             return RunLog([])
-        trackers = tracker_sinks(tracker_names(self.runtime.trackers), self.out, self.cfg, self.tracker_ids)
+        trackers = tracker_sinks(self.trackers, self.out, self.cfg, self.tracker_ids)
         log = RunLog([JSONLSink(self.out), *trackers,
                       ConsoleSink(self.cfg.train.steps, self.step, f"{self.cfg.variant} L{self.cfg.model.n_layer}")])
         self.tracker_ids = log.run_ids()
@@ -289,7 +311,7 @@ class Trainer:
         if resumed and self.procs.is_main:
             print(f"resumed from step {self.step}", flush=True)
         log = self._sinks()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
         tick, tick_step = time.time(), self.step
         status, summary = "failed", None  # how the sinks are closed: an exception leaves it failed
         try:
@@ -315,22 +337,37 @@ class Trainer:
             else:
                 summary = self.summarize() if self.procs.is_main else None
                 status = "diverged" if self.divergence.verdict else "finished"
+        except BaseException as e:  # out of GPU memory, a fault, a second Ctrl-C: the next attempt's resume says so
+            self.note_stopped(stop_reason(e))
+            raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             log.close(status, summary)  # the trackers get the summary before summary.json marks the run finished
         if status == "preempted":
             self.save_checkpoint()
+            self.note_stopped(STOP_SIGNALS.get(self.stop_signal, "preempted"))
             self.procs.barrier()
             if self.procs.is_main:
-                print(f"SIGTERM: checkpoint written at step {self.step}; exiting for requeue", flush=True)
-            raise SystemExit(PREEMPTED_EXIT_CODE)
+                print(stopped_line(self.stop_signal, f"checkpoint written at step {self.step}"), flush=True)
+            raise SystemExit(INTERRUPTED_EXIT_CODE if self.stop_signal == signal.SIGINT else PREEMPTED_EXIT_CODE)
         if self.procs.is_main:
             self.finish(summary)
         self.procs.barrier()
         return summary or {}
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_stop_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last periodic checkpoint is kept)
         self.stop_requested = True
+        self.stop_signal = self.stop_signal or signum
+        if signum == signal.SIGINT and self.procs.is_main:
+            print("Ctrl-C: stopping at the next log step with a checkpoint (Ctrl-C again: stop now)", flush=True)
+
+    def note_stopped(self, reason: str) -> None:
+        """attempts.jsonl: this attempt ends unfinished at self.step, for this reason."""
+        if self.procs.is_main and self.out.is_dir():
+            self.checkpoints.note(stopped=self.step, reason=reason)
 
     def summarize(self) -> dict:
         """summary.json's contents: the run's outcome, sizes and provenance."""
@@ -339,6 +376,7 @@ class Trainer:
         return {
             "study": cfg.study, "variant": cfg.variant, "depth": cfg.model.n_layer, "lr": cfg.optim.lr,
             "seed": cfg.seed, "steps": self.step, "tokens": self.step * self.tokens_per_step,
+            "resumes": self.checkpoints.resumes(),  # [] for a run trained in one attempt
             "final_val_loss": val_loss,
             "final_val_ppl": math.exp(val_loss) if val_loss is not None and val_loss < 700 else None,
             "initial_loss": self.divergence.initial_loss, "diverged": verdict is not None,
@@ -370,6 +408,24 @@ class Trainer:
             if rec.get("val_loss") is not None:
                 return rec["val_loss"]
         return None
+
+
+def stop_reason(e: BaseException) -> str:
+    """How an exception ends an attempt, in attempts.jsonl's words."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return "out of GPU memory"
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (SIGINT, twice)"
+    if isinstance(e, SystemExit):
+        return f"exited ({e.code})"
+    return f"error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+
+
+def stopped_line(signum: int | None, what: str) -> str:
+    """The one line a run stopped by a signal prints: what was kept, and how to go on."""
+    if signum == signal.SIGINT:
+        return f"interrupted: {what}; run the same command again to resume"
+    return f"SIGTERM: {what}; exiting for requeue"
 
 
 def train(cfg: RunConfig, out_dir: str | Path, runtime: RuntimeConfig | None = None) -> dict:
