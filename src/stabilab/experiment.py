@@ -112,6 +112,9 @@ class StudySection(Section):
     lrs: LRList = knob(..., "peak learning rates", min_length=1)
     seeds: SeedList = knob([0], "seeds", min_length=1)
     overrides: Overlay | None = knob(None, "overlay for this study's runs only")
+    mixed_code: bool = knob(False, "allow this study's tables to compare runs trained by different commits or "
+                                   "compile modes (their differences are then confounded with the code; "
+                                   "runs.csv says which run is which); off: the tables refuse such runs")
     labels: dict[str, str] = knob({}, "legend names of this study's variants (filled in from the variants' "
                                       "`label:`; set here, they apply to this study's figures only)")
     early_warning: EarlyWarningConfig = section(

@@ -47,7 +47,10 @@ def read_run(summary_path: str | Path) -> tuple[dict, pd.DataFrame]:
 def run_level(summary: dict, steps: pd.DataFrame) -> dict:
     """Run-level metrics: last measured value, and the grad-norm variance averaged over the
     second half of training (the first half is dominated by the warmup transient)."""
-    row = {k: v for k, v in summary.items() if k != "provenance"}
+    row = {k: v for k, v in summary.items() if k not in ("provenance", "resumes")}
+    resumes = summary.get("resumes")  # absent from records made before it was kept: unknown, not none
+    row["resumes"] = None if resumes is None else "; ".join(f"from step {r['from_step']} ({r['reason']})"
+                                                            for r in resumes)
     measured = steps.dropna(subset=["tev_mean"]) if "tev_mean" in steps else steps.iloc[0:0]
     last = measured.iloc[-1] if len(measured) else None
     for col in LAST_VALUE:
@@ -139,6 +142,26 @@ def study_summary(runs: pd.DataFrame, study: str, kind: str, steps: pd.DataFrame
     return out
 
 
+CODE_KEYS = ["git_commit", "git_dirty", "compile_mode"]  # what trained a run: commit, local edits, graph mode
+
+
+def check_one_code(runs: pd.DataFrame, study: str, spec: dict) -> None:
+    """A study's runs compared in one table come from one commit and one compile mode, unless its
+    spec says `mixed_code: true`: otherwise a difference between arms could be one of code."""
+    df = runs[runs["study"] == study]
+    if spec.get("mixed_code") or df.empty:
+        return
+    codes = df.reindex(columns=CODE_KEYS).astype(object).where(lambda f: f.notna(), None)
+    counts = codes.value_counts(dropna=False)
+    if len(counts) < 2:
+        return
+    said = ", ".join(f"{n} by {str(c or 'an unknown commit')[:7]}{' with local edits' if d else ''} "
+                     f"(compile mode {m or 'none recorded'})" for (c, d, m), n in counts.items())
+    raise UserError(f"study {study}: its runs were trained by different code ({said}); a table comparing them "
+                    f"would confound the arms with the code: re-train them from one commit, or set "
+                    f"studies.{study}.mixed_code: true to compare them anyway")
+
+
 def write_tables(summary_paths: list[str], out_dir: str | Path, studies: dict | None = None) -> list[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +177,8 @@ def write_tables(summary_paths: list[str], out_dir: str | Path, studies: dict | 
                 frame.insert(0, key, summary[key])
             norm_frames.append(frame)
     runs = pd.DataFrame(run_rows)
+    for study, spec in (studies or {}).items():
+        check_one_code(runs, study, spec)
     steps = pd.concat(step_frames, ignore_index=True)
     written = {"runs.csv": runs, "steps.csv": steps}
     if norm_frames:

@@ -1,0 +1,67 @@
+"""Tables compare runs of one code: a study whose runs come from different commits or compile modes
+is refused unless its config says so."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import tiny_run
+from stabilab.config import load_run_config
+from stabilab.errors import UserError
+from stabilab.tables import write_tables
+from stabilab.train import Trainer
+
+STUDY = {"test": {"kind": "lr", "variants": ["baseline"], "depths": [2], "lrs": [1e-2, 3e-3], "seeds": [0]}}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("two_runs")
+    for lr in (1e-2, 3e-3):
+        Trainer(load_run_config(tiny_run(tiny_data["shards"], optim={"lr": lr}, train={"steps": 5})),
+                root / f"lr{lr}").run()
+    return root
+
+
+def _with_provenance(root, tmp_path, **edits):
+    """Copies of the two runs, the second's provenance edited (as if trained by other code)."""
+    paths = []
+    for i, lr in enumerate((1e-2, 3e-3)):
+        folder = tmp_path / f"lr{lr}"
+        folder.mkdir()
+        for name in ("summary.json", "metrics.jsonl"):
+            (folder / name).write_bytes((root / f"lr{lr}" / name).read_bytes())
+        if i == 1:
+            summary = json.loads((folder / "summary.json").read_text())
+            summary["provenance"].update(edits)
+            if edits.get("git_dirty") == "flip":  # the same commit, with and without local edits
+                summary["provenance"]["git_dirty"] = not json.loads((root / f"lr{lr}" / "summary.json").read_text())[
+                    "provenance"]["git_dirty"]
+            (folder / "summary.json").write_text(json.dumps(summary))
+        paths.append(str(folder / "summary.json"))
+    return paths
+
+
+@pytest.mark.parametrize("edits, says", [({"git_commit": "f" * 40}, "by ffffff"),
+                                         ({"compile_mode": "reduce-overhead"}, "compile mode reduce-overhead"),
+                                         ({"git_dirty": "flip"}, "with local edits")])
+def test_runs_of_different_code_are_refused_before_any_table_is_written(two_runs, tmp_path, edits, says):
+    paths = _with_provenance(two_runs, tmp_path, **edits)
+    with pytest.raises(UserError, match=f"study test: its runs were trained by different code .*{says}"):
+        write_tables(paths, tmp_path / "tables", studies=STUDY)
+    assert not (tmp_path / "tables").exists() or not any((tmp_path / "tables").iterdir())
+
+
+def test_mixed_code_when_the_config_says_so_and_runs_csv_says_which_run_is_which(two_runs, tmp_path):
+    paths = _with_provenance(two_runs, tmp_path, git_commit="f" * 40)
+    write_tables(paths, tmp_path / "tables", studies={"test": {**STUDY["test"], "mixed_code": True}})
+    runs = pd.read_csv(tmp_path / "tables" / "runs.csv")
+    assert runs["git_commit"].nunique() == 2 and (runs["resumes"].fillna("") == "").all()
+
+
+def test_runs_of_one_code_make_tables(two_runs, tmp_path):
+    written = write_tables(_with_provenance(two_runs, tmp_path), tmp_path / "tables", studies=STUDY)
+    assert "summary_test.csv" in written
