@@ -3,7 +3,8 @@
 #   SPAM vs Adam at 4 x the length (configs/spam_long.yaml, 6 runs), the pre-registered early-warning
 #   replication (configs/early_warning_replication.yaml, 32 runs), and grokking at matched beta2
 #   (configs/grokking_beta2.yaml, 6 runs) beside the official pairing re-made (grokking_full, 12 runs),
-#   all at once under one MPS server. Runs outside the synced tree (a later call re-copies it) and
+#   all at once under one MPS server (no early-warning run starts after 400 s: the rest of its 32
+#   runs then train in a later session from this commit). Runs outside the synced tree (a later call re-copies it) and
 #   outlive a call (setsid); each call ends by packing every run record so far into $OUT.
 # Usage (repo root on the GPU machine; .carry/shards.tar.xz and .whl/ carried):
 #   COMMIT=<sha> benchmarks/sessions/2026-12-07.sh start SECONDS    # set up, launch, wait, pack
@@ -38,7 +39,7 @@ ENV
     --no-report > "$W/grok.log" 2>&1 < /dev/null &
   sleep 60  # SPAM compiles first; the 32 small runs start beside it
   setsid nohup python3 benchmarks/bench_grid.py --config configs/early_warning_replication.yaml --jobs "$ew_jobs" \
-    --threads 1 --no-report --out "$W/bench/early_warning_replication" > "$W/ew.log" 2>&1 < /dev/null &
+    --threads 1 --deadline 400 --no-report --out "$W/bench/early_warning_replication" > "$W/ew.log" 2>&1 < /dev/null &
   setsid nohup bash -c "while true; do nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
     --format=csv,noheader >> $W/gpu_util.csv; sleep 10; done" > /dev/null 2>&1 < /dev/null &
   disown -a
