@@ -181,6 +181,22 @@ def cmd_figures(args) -> None:
     print(f"figures: {len(written)} files -> {args.out}")
 
 
+def cmd_verdicts(args) -> None:
+    from .layout import RESULTS
+    from .verdicts import write_verdicts
+
+    exp = _experiment(args)
+    tables = Path(args.tables or f"{RESULTS.format(name=exp['name'])}/tables")
+    frame = write_verdicts(exp, tables)
+    for r in frame.itertuples(index=False):
+        where = f"L{r.depth} LR {r.lr_a:g}" + (f" vs {r.lr_b:g}" if r.lr_b != r.lr_a else "") + \
+            (f" step {int(r.step)}" if r.step == r.step else "")
+        reading = f"{r.b} {r.reading}" if r.reading.startswith(("lower", "higher")) else r.reading
+        print(f"{r.verdict}: {r.b} - {r.a}, {r.metric}, {where}: {r.diff_mean:+.4f} "
+              f"[{r.diff_min:+.4f}, {r.diff_max:+.4f}]: {reading}")
+    print(f"verdicts: {len(frame)} rows -> {tables / 'verdicts.csv'}")
+
+
 def _experiment(args) -> dict:
     from .config import parse_overrides
     from .experiment import load_experiment
@@ -323,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", nargs="*", help="only these variants")
     _add_overrides(p, "experiment-config")
     p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("verdicts", help="each claim of a preset as paired differences over seeds (verdicts.csv)")
+    p.add_argument("--config", required=True, help="the preset (its `verdicts:` section)")
+    p.add_argument("--tables", help="its tables folder (default: results/<name>/tables)")
+    _add_overrides(p, "experiment-config")
+    p.set_defaults(func=cmd_verdicts)
 
     p = sub.add_parser("check-config", help="validate an experiment config file")
     p.add_argument("config")

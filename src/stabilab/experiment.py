@@ -121,6 +121,19 @@ class StudySection(Section):
         EarlyWarningConfig, "labels and predictors of an early_warning study (METHODS.md §5); other kinds ignore it")
 
 
+class VerdictSection(Section):
+    """One claim's comparison (verdicts.py): arms[1] - arms[0] over seeds, in one study."""
+
+    claim: str = knob("", "the claim as the README's verdict row states it")
+    study: Name = knob(..., "the study whose runs are compared")
+    metric: str = knob("final_val_loss", "a column of runs.csv (over lr, best_lr) or steps.csv (over step)")
+    arms: list[Name] = knob(..., "two variants: the difference is the second minus the first, per seed",
+                            min_length=2, max_length=2)
+    over: Literal["lr", "best_lr", "step"] = knob(
+        "lr", "where: at each LR, at each arm's best LR per depth, or at each logged step")
+    select: str = knob("final_val_loss", "over best_lr: the runs.csv column whose lowest mean picks an arm's LR")
+
+
 class Experiment(Section):
     name: Name = knob(..., "outputs go to results/<name>/ and figures/<name>/")
     base: str | None = knob(None, "config file this one overlays (resolved before validation)")
@@ -136,6 +149,7 @@ class Experiment(Section):
     variants: dict[Name, VariantOverlay | None] = knob({}, "extra variants, or methods redefined (methods.py)")
     studies: dict[Name, StudySection] = knob({}, "the grids")
     grokking: GrokkingConfig = section(GrokkingConfig, "grokking study of the StableMax paper")
+    verdicts: dict[Name, VerdictSection] = knob({}, "the claims' comparisons (stabilab verdicts; verdicts.py)")
 
 
 # Sections an experiment may leave out; filled in so that every consumer sees them.

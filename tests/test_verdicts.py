@@ -1,0 +1,71 @@
+"""Verdict tables: paired differences over seeds, the sign test, and each arm at its own best LR."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pandas as pd
+import pytest
+
+from stabilab.errors import UserError
+from stabilab.verdicts import paired, sign_test_p, verdict_rows
+
+
+@pytest.mark.parametrize("pos, neg", [(3, 0), (0, 4), (5, 0), (4, 1), (2, 2), (7, 3), (0, 1)])
+def test_the_sign_test_counts_every_sign_pattern_at_least_as_extreme(pos, neg):
+    """Its definition by enumeration: of the 2^n equally likely sign patterns under no difference,
+    the share whose count of positives is at least as far from n/2 as the one observed."""
+    n = pos + neg
+    patterns = list(itertools.product((0, 1), repeat=n))
+    extreme = sum(abs(sum(p) - n / 2) >= abs(pos - n / 2) for p in patterns)
+    assert sign_test_p(pos, neg) == pytest.approx(extreme / len(patterns))
+
+
+def test_three_seeds_of_one_sign_read_as_consistent_never_as_significant():
+    r = paired({0: 4.10, 1: 4.12, 2: 4.11}, {0: 4.08, 1: 4.11, 2: 4.09})
+    assert r["reading"] == "lower in 3 of 3 seeds" and r["p_sign"] == 0.25
+    assert r["diff_mean"] == pytest.approx(-0.05 / 3) and r["diff_min"] == pytest.approx(-0.02)
+
+
+def test_a_gap_inside_the_seed_spread_is_no_difference_measured():
+    r = paired({0: 4.10, 1: 4.20, 2: 4.00}, {0: 4.05, 1: 4.25, 2: 3.99})
+    assert r["reading"].startswith("no difference measured (2 lower, 1 higher")
+
+
+def test_two_seeds_are_not_tested_and_only_shared_seeds_pair():
+    r = paired({0: 1.0, 1: 2.0, 5: 3.0}, {0: 0.5, 1: 1.5, 2: 9.0})
+    assert r["n"] == 2 and r["seeds"] == "0 1" and r["reading"] == "n = 2 < 3: not tested"
+
+
+def test_a_diverged_run_loses_its_pair():
+    r = paired({0: 4.1, 1: 4.2, 2: 4.3}, {0: math.inf, 1: 4.0, 2: 4.1})
+    assert r["diff_mean"] == math.inf and r["reading"].startswith("no difference measured")
+    assert r["diff_finite_mean"] == pytest.approx(-0.2)
+
+
+def _runs(losses: dict) -> pd.DataFrame:
+    """runs.csv rows: {(variant, lr): [loss per seed]}; None: diverged."""
+    rows = [{"study": "lr", "variant": v, "depth": 6, "lr": lr, "seed": s, "final_val_loss": x,
+             "diverged": x is None, "git_commit": "a" * 40, "compile_mode": "reduce-overhead"}
+            for (v, lr), xs in losses.items() for s, x in enumerate(xs)]
+    return pd.DataFrame(rows)
+
+
+def test_each_arm_is_compared_at_its_own_best_lr_and_an_edge_is_flagged():
+    runs = _runs({("base", 1e-3): [4.5, 4.6, 4.55], ("base", 3e-3): [4.3, 4.35, 4.32], ("base", 1e-2): [4.4] * 3,
+                  ("mlra", 1e-3): [4.4, 4.45, 4.42], ("mlra", 3e-3): [4.5, 4.5, 4.6], ("mlra", 1e-2): [None] * 3})
+    spec = {"study": "lr", "metric": "final_val_loss", "arms": ["base", "mlra"], "over": "best_lr"}
+    [row] = verdict_rows("v", spec, runs, None, {"lrs": [1e-3, 3e-3, 1e-2]})
+    assert (row["lr_a"], row["lr_b"]) == (3e-3, 1e-3) and row["best_lr_inside_grid"] is False
+    assert row["reading"] == "higher in 3 of 3 seeds" and row["git_commit"] == "aaaaaaa"
+    [row] = verdict_rows("v", {**spec, "arms": ["base", "base"]}, runs, None, {"lrs": [1e-3, 3e-3, 1e-2]})
+    assert row["best_lr_inside_grid"] is True
+
+
+def test_an_unknown_arm_or_metric_is_one_line():
+    runs = _runs({("base", 1e-3): [4.5, 4.6, 4.55]})
+    with pytest.raises(UserError, match="no run of variant 'spam'"):
+        verdict_rows("v", {"study": "lr", "metric": "final_val_loss", "arms": ["base", "spam"]}, runs, None)
+    with pytest.raises(UserError, match="'nope' is not a column of runs.csv"):
+        verdict_rows("v", {"study": "lr", "metric": "nope", "arms": ["base", "base"]}, runs, None)
