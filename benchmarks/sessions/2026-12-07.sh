@@ -23,7 +23,7 @@ if [ "$mode" = start ]; then
     mkdir -p "$R/results/$name/data" && tar xJf .carry/shards.tar.xz -C "$R/results/$name/data" || exit 1
   done
   gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-  ew_jobs=$(( gib > 120000 ? 12 : 5 ))
+  ew_jobs=${EW_JOBS:-$(( gib > 120000 ? 12 : 5 ))}  # EW_JOBS=0: no early-warning runs this time
   cat > "$W/env.sh" <<ENV
 export PYTHONPATH=$W/site:$R/src PYTHONUNBUFFERED=1 STABILAB_GIT_COMMIT=$COMMIT STABILAB_GIT_DIRTY=0
 export CUDA_MPS_PIPE_DIRECTORY=$W/mps/pipe CUDA_MPS_LOG_DIRECTORY=$W/mps/log
@@ -37,8 +37,8 @@ ENV
     --out "$W/bench/spam_long" > "$W/spam_long.log" 2>&1 < /dev/null &
   setsid nohup python3 benchmarks/grok_gpu.py --config configs/grokking_full.yaml configs/grokking_beta2.yaml \
     --no-report > "$W/grok.log" 2>&1 < /dev/null &
-  sleep 60  # SPAM compiles first; the 32 small runs start beside it
-  setsid nohup python3 benchmarks/bench_grid.py --config configs/early_warning_replication.yaml --jobs "$ew_jobs" \
+  [ "$ew_jobs" -gt 0 ] && sleep 60  # SPAM compiles first; the 32 small runs start beside it
+  [ "$ew_jobs" -gt 0 ] && setsid nohup python3 benchmarks/bench_grid.py --config configs/early_warning_replication.yaml --jobs "$ew_jobs" \
     --threads 1 --deadline 400 --no-report --out "$W/bench/early_warning_replication" > "$W/ew.log" 2>&1 < /dev/null &
   setsid nohup bash -c "while true; do nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
     --format=csv,noheader >> $W/gpu_util.csv; sleep 10; done" > /dev/null 2>&1 < /dev/null &
