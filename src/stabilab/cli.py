@@ -197,11 +197,23 @@ def cmd_targets(args) -> None:
     from .experiment import runs
     from .layout import RESULTS
 
+    # `--study lr name=x`: the names' nargs takes every word, but a name never holds '=' (config.Name)
+    studies = [w for w in args.study or [] if "=" not in w]
+    variants = [w for w in args.variant or [] if "=" not in w]
+    args.overrides = [w for w in (args.study or []) + (args.variant or []) if "=" in w] + args.overrides
     exp = _experiment(args)
-    chosen = [r for r in runs(exp) if (not args.study or r.study in args.study)
-              and (not args.variant or r.variant in args.variant)]
-    if not chosen:
-        raise UserError(f"no run matches study {args.study or 'any'} and variant {args.variant or 'any'}")
+    grid = runs(exp)
+    known = sorted(exp["studies"])
+    for study in studies:
+        if study not in known:
+            raise UserError(f"unknown study '{study}' (studies of '{exp['name']}': {', '.join(known) or 'none'})")
+    chosen = [r for r in grid if not studies or r.study in studies]
+    offered = sorted({r.variant for r in chosen})
+    for variant in variants:
+        if variant not in offered:
+            where = f"study {', '.join(studies)}" if studies else f"experiment '{exp['name']}'"
+            raise UserError(f"variant '{variant}' is not in {where} (its variants: {', '.join(offered)})")
+    chosen = [r for r in chosen if not variants or r.variant in variants]
     print(" ".join(f"{RESULTS.format(name=exp['name'])}/{r.path}/summary.json" for r in chosen))
 
 
@@ -317,10 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", help="the experiment's `studies` section as JSON (default: from the tables)")
     p.set_defaults(func=cmd_figures)
 
-    p = sub.add_parser("targets", help="print the summary.json targets of some runs, for snakemake")
+    p = sub.add_parser("targets", help="print the summary.json targets of some runs, for snakemake",
+                       description="Print the summary.json targets of some runs, for snakemake: "
+                       "snakemake $(stabilab targets --study lr). Overrides (words with '=') may follow the "
+                       "names anywhere: --study lr name=x is study lr of the config renamed x.")
     p.add_argument("--config", default="config.yaml")
-    p.add_argument("--study", nargs="*", help="only these studies")
-    p.add_argument("--variant", nargs="*", help="only these variants")
+    p.add_argument("--study", nargs="+", metavar="STUDY", help="only these studies (unknown names: an error)")
+    p.add_argument("--variant", nargs="+", metavar="VARIANT", help="only these variants (of the chosen studies)")
     _add_overrides(p, "experiment-config")
     p.set_defaults(func=cmd_targets)
 
