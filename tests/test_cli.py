@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,15 @@ def test_overrides_may_follow_the_study_and_variant_names(capsys):
 def test_an_unknown_study_or_variant_is_one_line_naming_the_valid_ones(capsys, words, message):
     code, paths, err = targets(capsys, *words)
     assert (code, paths, err) == (2, [], message)
+
+
+def test_a_closed_stdout_ends_quietly():
+    """`stabilab targets | head`: the reader leaves early; no 'error: cannot access: Broken pipe'."""
+    read, write = os.pipe()
+    os.close(read)  # nobody will read: the first write fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "stabilab.cli", "targets", "--config", CONFIG],
+                              stdout=write, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -362,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed stdout (`| head`) shows here, not at exit
+    except BrokenPipeError:
+        # the reader has gone: end quietly, as Unix tools do (128 + SIGPIPE), and let the flush at
+        # exit write to nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
