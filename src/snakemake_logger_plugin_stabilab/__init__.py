@@ -8,7 +8,8 @@ with the job that finished and an estimate of the time remaining for the whole p
 The scheduler's chatter between jobs ("Select jobs to execute...", "Execute 2 jobs...",
 "Finished jobid: 3 (Rule: tokenize)") is left out; a failed job's error and log are shown also
 with quiet: rules (Snakemake's own filter hides them then); a missing file that Snakemake reports
-with its own traceback (`--configfile nonexistent.yaml`) is one line. Everything else (messages,
+with its own traceback (`--configfile nonexistent.yaml`) is one line, and so is a word after `--config`
+that Snakemake cannot read (a target: `--config set=... $(stabilab targets)`). Everything else (messages,
 errors, the failed jobs' logs of show-failed-logs, dry runs, the job stats) is Snakemake's own
 formatter and filter, which Snakemake attaches to this handler because it declares none of its
 own. Snakemake finds the plugin by its module name (snakemake_logger_plugin_<name>) on sys.path.
@@ -52,6 +53,24 @@ def missing_file(record: logging.LogRecord) -> str | None:
     return f"error: file not found: {match.group(1)} (--verbose shows Snakemake's traceback)" if match else None
 
 
+def bad_config_word(record: logging.LogRecord) -> str | None:
+    """A word after `--config` that Snakemake cannot read, reported with its own traceback before
+    the Snakefile is read, as one line: a target after `--config` (`snakemake --config set=...
+    $(stabilab targets ...)`), or a dotted key (`--config train.steps=20`)."""
+    if event_of(record) != "error" or getattr(record, "exception", None) != "ValueError":
+        return None
+    last = record.getMessage().rstrip().splitlines()[-1:]
+    last = last[0] if last else ""
+    if match := re.search(r"Config entries have to be defined as name=value pairs\. \(Unparsable value: '(.*)'\)$",
+                          last):
+        return (f"error: --config got '{match.group(1)}', not key=value: targets after --config are read as "
+                "config values: put the targets first or end --config with --")
+    if last.endswith("Config entry must start with a valid identifier."):
+        return ("error: --config takes top-level keys (name, set, train, ...): a dotted key goes into set, "
+                'e.g. --config set="train.steps=20"')
+    return None
+
+
 class LogHandler(LogHandlerBase):
     def __post_init__(self) -> None:
         self.stream = sys.stdout if self.common_settings.stdout else sys.stderr
@@ -88,7 +107,7 @@ class LogHandler(LogHandlerBase):
                 return
             if event == "progress":
                 message = self.progress.line(record.__dict__.get("done"))
-            elif not self.common_settings.verbose and (short := missing_file(record)):
+            elif not self.common_settings.verbose and (short := missing_file(record) or bad_config_word(record)):
                 message = short
             else:
                 message = self.format(record)
