@@ -5,9 +5,9 @@ An experiment names its outputs (`name`), its data and tokenizer, the base run c
 sections of `config.RunConfig`), runtime choices (`runtime`, never part of a run's identity),
 extra variants, its studies (each a grid of variants x depths x LRs x seeds) and the grokking
 study. A preset holds only its differences from another config: `base: ../config.yaml` deep-merges
-the preset onto that file; a preset's `studies` replace the base's whole (a grid belongs to its
-preset). Command-line overrides (`train.steps=50`, or `snakemake --config set="train.steps=50"`)
-come last.
+the preset onto that file; a preset's `studies` and `grokking` replace the base's whole (a grid
+belongs to its preset: a preset without a `grokking:` section has no grokking study).
+Command-line overrides (`train.steps=50`, or `snakemake --config set="train.steps=50"`) come last.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .config import (
     yaml12_numbers,
 )
 from .errors import UserError
-from .grokking.config import GrokkingConfig
+from .grokking.config import GrokkingConfig, RunSpec, run_specs
 from .layout import RESULTS, SHARDS, run_dir, tokenizer_beside
 from .methods import variant_overlay, variants_of
 from .studies import KINDS
@@ -132,7 +132,8 @@ class Experiment(Section):
     runtime: RuntimeConfig = section(RuntimeConfig, "device, compile, threads, sinks: not part of a run's identity")
     variants: dict[Name, VariantOverlay | None] = knob({}, "extra variants, or methods redefined (methods.py)")
     studies: dict[Name, StudySection] = knob({}, "the grids")
-    grokking: GrokkingConfig = section(GrokkingConfig, "grokking study of the StableMax paper")
+    grokking: GrokkingConfig | None = knob(None, "grokking study of the StableMax paper (absent: none; a preset "
+                                                 "does not inherit its base's)")
 
 
 # Sections an experiment may leave out; filled in so that every consumer sees them.
@@ -179,6 +180,11 @@ def runs(config: dict) -> list[Run]:
                     for seed in spec.get("seeds", [0]):
                         out.append(Run(study, variant, int(depth), float(lr), int(seed)))
     return out
+
+
+def grokking_runs(config: dict) -> list[RunSpec]:
+    """Every run of the grokking study; none without a `grokking:` section."""
+    return run_specs(config["grokking"]) if config.get("grokking") is not None else []
 
 
 def run_config(config: dict, run: Run, shards: str) -> dict:
@@ -230,14 +236,15 @@ def read_yaml(path: str | Path) -> dict:
 
 def resolve_base(config: dict, folder: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """`config` deep-merged onto its `base:` file (recursively; paths relative to `folder`, the
-    folder of the file `config` came from). The base's `studies` are not inherited."""
+    folder of the file `config` came from). The base's `studies` and `grokking` are not inherited."""
     if not config.get("base"):
         return config
     path = (Path(folder) / config["base"]).resolve()
     if path in seen:
         raise UserError(f"config 'base:' includes form a cycle through {path}")
     base = resolve_base(read_yaml(path), path.parent, seen + (path,))
-    base.pop("studies", None)
+    for grid in ("studies", "grokking"):  # a grid belongs to its preset
+        base.pop(grid, None)
     merged = deep_merge(base, {k: v for k, v in config.items() if k != "base"})
     return merged
 

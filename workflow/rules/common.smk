@@ -7,6 +7,7 @@ from pathlib import Path
 
 from stabilab.errors import UserError
 from stabilab.experiment import (
+    grokking_runs,
     prepare,
     run_config,
     runs,
@@ -15,7 +16,7 @@ from stabilab.experiment import (
     write_runtime,
 )
 from stabilab.grokking.config import VARIANTS as GROK_VARIANTS
-from stabilab.grokking.config import run_specs, run_subdir
+from stabilab.grokking.config import run_subdir
 from stabilab.grokking.figures import FIGURES as GROK_FIGURES
 from stabilab.layout import FIGURES, GROK_RUN_DIR, RESULTS, RUN_DIR, TOKENIZER
 from stabilab.shards import check_shards
@@ -36,7 +37,7 @@ try:
     FIG = FIGURES.format(name=NAME)
     SHARDS = shards_dir(config)
     RUNS = runs(config)
-    GROK_SPECS = {run_subdir(spec): spec for spec in run_specs(config.get("grokking"))}
+    GROK_SPECS = {run_subdir(spec): spec for spec in grokking_runs(config)}
     SOURCE_FILES = source_files(config)  # inputs of the corpus rule
     if os.path.exists(f"{SHARDS}/meta.json"):
         # an edited or damaged meta.json stops here, before finished runs are re-planned (and their
