@@ -24,6 +24,7 @@ import sys
 
 from snakemake_interface_logger_plugins.base import LogHandlerBase
 
+from stabilab.dryrun import DryRun
 from stabilab.progress import Progress
 
 __all__ = ["LogHandler"]
@@ -35,6 +36,8 @@ SKIPPED_MESSAGES = {"Select jobs to execute..."}
 # Snakemake's filter hides these with quiet: rules, and with them the failed job's log
 # (show-failed-logs); they are shown unless quiet: all
 ALWAYS_SHOWN = {"job_error", "group_error"}
+DRY_RUN_END = "This was a dry-run"  # Snakemake's last line of a dry run: the plan of runs goes before it
+REASONS_HEAD = "Reasons:\n    (check individual jobs above for details)"  # points at job blocks quiet hides
 
 
 def event_of(record: logging.LogRecord) -> str | None:
@@ -83,7 +86,9 @@ class LogHandler(LogHandlerBase):
         self.progress = Progress(separator)
         isatty = getattr(self.stream, "isatty", None)
         quiet = self.common_settings.quiet or ()
-        self.quiet_all = any(getattr(q, "name", str(q)).lower() == "all" for q in quiet)
+        quiet = {getattr(q, "name", str(q)).lower() for q in quiet}
+        self.quiet_all, self.quiet_rules = "all" in quiet, bool(quiet & {"all", "rules"})
+        self.dry_run = DryRun() if self.common_settings.dryrun else None
         self.colour = not self.common_settings.nocolor and bool(isatty and isatty())
         self.after_job_info = False
 
@@ -91,6 +96,8 @@ class LogHandler(LogHandlerBase):
         """Every record is counted, also those the filter then drops (job_info with quiet: rules)."""
         try:
             self.progress.observe(event_of(record), record.__dict__, record.created)
+            if self.dry_run is not None and event_of(record) == "job_info":
+                self.dry_run.observe(record.__dict__)
         except Exception:  # bookkeeping never breaks Snakemake's own output
             pass
         return super().handle(record)
@@ -105,6 +112,12 @@ class LogHandler(LogHandlerBase):
             event = event_of(record)
             if event in SKIPPED_EVENTS or (event is None and record.getMessage() in SKIPPED_MESSAGES):
                 return
+            if self.dry_run is not None and event is None and self.dry_run.why:
+                text = str(record.getMessage())
+                if text.startswith(REASONS_HEAD) and self.quiet_rules:
+                    return  # the plan of runs says why, per study
+                if text.startswith(DRY_RUN_END):
+                    self.stream.write("\n".join(self.dry_run.lines()) + "\n")
             if event == "progress":
                 message = self.progress.line(record.__dict__.get("done"))
             elif not self.common_settings.verbose and (short := missing_file(record) or bad_config_word(record)):

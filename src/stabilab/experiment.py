@@ -35,6 +35,7 @@ from .config import (
     TrainConfig,
     deep_merge,
     knob,
+    leaves,
     load_run_config,
     parse_overrides,
     section,
@@ -215,6 +216,53 @@ def check_runs(config: dict, shards: str = "") -> list[Run]:
         except UserError as e:
             raise UserError(f"study '{run.study}', variant '{run.variant}': {e}") from None
     return grid
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """What a run's config.json (`old`, as the trainer wrote it) lacks of its resolved config now
+    (`new`, from `run_config`), one 'key: old -> new' per changed value, e.g. 'train.steps: 150 -> 20'."""
+    new = json.loads(json.dumps(load_run_config(new).to_dict()))  # as config.json holds it (lists, not tuples)
+    before, after = leaves(old), leaves(new)
+    if not after.get("model.vocab_size"):  # filled in from the shards when the run starts
+        after["model.vocab_size"] = before.get("model.vocab_size")
+    return [f"{key}: {_shown(before.get(key))} -> {_shown(after.get(key))}"
+            for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value)  # null, true, 150, [0.9, 0.95]
+
+
+def finished_changes(config: dict, grid: list[Run], shards: str) -> dict[str, list[str]]:
+    """The finished runs of `grid` (summary.json written) whose config.json differs from their
+    resolved config now, with `config_changes`: the runs Snakemake would retrain in place."""
+    results = Path(RESULTS.format(name=config["name"]))
+    changed = {}
+    for run in grid:
+        folder = results / run.path
+        if not (folder / "summary.json").exists():
+            continue
+        try:
+            old = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):  # no readable config.json: nothing to compare with
+            continue
+        if keys := config_changes(old, run_config(config, run, shards)):
+            changed[run.path] = keys
+    return changed
+
+
+def retrain_warning(config: dict, grid: list[Run], shards: str, overrides: str) -> str | None:
+    """One line when `--config set="<overrides>"` changes finished runs' configs: Snakemake will
+    retrain them in their folders, replacing their results, unless the try gets its own name."""
+    changed = finished_changes(config, grid, shards)
+    if not changed:
+        return None
+    keys = sorted({change.split(":")[0] for changes in changed.values() for change in changes})
+    return (f"warning: set={overrides} changes {', '.join(keys)} of {len(changed)} finished runs of "
+            f"'{config['name']}': they will be retrained in place; to keep them, name the try: "
+            f'--config set="{overrides} name=mytry"')
 
 
 def shards_dir(config: dict) -> str:

@@ -9,6 +9,7 @@ from stabilab.errors import UserError
 from stabilab.experiment import (
     grokking_runs,
     prepare,
+    retrain_warning,
     run_config,
     runs,
     shards_dir,
@@ -28,6 +29,7 @@ CONFIG_DIR = (
     if workflow.overwrite_configfiles
     else Path(".")
 )
+SET = config.get("set")  # `--config set="..."`, which prepare() applies
 try:
     _resolved = prepare(config, CONFIG_DIR)
     config.clear()
@@ -52,6 +54,8 @@ except UserError as error:
     sys.exit(f"error: {error}")
 
 RUN_BY_PATH = {run.path: run for run in RUNS}
+if SET and (_warning := retrain_warning(config, RUNS, SHARDS, SET)):
+    print(_warning, file=sys.stderr)  # before Snakemake retrains them
 # How and where runs execute (device, compile, sinks): written to a file whose *path* is the
 # train rule's param, so changing the settings never re-runs a finished run.
 RUNTIME_FILE = write_runtime(config, f"{RES}/runtime.json")
