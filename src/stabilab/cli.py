@@ -190,8 +190,16 @@ def _experiment(args) -> dict:
 
 
 def cmd_check_config(args) -> None:
+    from .cost import summary_lines
+    from .experiment import source_files
+
     exp = _experiment(args)
     print(f"{args.config}: ok (experiment '{exp['name']}')")
+    print("\n".join(summary_lines(exp)))
+    try:
+        source_files(exp)
+    except UserError as e:  # the config is fine; the pipeline would stop on this
+        print(f"  note: {e}")
 
 
 def cmd_targets(args) -> None:
@@ -340,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p, "experiment-config")
     p.set_defaults(func=cmd_targets)
 
-    p = sub.add_parser("check-config", help="validate an experiment config file")
+    p = sub.add_parser("check-config", help="validate an experiment config file; say its runs, training tokens, "
+                                            "model FLOPs and roughly how long it takes")
     p.add_argument("config")
     _add_overrides(p, "experiment-config")
     p.set_defaults(func=cmd_check_config)
