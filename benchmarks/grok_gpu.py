@@ -16,15 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 try:
     import stabilab  # noqa: F401
 except ImportError:  # not installed (e.g. on a bare GPU box): use the checkout's src/
     sys.path.insert(0, str(REPO / "src"))
 
-from stabilab.grokking.config import run_specs, run_subdir
+from stabilab.experiment import grokking_runs, load_experiment
+from stabilab.grokking.config import run_subdir
 from stabilab.layout import FIGURES, RESULTS
 
 STABILAB = [sys.executable, "-m", "stabilab.cli"]
@@ -38,10 +37,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     jobs, presets = [], []
     for config in args.config:
-        exp = yaml.safe_load(Path(config).read_text())
+        exp = load_experiment(config)
         root = REPO / RESULTS.format(name=exp["name"]) / "grokking"
         presets.append((exp["name"], root))
-        for spec in run_specs(exp.get("grokking")):
+        for spec in grokking_runs(exp):
             out = root / run_subdir(spec)
             if not (out / "summary.json").exists():
                 jobs.append((spec, out))

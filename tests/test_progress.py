@@ -176,3 +176,21 @@ def test_a_nonexistent_configfile_is_one_line(tmp_path):
     assert "error: file not found: nonexistent.yaml (--verbose shows Snakemake's traceback)" in \
         (proc.stdout + proc.stderr).splitlines()  # a dry run's console is stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_targets_after_config_are_one_line_saying_where_targets_go(tmp_path):
+    """`snakemake --config set=... $(stabilab targets ...)`: Snakemake reads the targets as config
+    values and fails with its own traceback before the Snakefile is read."""
+    root = Path(__file__).resolve().parents[1]
+    target = "results/default/runs/lr/baseline/L2_lr0.01_s0/summary.json"
+    proc = subprocess.run(["snakemake", "-s", str(root / "Snakefile"), "-n", "--config", "set=train.steps=20",
+                           target], cwd=tmp_path, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out
+    assert (f"error: --config got '{target}', not key=value: targets after --config are read as config values: "
+            "put the targets first or end --config with --") in out.splitlines()
+    proc = subprocess.run(["snakemake", "-s", str(root / "Snakefile"), "-n", "--config", "train.steps=20"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert 'a dotted key goes into set, e.g. --config set="train.steps=20"' in proc.stdout + proc.stderr

@@ -8,7 +8,8 @@ with the job that finished and an estimate of the time remaining for the whole p
 The scheduler's chatter between jobs ("Select jobs to execute...", "Execute 2 jobs...",
 "Finished jobid: 3 (Rule: tokenize)") is left out; a failed job's error and log are shown also
 with quiet: rules (Snakemake's own filter hides them then); a missing file that Snakemake reports
-with its own traceback (`--configfile nonexistent.yaml`) is one line. Everything else (messages,
+with its own traceback (`--configfile nonexistent.yaml`) is one line, and so is a word after `--config`
+that Snakemake cannot read (a target: `--config set=... $(stabilab targets)`). Everything else (messages,
 errors, the failed jobs' logs of show-failed-logs, dry runs, the job stats) is Snakemake's own
 formatter and filter, which Snakemake attaches to this handler because it declares none of its
 own. Snakemake finds the plugin by its module name (snakemake_logger_plugin_<name>) on sys.path.
@@ -23,6 +24,7 @@ import sys
 
 from snakemake_interface_logger_plugins.base import LogHandlerBase
 
+from stabilab.dryrun import DryRun
 from stabilab.progress import Progress
 
 __all__ = ["LogHandler"]
@@ -34,6 +36,8 @@ SKIPPED_MESSAGES = {"Select jobs to execute..."}
 # Snakemake's filter hides these with quiet: rules, and with them the failed job's log
 # (show-failed-logs); they are shown unless quiet: all
 ALWAYS_SHOWN = {"job_error", "group_error"}
+DRY_RUN_END = "This was a dry-run"  # Snakemake's last line of a dry run: the plan of runs goes before it
+REASONS_HEAD = "Reasons:\n    (check individual jobs above for details)"  # points at job blocks quiet hides
 
 
 def event_of(record: logging.LogRecord) -> str | None:
@@ -52,6 +56,24 @@ def missing_file(record: logging.LogRecord) -> str | None:
     return f"error: file not found: {match.group(1)} (--verbose shows Snakemake's traceback)" if match else None
 
 
+def bad_config_word(record: logging.LogRecord) -> str | None:
+    """A word after `--config` that Snakemake cannot read, reported with its own traceback before
+    the Snakefile is read, as one line: a target after `--config` (`snakemake --config set=...
+    $(stabilab targets ...)`), or a dotted key (`--config train.steps=20`)."""
+    if event_of(record) != "error" or getattr(record, "exception", None) != "ValueError":
+        return None
+    last = record.getMessage().rstrip().splitlines()[-1:]
+    last = last[0] if last else ""
+    if match := re.search(r"Config entries have to be defined as name=value pairs\. \(Unparsable value: '(.*)'\)$",
+                          last):
+        return (f"error: --config got '{match.group(1)}', not key=value: targets after --config are read as "
+                "config values: put the targets first or end --config with --")
+    if last.endswith("Config entry must start with a valid identifier."):
+        return ("error: --config takes top-level keys (name, set, train, ...): a dotted key goes into set, "
+                'e.g. --config set="train.steps=20"')
+    return None
+
+
 class LogHandler(LogHandlerBase):
     def __post_init__(self) -> None:
         self.stream = sys.stdout if self.common_settings.stdout else sys.stderr
@@ -64,7 +86,9 @@ class LogHandler(LogHandlerBase):
         self.progress = Progress(separator)
         isatty = getattr(self.stream, "isatty", None)
         quiet = self.common_settings.quiet or ()
-        self.quiet_all = any(getattr(q, "name", str(q)).lower() == "all" for q in quiet)
+        quiet = {getattr(q, "name", str(q)).lower() for q in quiet}
+        self.quiet_all, self.quiet_rules = "all" in quiet, bool(quiet & {"all", "rules"})
+        self.dry_run = DryRun() if self.common_settings.dryrun else None
         self.colour = not self.common_settings.nocolor and bool(isatty and isatty())
         self.after_job_info = False
 
@@ -72,6 +96,8 @@ class LogHandler(LogHandlerBase):
         """Every record is counted, also those the filter then drops (job_info with quiet: rules)."""
         try:
             self.progress.observe(event_of(record), record.__dict__, record.created)
+            if self.dry_run is not None and event_of(record) == "job_info":
+                self.dry_run.observe(record.__dict__)
         except Exception:  # bookkeeping never breaks Snakemake's own output
             pass
         return super().handle(record)
@@ -86,9 +112,15 @@ class LogHandler(LogHandlerBase):
             event = event_of(record)
             if event in SKIPPED_EVENTS or (event is None and record.getMessage() in SKIPPED_MESSAGES):
                 return
+            if self.dry_run is not None and event is None and self.dry_run.why:
+                text = str(record.getMessage())
+                if text.startswith(REASONS_HEAD) and self.quiet_rules:
+                    return  # the plan of runs says why, per study
+                if text.startswith(DRY_RUN_END):
+                    self.stream.write("\n".join(self.dry_run.lines()) + "\n")
             if event == "progress":
                 message = self.progress.line(record.__dict__.get("done"))
-            elif not self.common_settings.verbose and (short := missing_file(record)):
+            elif not self.common_settings.verbose and (short := missing_file(record) or bad_config_word(record)):
                 message = short
             else:
                 message = self.format(record)

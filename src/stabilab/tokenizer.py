@@ -16,6 +16,7 @@ from .errors import UserError
 EOT = "<|endoftext|>"
 # sha256 of r50k_base.tiktoken, the ranks of tiktoken's "gpt2" encoding (tiktoken_ext/openai_public.py)
 GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_VOCAB = 50257  # tiktoken's gpt2 encoding: 50256 ranks and <|endoftext|>
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
@@ -34,7 +35,7 @@ def _gpt2_encoding():
         except ValueError as e:
             raise UserError(f"shipped GPT-2 ranks file {path} is corrupt: {e}") from None
         return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+                                 special_tokens={EOT: GPT2_VOCAB - 1}, explicit_n_vocab=GPT2_VOCAB)
 
 
 class Tokenizer:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from stabilab.errors import UserError
 from stabilab.experiment import (
+    grokking_runs,
     prepare,
+    retrain_warning,
     run_config,
     runs,
     shards_dir,
@@ -15,7 +17,7 @@ from stabilab.experiment import (
     write_runtime,
 )
 from stabilab.grokking.config import VARIANTS as GROK_VARIANTS
-from stabilab.grokking.config import run_specs, run_subdir
+from stabilab.grokking.config import run_subdir
 from stabilab.grokking.figures import FIGURES as GROK_FIGURES
 from stabilab.layout import FIGURES, GROK_RUN_DIR, RESULTS, RUN_DIR, TOKENIZER
 from stabilab.shards import check_shards
@@ -27,6 +29,7 @@ CONFIG_DIR = (
     if workflow.overwrite_configfiles
     else Path(".")
 )
+SET = config.get("set")  # `--config set="..."`, which prepare() applies
 try:
     _resolved = prepare(config, CONFIG_DIR)
     config.clear()
@@ -36,16 +39,23 @@ try:
     FIG = FIGURES.format(name=NAME)
     SHARDS = shards_dir(config)
     RUNS = runs(config)
-    GROK_SPECS = {run_subdir(spec): spec for spec in run_specs(config.get("grokking"))}
-    SOURCE_FILES = source_files(config)  # inputs of the corpus rule
+    GROK_SPECS = {run_subdir(spec): spec for spec in grokking_runs(config)}
     if os.path.exists(f"{SHARDS}/meta.json"):
         # an edited or damaged meta.json stops here, before finished runs are re-planned (and their
         # outputs removed); the config's tokenizer is not compared: a changed one re-tokenizes
         check_shards(SHARDS, None, 0, f"{RES}/{TOKENIZER}", verify=False)
 except UserError as error:
     sys.exit(f"config error: {error}")
+try:
+    # inputs of the corpus rule; a missing one (a preset's corpus not yet fetched) stops here, before
+    # anything is written or run
+    SOURCE_FILES = source_files(config)
+except UserError as error:
+    sys.exit(f"error: {error}")
 
 RUN_BY_PATH = {run.path: run for run in RUNS}
+if SET and (_warning := retrain_warning(config, RUNS, SHARDS, SET)):
+    print(_warning, file=sys.stderr)  # before Snakemake retrains them
 # How and where runs execute (device, compile, sinks): written to a file whose *path* is the
 # train rule's param, so changing the settings never re-runs a finished run.
 RUNTIME_FILE = write_runtime(config, f"{RES}/runtime.json")
