@@ -124,7 +124,47 @@ def test_options_without_a_transformers_equivalent_are_refused_in_one_line(tiny_
 def test_without_transformers_the_error_says_how_to_install_it(tiny_data, tmp_path, capsys, monkeypatch):
     write_run(tmp_path / "run", tiny_data)
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "run")]) == 2
-    assert "is a run folder" in capsys.readouterr().err
+    assert "is the run folder or inside it" in capsys.readouterr().err
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import transformers fails
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
     assert capsys.readouterr().err == 'error: stabilab export needs transformers: pip install -e ".[export]"\n'
+
+
+def _another_run(tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "ckpt.pt").write_bytes(b"")  # a run in progress: its config.json would be overwritten
+    return tmp_path / "other"
+
+
+def _a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    return tmp_path / "notes.txt"
+
+
+BAD_OUT = {
+    "the-run": (lambda tmp: tmp / "run", "is the run folder or inside it: export into a folder of its own"),
+    "inside-the-run": (lambda tmp: tmp / "run" / "hf", "is the run folder or inside it: export into a folder of "
+                       "its own"),
+    "the-run-by-another-path": (lambda tmp: tmp / "run" / ".." / "run" / ".", "is the run folder or inside it"),
+    "another-run": (_another_run, "is a run folder: export into a folder of its own"),
+    "a-file": (_a_file, "is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("out, message", BAD_OUT.values(), ids=BAD_OUT.keys())
+def test_an_out_that_is_a_run_folder_or_a_file_is_refused_before_anything_is_read(tiny_data, tmp_path, capsys,
+                                                                                 monkeypatch, out, message):
+    from stabilab import export
+
+    write_run(tmp_path / "run", tiny_data)
+    out = out(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def unread(*_):
+        raise AssertionError("the run was read")
+
+    monkeypatch.setattr(export, "load_run", unread)
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --out {out} ") and message in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

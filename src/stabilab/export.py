@@ -33,7 +33,7 @@ from .layers import LN_EPS, RMS_EPS, mlp_hidden, rotary_dims
 from .model import GPT
 from .tokenizer import EOT
 from .tokenizer import load as load_tokenizer
-from .train.checkpoint import WEIGHTS
+from .train.checkpoint import OUTPUTS
 
 INSTALL = 'pip install -e ".[export]"'  # the extra in pyproject.toml
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
@@ -163,13 +163,24 @@ def _save_tokenizer(tok, path: Path, cfg: RunConfig, out: Path) -> str:
     return f"tokenizer: {path} (bpe, {tok.vocab_size} tokens)"
 
 
+def check_out(run_dir: Path, out: Path) -> None:
+    """A UserError unless `out` can take the export: not the run folder (save_pretrained's config.json
+    would replace the run's) nor inside it (a run folder holds the run's files only), not another run's
+    folder (one with any file a run writes), not a file."""
+    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
+        raise UserError(f"--out {out} is the run folder or inside it: export into a folder of its own")
+    if any((out / name).exists() for name in OUTPUTS):
+        raise UserError(f"--out {out} is a run folder: export into a folder of its own")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+
+
 @torch.no_grad()
 def export(run_dir: str | Path, out: str | Path) -> list[str]:
     """Write the run's model (float32) and tokenizer as a transformers folder `out`, after checking
     that its logits equal the run's model's; the lines that say what was written."""
     run_dir, out = Path(run_dir), Path(out)
-    if out.resolve() == run_dir.resolve() or (out / WEIGHTS).exists():
-        raise UserError(f"--out {out} is a run folder: export into a folder of its own")
+    check_out(run_dir, out)
     cfg, model, _ = load_run(run_dir, "cpu")
     name = family(cfg)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
