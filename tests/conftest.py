@@ -84,10 +84,11 @@ def tiny_run(shards: str, **sections) -> dict:
 LLAMA = {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "rope_base": 500.0}  # the LLaMA family
 
 
-def write_run(folder, tiny_data, loss: dict | None = None, tokenizer=None, **model):
+def write_run(folder, tiny_data, loss: dict | None = None, tokenizer=None, edit=None, **model):
     """A run folder as the trainer leaves it (config.json, model.pt) with every parameter moved
-    off its init (gains not 1, biases not 0), so that each must land in its place; the tiny
-    corpus's tokenizer unless `tokenizer` (a Tokenizer saved beside the run) is given."""
+    off its init (gains not 1, biases not 0), so that each must land in its place, then `edit`
+    (a function of the model) if given; the tiny corpus's tokenizer unless `tokenizer` (a
+    Tokenizer saved beside the run) is given."""
     import json
 
     import torch
@@ -109,6 +110,8 @@ def write_run(folder, tiny_data, loss: dict | None = None, tokenizer=None, **mod
     with torch.no_grad():
         for p in gpt.parameters():
             p.add_(0.1 * torch.randn_like(p))
+        if edit is not None:
+            edit(gpt)
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
     save_checked({"model": gpt.state_dict(), "config": cfg.to_dict(), "step": 0}, folder / WEIGHTS)

@@ -100,6 +100,70 @@ def test_a_tiktoken_gpt2_run_gets_a_note_instead_of_a_tokenizer(tiny_data, tmp_p
     assert config["vocab_size"] == 50257 and config["eos_token_id"] == config["bos_token_id"] == 50256
 
 
+
+def scaled(part: str, factor: float):
+    """An edit for write_run: the weight of each block's `part` (e.g. "mlp.c_proj") times `factor`."""
+
+    def edit(gpt):
+        for block in gpt.blocks:
+            block.get_submodule(part).weight.mul_(factor)
+
+    return edit
+
+
+def planted(monkeypatch, function: str, change):
+    """Export with `change` applied to what export.`function` returns: a mismatch the check must find."""
+    from stabilab import export
+
+    right = getattr(export, function)
+
+    def wrong(*args):
+        out = right(*args)
+        change(out)
+        return out
+
+    monkeypatch.setattr(export, function, wrong)
+
+
+def export_refused(tmp_path, capsys, what: str) -> None:
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "wrong")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: the exported {what}"), err
+    assert not (tmp_path / "wrong").exists()
+
+
+@needs_transformers
+def test_the_tanh_gelu_is_refused_even_where_the_mlp_adds_little_to_the_logits(tiny_data, tmp_path, capsys,
+                                                                              monkeypatch, one_torch_thread):
+    """GPT-2's "gelu_new" is the tanh GELU, ours the exact erf one: they differ by < 5e-4. With the
+    MLP's output a tenth of write_run's, that moves the logits by 1.5e-4 on the ids of seed 0, which a
+    check at 1e-4 of the largest logit let through; the export of the same run with "gelu" passes."""
+    write_run(tmp_path / "run", tiny_data, edit=scaled("mlp.c_proj", 0.1))
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    planted(monkeypatch, "hf_config", lambda config: setattr(config, "activation_function", "gelu_new"))
+    export_refused(tmp_path, capsys, "GPT2LMHeadModel disagrees with the run's model")
+
+
+@needs_transformers
+def test_a_llama_with_sharp_attention_exports_over_its_whole_block(tiny_data, tmp_path, capsys, monkeypatch,
+                                                                  one_torch_thread):
+    """transformers computes Llama's RoPE angles in float32 whatever the model's dtype: up to position
+    511 their cos and sin are up to 1.7e-5 from ours, which sharp attention (q, k, v 5 x write_run's)
+    turns into logits 3.8e-4 apart, more than 1e-4 of the largest logit: a right export was refused. A
+    weight off by 1e-3 (one layer's down_proj) is still caught, and so is another RoPE base (the angles)."""
+    write_run(tmp_path / "run", tiny_data, edit=scaled("attn.dense", 5.0), **{**LLAMA, "block_size": 512})
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert "max |logit difference|" in capsys.readouterr().out
+
+    with monkeypatch.context() as m:
+        planted(m, "llama_state", lambda sd: sd.update({"model.layers.1.mlp.down_proj.weight":
+                                                        sd["model.layers.1.mlp.down_proj.weight"] * (1 + 1e-3)}))
+        export_refused(tmp_path, capsys, "LlamaForCausalLM disagrees with the run's model")
+    planted(monkeypatch, "hf_config", lambda config: config.rope_parameters.update(rope_theta=10000.0))
+    export_refused(tmp_path, capsys, "LlamaForCausalLM's RoPE angles differ from the run's")
+
+
 REFUSED = {
     "mlra": ({"mlra": {"enabled": True}}, {}, "model.mlra.enabled=true"),
     "qk-norm": ({**LLAMA, "qk_norm": "rmsnorm"}, {}, "model.qk_norm='rmsnorm'"),
