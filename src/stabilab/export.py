@@ -10,13 +10,13 @@ config.json, model.safetensors), where a transformers architecture computes exac
 
 Tied or untied heads both map (`tie_word_embeddings`). The embedding and head keep only the real
 vocabulary's rows (the padding to a multiple of 64 is dropped), so the exported logits are exactly
-the run's logits (`GPT.logits`), but for transformers' float32 RoPE angles in Llama (ours are float64,
-rounded once: by position 2047 their cos and sin are up to 1.4e-4 apart). Before anything is written, `check_logits`
-compares the two models' logits in float64 on random ids over the real vocabulary, full-length and
-short sequences. Options with no transformers equivalent are refused with one line naming the
-option. Training-only choices (init, losses z-loss and mu-loss, optimizer, mu-centering, head_fp32)
-need no mapping. Dropout maps onto GPT-2's three dropouts; Llama has attention dropout only
-(dropout is off at inference either way).
+the run's logits (`GPT.logits`), but for transformers' float32 RoPE angles in Llama (ours are
+float64, rounded once: by position 2047 their cos and sin are up to 1.4e-4 apart). Before anything
+is written, `check_logits` compares the two models' logits in float64 on random ids over the real
+vocabulary, full-length and short sequences. Options with no transformers equivalent are refused
+with one line naming the option. Training-only choices (init, losses z-loss and mu-loss,
+optimizer, mu-centering, head_fp32) need no mapping. Dropout maps onto GPT-2's three dropouts;
+Llama has attention dropout only (dropout is off at inference either way).
 
 The run's tokenizer goes beside the model: a `bpe` tokenizer as a `PreTrainedTokenizerFast`, EOT
 as bos and eos token; for a `gpt2` (tiktoken) tokenizer a note says which Hugging Face tokenizer
