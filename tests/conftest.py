@@ -81,6 +81,43 @@ def tiny_run(shards: str, **sections) -> dict:
     return deep_merge(run, sections)
 
 
+LLAMA = {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "rope_base": 500.0}  # the LLaMA family
+
+
+def write_run(folder, tiny_data, loss: dict | None = None, tokenizer=None, edit=None, **model):
+    """A run folder as the trainer leaves it (config.json, model.pt) with every parameter moved
+    off its init (gains not 1, biases not 0), so that each must land in its place, then `edit`
+    (a function of the model) if given; the tiny corpus's tokenizer unless `tokenizer` (a
+    Tokenizer saved beside the run) is given."""
+    import json
+
+    import torch
+
+    from stabilab.config import load_run_config
+    from stabilab.model import GPT
+    from stabilab.train.checkpoint import WEIGHTS, save_checked
+
+    tok_file = tiny_data["root"] / "tokenizer.json"
+    if tokenizer is not None:
+        tok_file = folder.parent / "tokenizer.json"
+        tokenizer.save(tok_file)
+    run = tiny_run(tiny_data["shards"], model={"n_head": 2, "n_embd": 32, "block_size": 32, **model},
+                   loss=loss or {}, data={"tokenizer_file": str(tok_file)})
+    run["model"]["vocab_size"] = (tokenizer or tiny_data["tokenizer"]).vocab_size  # 300: padded to 320 rows
+    cfg = load_run_config(run)
+    torch.manual_seed(0)
+    gpt = GPT(cfg.model)
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        if edit is not None:
+            edit(gpt)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    save_checked({"model": gpt.state_dict(), "config": cfg.to_dict(), "step": 0}, folder / WEIGHTS)
+    return gpt.eval()
+
+
 class Killed(Exception):
     """Raised inside a run to stand for the process dying mid-training."""
 

@@ -8,46 +8,20 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_run
+from conftest import LLAMA, tiny_run, write_run
 from stabilab.cli import main
 from stabilab.config import load_run_config
-from stabilab.model import GPT
 from stabilab.train import Trainer
-from stabilab.train.checkpoint import WEIGHTS, save_checked
 
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason='needs the export extra: pip install -e ".[export]"')
 
-LLAMA = {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "rope_base": 500.0}
 CASES = {
     "gpt2-tied-bias": {"bias": True},
     "gpt2-untied-nobias": {"tie_embeddings": False},
     "llama-untied": {**LLAMA, "tie_embeddings": False},
     "llama-tied-bias": {**LLAMA, "bias": True, "mlp_hidden": 48},
 }
-
-
-def write_run(folder, tiny_data, loss: dict | None = None, tokenizer=None, **model) -> GPT:
-    """A run folder as the trainer leaves it (config.json, model.pt) with every parameter moved
-    off its init (gains not 1, biases not 0), so that each must land in its place; the tiny
-    corpus's tokenizer unless `tokenizer` (a Tokenizer saved beside the run) is given."""
-    tok_file = tiny_data["root"] / "tokenizer.json"
-    if tokenizer is not None:
-        tok_file = folder.parent / "tokenizer.json"
-        tokenizer.save(tok_file)
-    run = tiny_run(tiny_data["shards"], model={"n_head": 2, "n_embd": 32, "block_size": 32, **model},
-                   loss=loss or {}, data={"tokenizer_file": str(tok_file)})
-    run["model"]["vocab_size"] = (tokenizer or tiny_data["tokenizer"]).vocab_size  # 300: padded to 320 rows
-    cfg = load_run_config(run)
-    torch.manual_seed(0)
-    gpt = GPT(cfg.model)
-    with torch.no_grad():
-        for p in gpt.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
-    save_checked({"model": gpt.state_dict(), "config": cfg.to_dict(), "step": 0}, folder / WEIGHTS)
-    return gpt.eval()
 
 
 def hf_logits(out, idx: torch.Tensor) -> torch.Tensor:
@@ -126,6 +100,70 @@ def test_a_tiktoken_gpt2_run_gets_a_note_instead_of_a_tokenizer(tiny_data, tmp_p
     assert config["vocab_size"] == 50257 and config["eos_token_id"] == config["bos_token_id"] == 50256
 
 
+
+def scaled(part: str, factor: float):
+    """An edit for write_run: the weight of each block's `part` (e.g. "mlp.c_proj") times `factor`."""
+
+    def edit(gpt):
+        for block in gpt.blocks:
+            block.get_submodule(part).weight.mul_(factor)
+
+    return edit
+
+
+def planted(monkeypatch, function: str, change):
+    """Export with `change` applied to what export.`function` returns: a mismatch the check must find."""
+    from stabilab import export
+
+    right = getattr(export, function)
+
+    def wrong(*args):
+        out = right(*args)
+        change(out)
+        return out
+
+    monkeypatch.setattr(export, function, wrong)
+
+
+def export_refused(tmp_path, capsys, what: str) -> None:
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "wrong")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: the exported {what}"), err
+    assert not (tmp_path / "wrong").exists()
+
+
+@needs_transformers
+def test_the_tanh_gelu_is_refused_even_where_the_mlp_adds_little_to_the_logits(tiny_data, tmp_path, capsys,
+                                                                              monkeypatch, one_torch_thread):
+    """GPT-2's "gelu_new" is the tanh GELU, ours the exact erf one: they differ by < 5e-4. With the
+    MLP's output a tenth of write_run's, that moves the logits by 1.5e-4 on the ids of seed 0, which a
+    check at 1e-4 of the largest logit let through; the export of the same run with "gelu" passes."""
+    write_run(tmp_path / "run", tiny_data, edit=scaled("mlp.c_proj", 0.1))
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    planted(monkeypatch, "hf_config", lambda config: setattr(config, "activation_function", "gelu_new"))
+    export_refused(tmp_path, capsys, "GPT2LMHeadModel disagrees with the run's model")
+
+
+@needs_transformers
+def test_a_llama_with_sharp_attention_exports_over_its_whole_block(tiny_data, tmp_path, capsys, monkeypatch,
+                                                                  one_torch_thread):
+    """transformers computes Llama's RoPE angles in float32 whatever the model's dtype: up to position
+    511 their cos and sin are up to 1.7e-5 from ours, which sharp attention (q, k, v 5 x write_run's)
+    turns into logits 3.8e-4 apart, more than 1e-4 of the largest logit: a right export was refused. A
+    weight off by 1e-3 (one layer's down_proj) is still caught, and so is another RoPE base (the angles)."""
+    write_run(tmp_path / "run", tiny_data, edit=scaled("attn.dense", 5.0), **{**LLAMA, "block_size": 512})
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert "max |logit difference|" in capsys.readouterr().out
+
+    with monkeypatch.context() as m:
+        planted(m, "llama_state", lambda sd: sd.update({"model.layers.1.mlp.down_proj.weight":
+                                                        sd["model.layers.1.mlp.down_proj.weight"] * (1 + 1e-3)}))
+        export_refused(tmp_path, capsys, "LlamaForCausalLM disagrees with the run's model")
+    planted(monkeypatch, "hf_config", lambda config: config.rope_parameters.update(rope_theta=10000.0))
+    export_refused(tmp_path, capsys, "LlamaForCausalLM's RoPE angles differ from the run's")
+
+
 REFUSED = {
     "mlra": ({"mlra": {"enabled": True}}, {}, "model.mlra.enabled=true"),
     "qk-norm": ({**LLAMA, "qk_norm": "rmsnorm"}, {}, "model.qk_norm='rmsnorm'"),
@@ -150,7 +188,47 @@ def test_options_without_a_transformers_equivalent_are_refused_in_one_line(tiny_
 def test_without_transformers_the_error_says_how_to_install_it(tiny_data, tmp_path, capsys, monkeypatch):
     write_run(tmp_path / "run", tiny_data)
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "run")]) == 2
-    assert "is a run folder" in capsys.readouterr().err
+    assert "is the run folder or inside it" in capsys.readouterr().err
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import transformers fails
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
     assert capsys.readouterr().err == 'error: stabilab export needs transformers: pip install -e ".[export]"\n'
+
+
+def _another_run(tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "ckpt.pt").write_bytes(b"")  # a run in progress: its config.json would be overwritten
+    return tmp_path / "other"
+
+
+def _a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    return tmp_path / "notes.txt"
+
+
+BAD_OUT = {
+    "the-run": (lambda tmp: tmp / "run", "is the run folder or inside it: export into a folder of its own"),
+    "inside-the-run": (lambda tmp: tmp / "run" / "hf", "is the run folder or inside it: export into a folder of "
+                       "its own"),
+    "the-run-by-another-path": (lambda tmp: tmp / "run" / ".." / "run" / ".", "is the run folder or inside it"),
+    "another-run": (_another_run, "is a run folder: export into a folder of its own"),
+    "a-file": (_a_file, "is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("out, message", BAD_OUT.values(), ids=BAD_OUT.keys())
+def test_an_out_that_is_a_run_folder_or_a_file_is_refused_before_anything_is_read(tiny_data, tmp_path, capsys,
+                                                                                 monkeypatch, out, message):
+    from stabilab import export
+
+    write_run(tmp_path / "run", tiny_data)
+    out = out(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def unread(*_):
+        raise AssertionError("the run was read")
+
+    monkeypatch.setattr(export, "load_run", unread)
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --out {out} ") and message in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

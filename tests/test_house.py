@@ -122,6 +122,13 @@ def test_the_readme_methods_table_is_the_generated_one():
     assert markdown_table() in (ROOT / "README.md").read_text(), "run: stabilab methods --markdown"
 
 
+
+def test_methods_md_writes_weight_decay_with_the_sign_that_decays():
+    """optim.param_groups decays by p <- p (1 - s_t λ) (independent) or p (1 - lr_t wd): every update
+    rule in METHODS.md subtracts its λ θ term, none adds it (θ - s_t(η Δ - λ θ) grows the weights)."""
+    rules = re.findall(r"`θ ← θ − [^`]*`", (ROOT / "docs" / "METHODS.md").read_text())
+    assert len(rules) >= 2 and all("+ λ θ)" in r and "− λ θ" not in r for r in rules), rules
+
 def test_no_source_module_is_over_500_lines():
     long = {str(p.relative_to(ROOT)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
     assert not long

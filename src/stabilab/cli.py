@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "option named: MLRA, qk-norm, partial RoPE, soft-capping, StableMax, and mixes such as "
                        "RMSNorm with learned positions.")
     p.add_argument("--run", required=True, help="run folder (config.json and model.pt)")
-    p.add_argument("--out", required=True, help="folder to write (not the run folder)")
+    p.add_argument("--out", required=True, help="folder to write (not the run folder nor inside it)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tables", help="collect runs into tidy CSV tables")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
@@ -12,17 +13,21 @@ PEAK_BF16_TFLOPS = 989.0  # dense bf16 of an H100 / H200 SXM: the benchmarks' MF
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' (CUDA when available), 'cpu', 'cuda' (this process's local rank) or 'cuda:N'."""
+    """'auto' (CUDA when available), 'cpu', 'cuda' (this process's local rank) or 'cuda:N'; any
+    other name, or a CUDA device this machine lacks, is a UserError (before anything is loaded)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N (got {name!r})")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{name}' requested but no CUDA device is available")
     if name == "cuda":
         return torch.device("cuda", local_rank)
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}' (expected auto, cpu, cuda or cuda:N)") from None
+    device = torch.device(name)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UserError(f"--device {name}: this machine has {n} CUDA devices (cuda:0 to cuda:{n - 1})")
+    return device
 
 
 def to_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -10,10 +10,13 @@ config.json, model.safetensors), where a transformers architecture computes exac
 
 Tied or untied heads both map (`tie_word_embeddings`). The embedding and head keep only the real
 vocabulary's rows (the padding to a multiple of 64 is dropped), so the exported logits are exactly
-the run's logits (`GPT.logits`). Options with no transformers equivalent are refused with one line
-naming the option. Training-only choices (init, losses z-loss and mu-loss, optimizer,
-mu-centering, head_fp32) need no mapping. Dropout maps onto GPT-2's three dropouts; Llama has
-attention dropout only (dropout is off at inference either way).
+the run's logits (`GPT.logits`), but for transformers' float32 RoPE angles in Llama (ours are
+float64, rounded once: by position 2047 their cos and sin are up to 1.4e-4 apart). Before anything
+is written, `check_logits` compares the two models' logits in float64 on random ids over the real
+vocabulary, full-length and short sequences. Options with no transformers equivalent are refused
+with one line naming the option. Training-only choices (init, losses z-loss and mu-loss,
+optimizer, mu-centering, head_fp32) need no mapping. Dropout maps onto GPT-2's three dropouts;
+Llama has attention dropout only (dropout is off at inference either way).
 
 The run's tokenizer goes beside the model: a `bpe` tokenizer as a `PreTrainedTokenizerFast`, EOT
 as bos and eos token; for a `gpt2` (tiktoken) tokenizer a note says which Hugging Face tokenizer
@@ -22,6 +25,7 @@ has the same ids (nothing is downloaded here).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -33,13 +37,16 @@ from .layers import LN_EPS, RMS_EPS, mlp_hidden, rotary_dims
 from .model import GPT
 from .tokenizer import EOT
 from .tokenizer import load as load_tokenizer
-from .train.checkpoint import WEIGHTS
+from .train.checkpoint import OUTPUTS
 
 INSTALL = 'pip install -e ".[export]"'  # the extra in pyproject.toml
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 # what each family needs, keyed by model.position (the option that decides the family)
 FAMILIES = {"learned": ("gpt2", {"norm": "layernorm", "mlp": "gelu"}),
             "rope": ("llama", {"norm": "rmsnorm", "mlp": "swiglu"})}
+# the logit check's tolerance in units of the run's own float32 rounding: transformers' GPT-2 is float64
+# throughout in the check, its Llama has a float32 RMSNorm (check_logits)
+SLACK = {"gpt2": 1.0, "llama": 4.0}
 GPT2_NOTE = """This run used tiktoken's "gpt2" encoding (50257 ids, <|endoftext|> = 50256).
 Hugging Face's GPT-2 tokenizer has the same ids: AutoTokenizer.from_pretrained("gpt2")
 (or convert the encoding with transformers.integrations.tiktoken.convert_tiktoken_to_fast).
@@ -147,6 +154,66 @@ def llama_state(model: GPT) -> dict[str, torch.Tensor]:
                  "lm_head.weight": model.lm_head.weight[:c.vocab_size]}
 
 
+def check_ids(vocab: int, block: int) -> list[torch.Tensor]:
+    """The logit check's token ids, over the real vocabulary, each batch from its own seed: two
+    full-length sequences (every position up to the block size) and two batches of short ones."""
+    shapes = [(1, block), (1, block), (4, 1 + block // 7), (8, 1)]  # one sequence a batch: (T, 50257) logits
+    return [torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+            for seed, shape in enumerate(shapes)]
+
+
+def _their_rope(hf, model: GPT) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' RoPE cos and sin (block, d_head / 2; in our pairs' order) after checking that they
+    are ours but for its float32 angles (ours: float64, rounded once): within 2^-18 per position (measured:
+    under 2^-24 per position, for bases 500 to 500000). A wrong base or head size is off from position 1."""
+    rope = next(m for m in hf.modules() if type(m).__name__.endswith("RotaryEmbedding"))
+    pos = torch.arange(model.cfg.block_size)
+    cos, sin = (t[0, :, : t.shape[-1] // 2].double() for t in rope(torch.zeros(1, dtype=torch.float64), pos[None]))
+    ours = model.blocks[0].attn.rotary
+    err = torch.maximum((cos - ours.cos).abs(), (sin - ours.sin).abs()).amax(dim=1)
+    worst = int((err / (pos + 1)).argmax())
+    if err[worst] > (worst + 1) * 2.0**-18:
+        import transformers
+
+        raise UserError(f"the exported {ARCHITECTURES['llama']}'s RoPE angles differ from the run's (|cos, sin "
+                        f"difference| {float(err[worst]):.3g} at position {worst}, beyond float32 rounding; "
+                        f"transformers {transformers.__version__}): nothing written")
+    return cos, sin
+
+
+@torch.no_grad()
+def check_logits(model: GPT, hf, name: str) -> tuple[float, float]:
+    """(max |logit difference|, its tolerance) of the export `hf` from the run's `model`, both in float64,
+    on check_ids; a UserError where a batch's difference is more than SLACK times the run's own float32
+    rounding on it (|float32 - float64 logits|) plus 1e-7 of its largest logit.
+
+    In float64 GPT-2 agrees to ~1e-12 of the logits, while a tanh GELU for our exact one moves them by 5
+    to 800 times that rounding (measured on random models). transformers computes Llama's RMSNorm and RoPE angles in
+    float32 even then: its RMSNorm comes to 0.1-0.8 of that rounding; its angles, at position 2047 enough
+    to move logits of sharp attention by 0.07, are checked apart and then given to `model` (changed here)."""
+    import transformers
+
+    exact, theirs = copy.deepcopy(model).double(), copy.deepcopy(hf).double()
+    exact.cfg = exact.cfg.model_copy(update={"head_fp32": False})  # a float32 head is no reference
+    if name == "llama":
+        cos, sin = _their_rope(theirs, model)
+        for block in (*model.blocks, *exact.blocks):
+            block.attn.rotary.cos, block.attn.rotary.sin = cos, sin
+    worst = (0.0, 0.0)
+    for seed, ids in enumerate(check_ids(model.cfg.vocab_size, model.cfg.block_size)):
+        ref = exact(ids)
+        diff = float((theirs(ids, use_cache=False).logits.double() - ref).abs().max())
+        rounding = float((model(ids).double() - ref).abs().max())
+        tol = SLACK[name] * rounding + 1e-7 * max(1.0, float(ref.abs().max()))
+        if not diff <= tol:
+            raise UserError(f"the exported {ARCHITECTURES[name]} disagrees with the run's model (max |logit "
+                            f"difference| {diff:.3g} in float64 on {ids.shape[0]} x {ids.shape[1]} ids of seed "
+                            f"{seed}; allowed {tol:.3g}, from the run's own float32 rounding {rounding:.3g}; "
+                            f"transformers {transformers.__version__}): nothing written")
+        worst = max(worst, (diff, tol))
+    return worst
+
+
 def _save_tokenizer(tok, path: Path, cfg: RunConfig, out: Path) -> str:
     """Write the run's tokenizer (bpe) or the note (gpt2) into `out`; the line that says which."""
     if tok is None:
@@ -163,13 +230,24 @@ def _save_tokenizer(tok, path: Path, cfg: RunConfig, out: Path) -> str:
     return f"tokenizer: {path} (bpe, {tok.vocab_size} tokens)"
 
 
+def check_out(run_dir: Path, out: Path) -> None:
+    """A UserError unless `out` can take the export: not the run folder (save_pretrained's config.json
+    would replace the run's) nor inside it (a run folder holds the run's files only), not another run's
+    folder (one with any file a run writes), not a file."""
+    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
+        raise UserError(f"--out {out} is the run folder or inside it: export into a folder of its own")
+    if any((out / name).exists() for name in OUTPUTS):
+        raise UserError(f"--out {out} is a run folder: export into a folder of its own")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+
+
 @torch.no_grad()
 def export(run_dir: str | Path, out: str | Path) -> list[str]:
     """Write the run's model (float32) and tokenizer as a transformers folder `out`, after checking
-    that its logits equal the run's model's; the lines that say what was written."""
+    that its logits equal the run's model's (check_logits); the lines that say what was written."""
     run_dir, out = Path(run_dir), Path(out)
-    if out.resolve() == run_dir.resolve() or (out / WEIGHTS).exists():
-        raise UserError(f"--out {out} is a run folder: export into a folder of its own")
+    check_out(run_dir, out)
     cfg, model, _ = load_run(run_dir, "cpu")
     name = family(cfg)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -183,13 +261,9 @@ def export(run_dir: str | Path, out: str | Path) -> list[str]:
     tok = load_tokenizer(path) if path.exists() else None
     hf = getattr(transformers, ARCHITECTURES[name])(hf_config(cfg, name, tok.eot_id if tok else None))
     hf.float().eval().load_state_dict(gpt2_state(model) if name == "gpt2" else llama_state(model), strict=True)
-    idx = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.block_size), generator=torch.Generator().manual_seed(0))
-    ours, theirs = model(idx), hf(idx).logits
-    diff = float((ours - theirs).abs().max())
-    if not diff <= 1e-4 * max(1.0, float(ours.abs().max())):
-        raise UserError(f"the exported {ARCHITECTURES[name]} disagrees with the run's model (max |logit "
-                        f"difference| {diff:.3g}, transformers {transformers.__version__}): nothing written")
+    diff, tol = check_logits(model, hf, name)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out)
-    return [f"model: {ARCHITECTURES[name]}, {cfg.model.n_layer} layers, vocab {cfg.model.vocab_size} "
-            f"(padding dropped), max |logit difference| {diff:.2g} -> {out}", _save_tokenizer(tok, path, cfg, out)]
+    return [f"model: {ARCHITECTURES[name]}, {cfg.model.n_layer} layers, vocab {cfg.model.vocab_size} (padding "
+            f"dropped), max |logit difference| {diff:.2g} in float64 (allowed {tol:.2g}) -> {out}",
+            _save_tokenizer(tok, path, cfg, out)]

@@ -25,11 +25,11 @@ from .train.checkpoint import load_weights
 
 def load_run(run_dir: str | Path, device: str = "auto"):
     """(run config, model in eval mode, device) of a finished run folder."""
+    dev = pick_device(device)  # a bad --device is refused before the run folder is read
     run_dir = Path(run_dir)
     config = run_dir / "config.json"
     if not config.exists():
         raise UserError(f"not a run folder: {config} is missing")
-    dev = pick_device(device)
     saved = load_weights(run_dir, dev)
     cfg = load_run_config(json.loads(config.read_text()))
     if saved["config"] != cfg.to_dict():
@@ -50,6 +50,8 @@ def evaluate(run_dir: str | Path, shards: str | Path | None = None, split: str =
     """Mean cross-entropy of the run's model (its own normalizer) on `batches` batches of a split
     of token shards (default: the run's own shards, the run's eval_batches), windows spread evenly
     over the split; shards made with another tokenizer are refused."""
+    if batches is not None and batches < 1:  # 0 is not "the default": `or` would have taken it so
+        raise UserError(f"--batches must be at least 1 (got {batches})")
     cfg, model, dev = load_run(run_dir, device)
     shard_dir = Path(shards) if shards else Path(cfg.data.shards)
     made_with = tokenizer_beside(shard_dir) if shards else cfg.data.tokenizer_file or None  # checked against the meta
@@ -68,14 +70,25 @@ def evaluate(run_dir: str | Path, shards: str | Path | None = None, split: str =
             "ppl": math.exp(loss) if loss < 700 else None, "normalizer": cfg.loss.kind}
 
 
+def check_sampling(tokens: int, temperature: float, top_k: int, seed: int) -> None:
+    """A UserError naming the first sampling argument out of its range (0 tokens would print the prompt alone)."""
+    if tokens < 1:
+        raise UserError(f"--tokens must be at least 1 (got {tokens})")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"--temperature must be a finite number > 0 (got {temperature:g})")
+    if top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0: all tokens; got {top_k})")
+    if not 0 <= seed < 2**64:  # torch.Generator's range; a negative seed would alias a positive one
+        raise UserError(f"--seed must be in [0, 2^64) (got {seed})")
+
+
 @torch.no_grad()
 def sample(run_dir: str | Path, prompt: str, tokens: int = 50, temperature: float = 1.0, top_k: int = 0,
            seed: int = 0, device: str = "auto") -> str:
     """`prompt` continued by `tokens` tokens drawn from the model's distribution (softmax or
     StableMax of the logits / temperature, the top_k most likely if top_k > 0), decoded with the
     run's tokenizer."""
-    if temperature <= 0:
-        raise UserError("--temperature must be > 0")
+    check_sampling(tokens, temperature, top_k, seed)
     cfg, model, dev = load_run(run_dir, device)
     tok = load_tokenizer(tokenizer_file(cfg))
     ids = tok.encode(prompt) or [tok.eot_id]
