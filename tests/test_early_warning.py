@@ -231,3 +231,22 @@ def test_the_preset_has_three_mechanisms_with_eight_seeds_per_cell_and_stable_tw
     assert all(len(s["seeds"]) >= 8 for s in studies.values())
     edges = [name for name in studies if not name.endswith("_twin")]
     assert len(edges) == 3 and all(f"{name}_twin" in studies and len(studies[name]["lrs"]) >= 2 for name in edges)
+
+
+def test_the_preregistered_test_decides_by_its_rule_and_agrees_with_the_studys_table():
+    """METHODS.md §5b: replicated when the interval is above 0.5, not when it reaches it, undecided
+    with fewer than 5 failing runs; the point and interval are the study table's within-cell row."""
+    runs, steps = synthetic_study(seeds=12, lrs=(0.1, 0.3))
+    spec = {"early_warning": {"bootstrap": 200}}
+    out = ew.preregistered_test(runs, steps, spec, metric="mu_norm", lead=100)
+    row = rows(ew.summary_table(runs, steps, spec), "mu_norm").loc[100]
+    assert (out["test_auroc"], out["test_ci_low"], out["test_ci_high"]) == pytest.approx(
+        (row["value"], row["ci_low"], row["ci_high"]))
+    assert out["decision"] == "replicated (as strong as first reported)" and out["n_failing"] == 12
+    assert out["difference"] == pytest.approx(out["test_auroc"] - out["baseline_auroc"])
+    assert out["difference_ci_low"] <= out["difference"] <= out["difference_ci_high"]
+    noise = ew.preregistered_test(runs, steps, spec, metric="tev_mean", lead=100)
+    assert noise["decision"] == "not replicated (the interval reaches 0.5)"
+    few = ew.preregistered_test(runs[runs.seed < 4], steps[steps.seed < 4], spec, metric="mu_norm", lead=100,
+                                lrs=[0.1])
+    assert few["decision"] == "undecided: 2 failing runs, fewer than 5"

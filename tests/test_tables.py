@@ -4,6 +4,7 @@ is refused unless its config says so."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -65,3 +66,33 @@ def test_mixed_code_when_the_config_says_so_and_runs_csv_says_which_run_is_which
 def test_runs_of_one_code_make_tables(two_runs, tmp_path):
     written = write_tables(_with_provenance(two_runs, tmp_path), tmp_path / "tables", studies=STUDY)
     assert "summary_test.csv" in written
+
+
+def test_the_sensitivity_over_a_sub_grid_is_the_sensitivity_of_those_runs_alone():
+    from stabilab.tables import lr_sensitivity_rows
+
+    rows = []
+    for seed in (0, 1):
+        for lr, loss in [(1e-3, 4.6), (3e-3, 4.3), (1e-2, 4.4), (1.0, None)]:
+            rows.append({"variant": "base", "depth": 6, "lr": lr, "seed": seed, "initial_loss": 10.8,
+                         "vocab_size": 50257, "diverged": loss is None,
+                         "final_val_loss": None if loss is None else loss + 0.01 * seed})
+    runs = pd.DataFrame(rows)
+    spec = {"lrs": [1e-3, 3e-3, 1e-2, 1.0], "sensitivity_lrs": [1e-3, 3e-3, 1e-2]}
+    got = {r["metric"]: r for r in lr_sensitivity_rows(runs, spec)}
+    alone = {r["metric"]: r for r in lr_sensitivity_rows(runs[runs.lr < 1], {"lrs": spec["sensitivity_lrs"]})}
+    for metric in ("lr_sensitivity", "lr_sensitivity_oec", "best_val_loss"):
+        assert got[f"{metric}_sub"]["mean"] == pytest.approx(alone[metric]["mean"])
+    assert got["lr_sensitivity"]["mean"] > got["lr_sensitivity_sub"]["mean"]  # the diverged LR 1 counts in the full grid
+    assert got["lr_sensitivity_sub"]["mean"] == pytest.approx((0.3 + 0 + 0.1) / 3)
+
+
+@pytest.mark.parametrize("edit, says", [({"studies": {"lr": {"sensitivity_lrs": [1e-2, 7.0]}}}, "7 not among its lrs"),
+                                        ({"verdicts": {"v": {"study": "nope", "arms": ["baseline", "zloss"]}}},
+                                         "verdicts.v.study: no study 'nope'")])
+def test_a_sub_grid_or_a_verdict_that_names_what_is_not_there_is_one_line(edit, says):
+    from stabilab.config import deep_merge
+    from stabilab.experiment import load_experiment, validate
+
+    with pytest.raises(UserError, match=says):
+        validate(deep_merge(load_experiment(Path(__file__).resolve().parents[1] / "config.yaml"), edit))

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .config import EarlyWarningConfig, validated
+from .errors import UserError
 
 CELL = ["variant", "depth", "lr"]
 RUN = CELL + ["seed"]
@@ -352,3 +353,51 @@ def summary_table(runs: pd.DataFrame, steps: pd.DataFrame, spec: dict) -> pd.Dat
                     rows.append({**combo, "quantity": "gain_over_lr", "value": combo["value"] - base["value"],
                                  **dict(zip(("ci_low", "ci_high"), _interval(boot[i] - lr_boot[i])))})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+# ----------------------------------------------------------------------------- one pre-registered test
+
+
+MIN_FAILING = 5  # METHODS.md §5b: fewer failing runs than this leave the test undecided
+
+
+def preregistered_test(runs: pd.DataFrame, steps: pd.DataFrame, spec: dict, metric: str = "attn_logit_max",
+                       feature: str = "value", lead: int = 50, baseline: tuple[str, str] = ("train_loss", "slope"),
+                       lrs: list[float] | None = None) -> dict:
+    """METHODS.md §5b: the one AUROC fixed before the runs (`metric`'s `feature` at `lead`, within
+    cell, the cells pooled, bootstrap over runs within their cell), its decision, and beside it the
+    baseline's AUROC and the difference of the two over the same replicates. `lrs`: the cells' LRs."""
+    cfg = settings(spec)
+    frame = predictor_frame(steps, runs, cfg) if len(steps) else pd.DataFrame()
+    if lrs is not None and len(frame):
+        frame = frame[frame["lr"].astype(float).isin([float(x) for x in lrs])].reset_index(drop=True)
+    if frame.empty or f"{metric}:{feature}" not in frame:
+        raise UserError(f"early warning: no logged {metric} to test (is this an early_warning study's tables?)")
+    run = frame.groupby(RUN, sort=True).ngroup().to_numpy()
+    keys = frame.drop_duplicates(RUN).sort_values(RUN)
+    n_runs = int(run.max()) + 1
+    weights = bootstrap_weights(keys.groupby(CELL).ngroup().to_numpy(), cfg.bootstrap, np.random.default_rng(cfg.seed))
+    stratum = frame.groupby(SCOPES["within_cell"], sort=True).ngroup().to_numpy()
+    lab = eligible(frame, lead, stratum)
+    out = {"metric": metric, "feature": feature, "lead_steps": lead, "n_runs": n_runs,
+           "n_failing": int(np.unique(run[lab == 1]).size)}
+    boots = {}
+    for name, (m, f) in {"test": (metric, feature), "baseline": baseline}.items():
+        s = frame[f"{m}:{f}"].to_numpy(float)
+        ok = (lab >= 0) & np.isfinite(s)
+        C, D = pair_counts(np.where(ok, s, 0.0), np.where(ok, lab, -1), run, stratum, n_runs)
+        boots[name] = _ratio(weights, C, D)
+        out[f"{name}_auroc"] = float(_ratio(np.ones((1, n_runs)), C, D)[0])
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = _interval(boots[name])
+    out["baseline"] = f"{baseline[0]}:{baseline[1]}"
+    out["difference"] = out["test_auroc"] - out["baseline_auroc"]
+    out["difference_ci_low"], out["difference_ci_high"] = _interval(boots["test"] - boots["baseline"])
+    if out["n_failing"] < MIN_FAILING:
+        out["decision"] = f"undecided: {out['n_failing']} failing runs, fewer than {MIN_FAILING}"
+    elif out["test_ci_low"] > 0.5:
+        strength = "as strong as first reported" if out["test_auroc"] >= cfg.warn_auroc else \
+            f"weaker than first reported (below {cfg.warn_auroc})"
+        out["decision"] = f"replicated ({strength})"
+    else:
+        out["decision"] = "not replicated (the interval reaches 0.5)"
+    return out

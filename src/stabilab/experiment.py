@@ -113,6 +113,8 @@ class StudySection(Section):
     lrs: LRList = knob(..., "peak learning rates", min_length=1)
     seeds: SeedList = knob([0], "seeds", min_length=1)
     overrides: Overlay | None = knob(None, "overlay for this study's runs only")
+    sensitivity_lrs: LRList | None = knob(None, "lr studies: a sub-grid of `lrs` (e.g. the paper's own LRs) whose LR "
+                                                "sensitivity is tabled too, as <metric>_sub", min_length=2)
     mixed_code: bool = knob(False, "allow this study's tables to compare runs trained by different commits or "
                                    "compile modes (their differences are then confounded with the code; "
                                    "runs.csv says which run is which); off: the tables refuse such runs")
@@ -176,9 +178,17 @@ def validate(config: dict) -> None:
     """Check `config`; raise UserError with one line naming the key."""
     validated(Experiment, config)
     variants = variants_of(config)
-    for study in config.get("studies", {}).values():
+    for name, study in config.get("studies", {}).items():
         for variant in study["variants"]:
             variant_overlay(variant, variants)  # unknown names, conflicting combinations
+        outside = sorted(set(map(float, study.get("sensitivity_lrs") or [])) - set(map(float, study["lrs"])))
+        if outside:
+            raise UserError(f"studies.{name}.sensitivity_lrs: {', '.join(f'{lr:g}' for lr in outside)} "
+                            f"not among its lrs")
+    for name, verdict in (config.get("verdicts") or {}).items():
+        if verdict["study"] not in config.get("studies", {}):
+            raise UserError(f"verdicts.{name}.study: no study '{verdict['study']}' "
+                            f"(defined: {', '.join(sorted(config.get('studies', {})))})")
 
 
 def with_defaults(config: dict) -> dict:

@@ -102,16 +102,28 @@ def lr_sensitivity_rows(runs: pd.DataFrame, spec: dict | None = None) -> list[di
     - `lr_sensitivity`: Wortsman et al.'s, L0 the measured initial loss, divided by K;
     - `lr_sensitivity_oec`: the OEC code's, L0 = ln(V padded to a multiple of 64) (10.83 for GPT-2's
       vocabulary), divided by K - 1; OEC's published numbers are in this convention;
-    - `best_val_loss`: the best final validation loss of the sweep (what the sensitivity is measured from)."""
+    - `best_val_loss`: the best final validation loss of the sweep (what the sensitivity is measured from).
+    With the study's `sensitivity_lrs` (a sub-grid, e.g. the paper's own LRs), the same three again
+    over those LRs alone, as `<metric>_sub`."""
+    rows = []
+    swept = {float(lr) for lr in spec["lrs"]} if spec and spec.get("lrs") else None
+    rows += _sensitivity_rows(runs, swept, "")
+    if spec and spec.get("sensitivity_lrs"):
+        sub = {float(lr) for lr in spec["sensitivity_lrs"]}
+        rows += _sensitivity_rows(runs[runs["lr"].astype(float).isin(sub)], sub, "_sub")
+    return rows
+
+
+def _sensitivity_rows(runs: pd.DataFrame, swept: set | None, suffix: str) -> list[dict]:
     rows = []
     for (variant, depth), group in runs.groupby(["variant", "depth"]):
         l0 = float(group["initial_loss"].dropna().mean())
         vocab = group["vocab_size"].dropna() if "vocab_size" in group else pd.Series(dtype=float)
         l0_oec = math.log(64 * math.ceil(float(vocab.iloc[0]) / 64)) if len(vocab) else float("nan")
         per_seed = {"lr_sensitivity": [], "lr_sensitivity_oec": [], "best_val_loss": []}
-        swept = {float(lr) for lr in spec["lrs"]} if spec and spec.get("lrs") else set(group["lr"])
+        grid = swept if swept is not None else set(group["lr"])
         for _, g in group.groupby("seed"):
-            if set(g["lr"]) != swept:  # a seed run at only some LRs has no sensitivity over the sweep
+            if set(g["lr"]) != grid:  # a seed run at only some LRs has no sensitivity over the sweep
                 continue
             losses = g["final_val_loss"].astype(float).fillna(np.inf).tolist()
             per_seed["lr_sensitivity"].append(lr_sensitivity(losses, l0))
@@ -121,7 +133,7 @@ def lr_sensitivity_rows(runs: pd.DataFrame, spec: dict | None = None) -> list[di
             if metric == "lr_sensitivity_oec" and not math.isfinite(l0_oec):
                 continue  # runs made before the summary recorded the vocabulary
             s = pd.Series(values, dtype=float).replace([np.inf, -np.inf], np.nan)
-            rows.append({"variant": variant, "depth": depth, "lr": np.nan, "metric": metric, **spread(s),
+            rows.append({"variant": variant, "depth": depth, "lr": np.nan, "metric": metric + suffix, **spread(s),
                          "n_runs": len(group), "n_diverged": int(group["diverged"].sum())})
     return rows
 
