@@ -83,7 +83,7 @@ def test_the_sensitivity_over_a_sub_grid_is_the_sensitivity_of_those_runs_alone(
     alone = {r["metric"]: r for r in lr_sensitivity_rows(runs[runs.lr < 1], {"lrs": spec["sensitivity_lrs"]})}
     for metric in ("lr_sensitivity", "lr_sensitivity_oec", "best_val_loss"):
         assert got[f"{metric}_sub"]["mean"] == pytest.approx(alone[metric]["mean"])
-    assert got["lr_sensitivity"]["mean"] > got["lr_sensitivity_sub"]["mean"]  # the diverged LR 1 counts in the full grid
+    assert got["lr_sensitivity"]["mean"] > got["lr_sensitivity_sub"]["mean"]  # diverged LR 1: in the full grid
     assert got["lr_sensitivity_sub"]["mean"] == pytest.approx((0.3 + 0 + 0.1) / 3)
 
 
