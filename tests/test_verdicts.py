@@ -69,3 +69,33 @@ def test_an_unknown_arm_or_metric_is_one_line():
         verdict_rows("v", {"study": "lr", "metric": "final_val_loss", "arms": ["base", "spam"]}, runs, None)
     with pytest.raises(UserError, match="'nope' is not a column of runs.csv"):
         verdict_rows("v", {"study": "lr", "metric": "nope", "arms": ["base", "base"]}, runs, None)
+
+
+def test_over_the_sweep_each_seeds_sensitivity_is_paired_and_both_diverged_is_said():
+    from stabilab.tables import sweep_values
+
+    runs = _runs({("base", 1e-3): [4.5, 4.6, 4.55], ("base", 3e-3): [4.3, 4.35, 4.32], ("base", 1.0): [None] * 3,
+                  ("oec", 1e-3): [4.4, 4.45, 4.42], ("oec", 3e-3): [4.31, 4.36, 4.3], ("oec", 1.0): [None] * 3})
+    runs["initial_loss"], runs["vocab_size"] = 10.8, 50257
+    spec = {"study": "lr", "metric": "lr_sensitivity_oec", "arms": ["base", "oec"], "over": "sweep", "lrs": "sub"}
+    [row] = verdict_rows("v", spec, runs, None, {"lrs": [1e-3, 3e-3, 1.0], "sensitivity_lrs": [1e-3, 3e-3]})
+    sub = runs[runs.lr < 1]
+    a, b = (sweep_values(sub[sub.variant == v], {1e-3, 3e-3})["lr_sensitivity_oec"] for v in ("base", "oec"))
+    assert row["diff_mean"] == pytest.approx(sum(b[s] - a[s] for s in range(3)) / 3) and row["lrs"] == "0.001 0.003"
+    assert row["reading"] == "lower in 3 of 3 seeds"
+    [*_, at_1] = verdict_rows("v", {**spec, "metric": "final_val_loss", "over": "lr"}, runs, None)
+    assert at_1["lr_a"] == 1.0 and at_1["reading"] == "both diverged in 3 of 3 seeds" and at_1["b_diverged"] == 3
+
+
+def test_a_preset_inherits_no_verdicts_and_a_verdicts_arm_must_be_in_its_study():
+    from pathlib import Path
+
+    from stabilab.config import deep_merge
+    from stabilab.experiment import load_experiment, validate
+
+    root = Path(__file__).resolve().parents[1]
+    assert "center_sensitivity" in load_experiment(root / "configs/oec.yaml")["verdicts"]
+    assert not load_experiment(root / "configs/early_warning.yaml").get("verdicts")  # base: oec.yaml
+    bad = {"verdicts": {"v": {"study": "lr", "arms": ["baseline", "mlra"]}}}
+    with pytest.raises(UserError, match="verdicts.v.arms: mlra not a variant of study lr"):
+        validate(deep_merge(load_experiment(root / "configs/oec.yaml"), bad))

@@ -190,9 +190,11 @@ def cmd_verdicts(args) -> None:
     tables = Path(args.tables or f"{RESULTS.format(name=exp['name'])}/tables")
     frame = write_verdicts(exp, tables)
     for r in frame.itertuples(index=False):
-        where = f"L{r.depth} LR {r.lr_a:g}" + (f" vs {r.lr_b:g}" if r.lr_b != r.lr_a else "") + \
-            (f" step {int(r.step)}" if r.step == r.step else "")
+        where = f"L{r.depth} " + (f"LRs {getattr(r, 'lrs', '')}" if r.lr_a != r.lr_a else f"LR {r.lr_a:g}" + (
+            f" vs {r.lr_b:g}" if r.lr_b != r.lr_a else "")) + (f" step {int(r.step)}" if r.step == r.step else "")
         reading = f"{r.b} {r.reading}" if r.reading.startswith(("lower", "higher")) else r.reading
+        if getattr(r, "best_lr_inside_grid", True) is False:
+            reading += " (a best LR at the grid's edge)"
         print(f"{r.verdict}: {r.b} - {r.a}, {r.metric}, {where}: {r.diff_mean:+.4f} "
               f"[{r.diff_min:+.4f}, {r.diff_max:+.4f}]: {reading}")
     print(f"verdicts: {len(frame)} rows -> {tables / 'verdicts.csv'}")

@@ -132,8 +132,10 @@ class VerdictSection(Section):
     metric: str = knob("final_val_loss", "a column of runs.csv (over lr, best_lr) or steps.csv (over step)")
     arms: list[Name] = knob(..., "two variants: the difference is the second minus the first, per seed",
                             min_length=2, max_length=2)
-    over: Literal["lr", "best_lr", "step"] = knob(
-        "lr", "where: at each LR, at each arm's best LR per depth, or at each logged step")
+    over: Literal["lr", "best_lr", "step", "sweep"] = knob(
+        "lr", "where: at each LR, at each arm's best LR per depth, at each logged step, or over the LR sweep "
+              "(metric lr_sensitivity, lr_sensitivity_oec or best_val_loss, per seed)")
+    lrs: Literal["all", "sub"] = knob("all", "over sweep: the study's lrs, or its sensitivity_lrs")
     select: str = knob("final_val_loss", "over best_lr: the runs.csv column whose lowest mean picks an arm's LR")
 
 
@@ -186,9 +188,14 @@ def validate(config: dict) -> None:
             raise UserError(f"studies.{name}.sensitivity_lrs: {', '.join(f'{lr:g}' for lr in outside)} "
                             f"not among its lrs")
     for name, verdict in (config.get("verdicts") or {}).items():
-        if verdict["study"] not in config.get("studies", {}):
+        study = config.get("studies", {}).get(verdict["study"])
+        if study is None:
             raise UserError(f"verdicts.{name}.study: no study '{verdict['study']}' "
                             f"(defined: {', '.join(sorted(config.get('studies', {})))})")
+        missing = [arm for arm in verdict["arms"] if arm not in study["variants"]]
+        if missing:
+            raise UserError(f"verdicts.{name}.arms: {', '.join(missing)} not a variant of study {verdict['study']} "
+                            f"({', '.join(study['variants'])})")
 
 
 def with_defaults(config: dict) -> dict:
@@ -311,14 +318,14 @@ def read_yaml(path: str | Path) -> dict:
 
 def resolve_base(config: dict, folder: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """`config` deep-merged onto its `base:` file (recursively; paths relative to `folder`, the
-    folder of the file `config` came from). The base's `studies` and `grokking` are not inherited."""
+    folder of the file `config` came from). The base's `studies`, `grokking` and `verdicts` are not inherited."""
     if not config.get("base"):
         return config
     path = (Path(folder) / config["base"]).resolve()
     if path in seen:
         raise UserError(f"config 'base:' includes form a cycle through {path}")
     base = resolve_base(read_yaml(path), path.parent, seen + (path,))
-    for grid in ("studies", "grokking"):  # a grid belongs to its preset
+    for grid in ("studies", "grokking", "verdicts"):  # a grid, and the claims read from it, belong to its preset
         base.pop(grid, None)
     merged = deep_merge(base, {k: v for k, v in config.items() if k != "base"})
     return merged

@@ -114,25 +114,32 @@ def lr_sensitivity_rows(runs: pd.DataFrame, spec: dict | None = None) -> list[di
     return rows
 
 
+def sweep_values(group: pd.DataFrame, grid: set | None = None) -> dict[str, dict[int, float]]:
+    """One variant's (and depth's) runs over an LR sweep: per metric (lr_sensitivity, lr_sensitivity_oec,
+    best_val_loss), {seed: value} for each seed that ran every LR of `grid` (default: the LRs it ran)."""
+    l0 = float(group["initial_loss"].dropna().mean())
+    vocab = group["vocab_size"].dropna() if "vocab_size" in group else pd.Series(dtype=float)
+    l0_oec = math.log(64 * math.ceil(float(vocab.iloc[0]) / 64)) if len(vocab) else float("nan")
+    out = {"lr_sensitivity": {}, "lr_sensitivity_oec": {}, "best_val_loss": {}}
+    grid = grid if grid is not None else set(group["lr"])
+    for seed, g in group.groupby("seed"):
+        if set(g["lr"]) != grid:  # a seed run at only some LRs has no sensitivity over the sweep
+            continue
+        losses = g["final_val_loss"].astype(float).fillna(np.inf).tolist()
+        out["lr_sensitivity"][int(seed)] = lr_sensitivity(losses, l0)
+        if math.isfinite(l0_oec):  # runs made before the summary recorded the vocabulary have none
+            out["lr_sensitivity_oec"][int(seed)] = lr_sensitivity(losses, l0_oec, divide_by="K-1")
+        out["best_val_loss"][int(seed)] = min(losses)
+    if not math.isfinite(l0_oec):
+        del out["lr_sensitivity_oec"]
+    return out
+
+
 def _sensitivity_rows(runs: pd.DataFrame, swept: set | None, suffix: str) -> list[dict]:
     rows = []
     for (variant, depth), group in runs.groupby(["variant", "depth"]):
-        l0 = float(group["initial_loss"].dropna().mean())
-        vocab = group["vocab_size"].dropna() if "vocab_size" in group else pd.Series(dtype=float)
-        l0_oec = math.log(64 * math.ceil(float(vocab.iloc[0]) / 64)) if len(vocab) else float("nan")
-        per_seed = {"lr_sensitivity": [], "lr_sensitivity_oec": [], "best_val_loss": []}
-        grid = swept if swept is not None else set(group["lr"])
-        for _, g in group.groupby("seed"):
-            if set(g["lr"]) != grid:  # a seed run at only some LRs has no sensitivity over the sweep
-                continue
-            losses = g["final_val_loss"].astype(float).fillna(np.inf).tolist()
-            per_seed["lr_sensitivity"].append(lr_sensitivity(losses, l0))
-            per_seed["lr_sensitivity_oec"].append(lr_sensitivity(losses, l0_oec, divide_by="K-1"))
-            per_seed["best_val_loss"].append(min(losses))
-        for metric, values in per_seed.items():
-            if metric == "lr_sensitivity_oec" and not math.isfinite(l0_oec):
-                continue  # runs made before the summary recorded the vocabulary
-            s = pd.Series(values, dtype=float).replace([np.inf, -np.inf], np.nan)
+        for metric, values in sweep_values(group, swept).items():
+            s = pd.Series(list(values.values()), dtype=float).replace([np.inf, -np.inf], np.nan)
             rows.append({"variant": variant, "depth": depth, "lr": np.nan, "metric": metric + suffix, **spread(s),
                          "n_runs": len(group), "n_diverged": int(group["diverged"].sum())})
     return rows

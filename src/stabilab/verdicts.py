@@ -8,7 +8,10 @@ batch order) and where to compare them:
 - `over: lr` (default): at every depth and LR of the study (a metric of runs.csv: final values);
 - `over: best_lr`: each arm at its own best LR per depth (the LR of its lowest mean `select`,
   default final_val_loss), and whether that LR is inside the grid or at its edge;
-- `over: step`: at every step where both arms logged the metric (steps.csv: a trajectory).
+- `over: step`: at every step where both arms logged the metric (steps.csv: a trajectory);
+- `over: sweep`: a quantity of the whole LR sweep per seed (metric lr_sensitivity, lr_sensitivity_oec
+  or best_val_loss; `tables.sweep_values`), over the study's LRs or, with `lrs: sub`, its
+  `sensitivity_lrs`.
 
 What a row says (`reading`), by rule, never by eye: with n >= 3 seeds in both arms, "<b> lower"
 ("higher") "in n of n seeds" when every paired difference has the same sign, else "no difference
@@ -48,6 +51,8 @@ def paired(a: dict, b: dict) -> dict:
     n = len(seeds)
     if n < MIN_SEEDS:
         reading = f"n = {n} < {MIN_SEEDS}: not tested"
+    elif all(math.isinf(a[s]) and math.isinf(b[s]) for s in seeds):
+        reading = f"both diverged in {n} of {n} seeds"
     elif n_neg == n:
         reading = f"lower in {n} of {n} seeds"
     elif n_pos == n:
@@ -56,6 +61,7 @@ def paired(a: dict, b: dict) -> dict:
         reading = f"no difference measured ({n_neg} lower, {n_pos} higher, {n - n_pos - n_neg} equal)"
     mean = sum(diffs) / n if n else math.nan  # +-inf with a diverged run (nan if both arms have one)
     return {"n": n, "seeds": " ".join(map(str, seeds)),
+            "a_diverged": sum(math.isinf(a[s]) for s in seeds), "b_diverged": sum(math.isinf(b[s]) for s in seeds),
             "a_mean": _mean([a[s] for s in seeds]), "b_mean": _mean([b[s] for s in seeds]),
             "diff_mean": mean, "diff_min": min(diffs) if n else math.nan, "diff_max": max(diffs) if n else math.nan,
             "diff_finite_mean": _mean(finite), "n_b_lower": n_neg, "n_b_higher": n_pos,
@@ -108,6 +114,21 @@ def verdict_rows(name: str, spec: dict, runs, steps, study_spec: dict | None = N
             if a and b:
                 rows.append({**base, "depth": depth, "lr_a": lr, "lr_b": lr, "step": step, **paired(a, b)})
         return rows
+    if over == "sweep":
+        from .tables import sweep_values
+
+        key = "sensitivity_lrs" if spec.get("lrs") == "sub" else "lrs"
+        grid = {float(x) for x in (study_spec or {}).get(key) or df["lr"].unique()}
+        sweep = df[df["lr"].astype(float).isin(grid)]
+        for depth, cell in sweep.groupby("depth"):
+            a, b = (sweep_values(cell[cell["variant"] == arm], grid).get(metric) for arm in (arm_a, arm_b))
+            if a is None:
+                raise UserError(f"verdict {name}: '{metric}' is not a sweep quantity (lr_sensitivity, "
+                                "lr_sensitivity_oec, best_val_loss)")
+            rows.append({**base, "depth": depth, "lr_a": math.nan, "lr_b": math.nan, "step": math.nan,
+                         "lrs": " ".join(f"{x:g}" for x in sorted(grid)), **paired(a, b)})
+        return rows
+
     if metric not in df:
         raise UserError(f"verdict {name}: metric '{metric}' is not a column of runs.csv")
     grid = sorted(float(x) for x in (study_spec or {}).get("lrs") or df["lr"].unique())
@@ -117,7 +138,7 @@ def verdict_rows(name: str, spec: dict, runs, steps, study_spec: dict | None = N
         elif over == "best_lr":
             pairs = [(_best_lr(cell[cell["variant"] == arm_a], spec), _best_lr(cell[cell["variant"] == arm_b], spec))]
         else:
-            raise UserError(f"verdict {name}: over must be lr, best_lr or step, not '{over}'")
+            raise UserError(f"verdict {name}: over must be lr, best_lr, step or sweep, not '{over}'")
         for lr_a, lr_b in pairs:
             a = _values(cell[(cell["variant"] == arm_a) & (cell["lr"] == lr_a)], metric)
             b = _values(cell[(cell["variant"] == arm_b) & (cell["lr"] == lr_b)], metric)
