@@ -114,6 +114,10 @@ class ModelConfig(Section):
         "gpt2", "gpt2: N(0, 0.02), residual projections / sqrt(2L); llama: N(0, 0.02); oec: the OEC code's")
     head_fp32: bool = knob(False, "the output layer's matmul and logits in float32 under bf16 autocast")
     logit_softcap: float | None = knob(None, "Gemma 2 soft-capping c: l <- c tanh(l / c); null: off", gt=0)
+    train_padding_rows: bool = knob(
+        False, "the head's padding rows (vocabulary rounded up to a multiple of 64) count as output-embedding "
+               "rows: the softmax, z-loss, mu, mu-loss and mu-centering run over all of them, as in the OEC "
+               "code (50304 GPT-2 rows); false: masked out (never trained, never counted)")
     mlra: MLRAConfig = section(MLRAConfig, "multi-head low-rank attention")
 
 
