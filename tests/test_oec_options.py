@@ -78,3 +78,26 @@ def test_mu_centering_covers_padding_rows_when_trained():
         W = m.lm_head.weight.detach()
         assert W[:rows].mean(0).abs().max() < 1e-12
         torch.testing.assert_close(W[rows:], before[rows:])  # rows beyond are untouched
+
+
+def test_warmup_plus_one_is_the_oec_schedule():
+    """optim.warmup_plus_one: lr (t+1)/(W+1) in the warmup, the same cosine after it; the OEC
+    code's get_lr_decayed written out here with min_lr = lr * min_lr_ratio."""
+    import math
+
+    from stabilab.config import OptimConfig
+    from stabilab.optim import lr_at
+
+    lr, W, T, floor = 0.3, 20, 200, 1e-5
+
+    def oec(it):  # nanoGPT/train.py get_lr_decayed, lr_decay_iters = max_iters = T
+        if it < W:
+            return lr * (it + 1) / (W + 1)
+        ratio = (it - W) / (T - W)
+        return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - floor)
+
+    cfg = OptimConfig(lr=lr, warmup_steps=W, min_lr_ratio=floor / lr, warmup_plus_one=True)
+    assert all(math.isclose(lr_at(t, cfg, T), oec(t), rel_tol=1e-12) for t in range(T + 1))
+    default = OptimConfig(lr=lr, warmup_steps=W, min_lr_ratio=floor / lr)
+    assert lr_at(0, default, T) == lr / W and lr_at(0, cfg, T) == lr / (W + 1)
+    assert all(lr_at(t, default, T) == lr_at(t, cfg, T) for t in range(W, T + 1))

@@ -155,6 +155,8 @@ class OptimConfig(Section):
         "decoupled", "decoupled: p -= lr_t wd p (PyTorch); independent: p -= s_t wd p (Wortsman et al.)")
     grad_clip: float | None = knob(1.0, "global grad-norm clip; null: no clipping", gt=0)
     warmup_steps: int = knob(20, "linear LR warmup steps", ge=0)
+    warmup_plus_one: bool = knob(False, "warmup lr (t + 1) / (W + 1), as the OEC code (its nanoGPT train.py), "
+                                        "instead of lr (t + 1) / W; t counts steps from 0")
     min_lr_ratio: float = knob(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
     perpgrad: bool = knob(False, "wrap the optimizer with perpGrad (OrthoGrad, StableMax paper)")
     spam: SPAMConfig = section(SPAMConfig, "SPAM's hyperparameters (used when name: spam)")
