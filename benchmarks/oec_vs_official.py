@@ -310,7 +310,8 @@ def launch_official(argv: list[str]) -> None:
             if not state["init_saved"]:  # OEC's first training fetch comes after its init, before any step
                 model = f1.f_globals["model"]
                 model = getattr(model, "_orig_mod", model)
-                torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, "oec_init.pt")
+                torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, "oec_init.pt.tmp")
+                os.replace("oec_init.pt.tmp", "oec_init.pt")  # whole or absent: --concurrent reads it at once
                 state["init_saved"] = True
             if a.stream == "shared":
                 high = kwargs.get("high", args[1] if len(args) > 1 else None)
@@ -333,10 +334,13 @@ def launch_official(argv: list[str]) -> None:
     runpy.run_path(str(Path(a.nanogpt) / "train.py"), run_name="__main__")
 
 
-def run_official(args, cfg, lr: float, folder: Path, data_dir: Path, device: str, env: dict) -> Path:
-    """OEC's train.py in `folder` (its cwd: configurator.py linked in, data/ linked to the harness's)."""
+def start_official(args, cfg, lr: float, folder: Path, data_dir: Path, device: str, env: dict):
+    """Start OEC's train.py in `folder` (its cwd: configurator.py linked in, data/ linked to the
+    harness's); returns the process."""
     nanogpt = Path(args.official).resolve() / "nanoGPT"
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in [folder / "oec_init.pt", folder / "stream.json", *(folder / "out").glob("ckpt_*.pt")]:
+        stale.unlink(missing_ok=True)
     for name, target in (("configurator.py", nanogpt / "configurator.py"), ("data", data_dir.resolve() / "data")):
         link = folder / name
         if not link.exists():
@@ -350,14 +354,43 @@ def run_official(args, cfg, lr: float, folder: Path, data_dir: Path, device: str
            "--block-size", str(cfg.model.block_size), "--threads", str(args.threads)] + \
         (["--float64"] if args.float64 else [])
     with open(folder / "stdout.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.Popen(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(proc, folder: Path, what: str) -> None:
+    rc = proc.wait()
     if rc:
         tail = (folder / "stdout.log").read_text().splitlines()[-15:]
-        raise SystemExit(f"OEC's train.py failed (exit {rc}) in {folder}:\n" + "\n".join(tail))
+        raise SystemExit(f"{what} failed (exit {rc}) in {folder}:\n" + "\n".join(tail))
+
+
+def check_stream(args, cfg, folder: Path) -> None:
     served = json.loads((folder / "stream.json").read_text())["served"]
-    if args.stream == "shared" and served < t.steps * t.grad_accum:
-        raise SystemExit(f"OEC took {served} training batches from our stream, expected >= {t.steps * t.grad_accum}")
-    return folder
+    need = cfg.train.steps * cfg.train.grad_accum
+    if args.stream == "shared" and served < need:
+        raise SystemExit(f"OEC took {served} training batches from our stream, expected >= {need}")
+
+
+def wait_for(path: Path, proc) -> None:
+    """Until `path` exists (OEC's initial weights), or its process ended without it."""
+    while not path.exists():
+        if proc is None or proc.poll() is not None:
+            time.sleep(0.5)
+            if path.exists():
+                return
+            raise SystemExit(f"--init shared needs OEC's initial weights: no {path} (run the official arm, "
+                             "or pass --init own)")
+        time.sleep(1.0)
+
+
+def start_ours(args, run: dict, folder: Path, device: str, env: dict):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_ours", "--run", str(folder / "run.json"),
+           "--out", str(folder / "run"), "--device", device, "--compile", args.compile,
+           "--threads", str(args.threads)] + (["--float64"] if args.float64 else [])
+    with open(folder / "stdout.log", "w") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def official_rows(args, cfg, folder: Path, batch, device) -> list[dict]:
@@ -545,6 +578,9 @@ def parse_args(argv):
                    help="both sides; auto: on CUDA (OEC's compile=True, ours CUDA graphs)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--keep-official-checkpoints", action="store_true")
+    p.add_argument("--concurrent", action="store_true",
+                   help="per LR, run the arms at the same time (ours start once OEC has initialised): a small "
+                        "model leaves most of a GPU idle; the seconds are then not solo timings")
     p.add_argument("--float64", action="store_true",
                    help="CPU only: both sides train in float64 (torch's default dtype), a diagnostic of rounding")
     p.add_argument("--tiny", action="store_true", help="a tiny model, batch and run for a CPU smoke test")
@@ -600,54 +636,59 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "vocab": vocab, "rows": padded_vocab(vocab), "oec_data": {k: str(v) for k, v in oec_files.items()},
              "device": device, "float64": args.float64, "stream": args.stream, "init": args.init, "arms": arms,
              "lrs": args.lrs, "torch": torch.__version__}
-    rows: list[dict] = []
     for lr in args.lrs:
         lr_dir = out / f"lr{lr:g}"
         base = load_run_config(our_run_config(args, lr, shards, "ours")).with_vocab(vocab)
         batch = fixed_batch(base, val)
-        arm_rows = {}
-        t0 = time.time()
-        official_dir = lr_dir / "official"
-        init_file = ""
+        official_dir, init_file, ours_arms = lr_dir / "official", "", [a for a in arms if a != "official"]
+        t0, seconds, procs = time.time(), {}, {}
         if "official" in arms:
-            run_official(args, base, lr, official_dir, out, device, env)
-            arm_rows["official"] = official_rows(args, base, official_dir, batch, device)
-            setup[f"seconds_official_lr{lr:g}"] = time.time() - t0
-        if args.init == "shared" and any(a != "official" for a in arms):
-            if not (official_dir / "oec_init.pt").exists():
-                raise SystemExit("--init shared needs OEC's initial weights: run the official arm first "
-                                 f"(no {official_dir / 'oec_init.pt'})")
+            procs["official"] = start_official(args, base, lr, official_dir, out, device, env)
+            if not args.concurrent:
+                finish(procs["official"], official_dir, "OEC's train.py")
+                seconds["official"] = time.time() - t0
+        if args.init == "shared" and ours_arms:
+            wait_for(official_dir / "oec_init.pt", procs.get("official"))
             sd = oec_to_ours(torch.load(official_dir / "oec_init.pt", weights_only=True))
             init_file = str(lr_dir / "init_from_oec.pt")
             save_checked({"model": sd, "config": base.to_dict(), "step": 0}, Path(init_file))
-        for arm in (a for a in arms if a != "official"):
-            t0 = time.time()
-            run = our_run_config(args, lr, shards, arm, init_file)
-            folder = lr_dir / arm
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-            cmd = [sys.executable, str(Path(__file__).resolve()), "_ours", "--run", str(folder / "run.json"),
-                   "--out", str(folder / "run"), "--device", device, "--compile", args.compile,
-                   "--threads", str(args.threads)] + (["--float64"] if args.float64 else [])
-            with open(folder / "stdout.log", "w") as log:
-                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-            if rc:
-                tail = (folder / "stdout.log").read_text().splitlines()[-15:]
-                raise SystemExit(f"our arm {arm} failed (exit {rc}):\n" + "\n".join(tail))
-            cfg = load_run_config(run).with_vocab(vocab)
-            init_sd = load_weights(init_file, "cpu")["model"] if init_file else None
-            arm_rows[arm] = init_rows(cfg, init_sd, batch, device) + our_rows(folder / "run")
-            setup[f"seconds_{arm}_lr{lr:g}"] = time.time() - t0
+        runs = {arm: our_run_config(args, lr, shards, arm, init_file) for arm in ours_arms}
+        for arm in ours_arms:
+            t1 = time.time()
+            procs[arm] = start_ours(args, runs[arm], lr_dir / arm, device, env)
+            if not args.concurrent:
+                finish(procs[arm], lr_dir / arm, f"our arm {arm}")
+                seconds[arm] = time.time() - t1
+        for arm, proc in procs.items():  # --concurrent: all started, now wait
+            finish(proc, lr_dir / arm, "OEC's train.py" if arm == "official" else f"our arm {arm}")
+            seconds.setdefault(arm, time.time() - t0)
+        arm_rows = {}
+        if "official" in arms:
+            check_stream(args, base, official_dir)
+            arm_rows["official"] = official_rows(args, base, official_dir, batch, device)
+        init_sd = load_weights(init_file, "cpu")["model"] if init_file else None
+        for arm in ours_arms:
+            cfg = load_run_config(runs[arm]).with_vocab(vocab)
+            arm_rows[arm] = init_rows(cfg, init_sd, batch, device) + our_rows(lr_dir / arm / "run")
+        lr_rows = []
         for arm, rs in arm_rows.items():
             if arm == "official":
                 lrs = [oec_lr(i, lr, base.optim.warmup_steps, args.steps, args.min_lr) for i in range(args.steps + 1)]
             else:
-                cfg = load_run_config(our_run_config(args, lr, shards, arm)).with_vocab(vocab)
+                cfg = load_run_config(runs[arm]).with_vocab(vocab)
                 lrs = [lr_at(i, cfg.optim, args.steps) for i in range(args.steps)]
-            for r in rs:
-                rows.append({"lr": lr, "arm": arm, "summed_lr": summed(lrs, r["step"]), **r})
+            lr_rows += [{"lr": lr, "arm": arm, "summed_lr": summed(lrs, r["step"]), **r} for r in rs]
+        (lr_dir / "rows.json").write_text(json.dumps({"setup": {**setup, "lr": lr, "seconds": seconds,
+                                                                "concurrent": args.concurrent},
+                                                      "rows": lr_rows}, indent=1) + "\n")
+    # the table: every LR of this output folder (earlier invocations' too, e.g. one LR per command)
+    rows, setups = [], []
+    for path in sorted(out.glob("lr*/rows.json")):
+        data = json.loads(path.read_text())
+        rows += data["rows"]
+        setups.append(data["setup"])
     rows.sort(key=lambda r: (r["lr"], r["step"], ARMS.index(r["arm"])))
-    (out / "comparison.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
+    (out / "comparison.json").write_text(json.dumps({"setups": setups, "rows": rows}, indent=1) + "\n")
     md = table(rows)
     (out / "comparison.md").write_text(md + "\n")
     print(md)
