@@ -551,6 +551,29 @@ def tiny_shards(folder: Path) -> str:
     return str(out)
 
 
+def preset_shards(experiment: dict, env: dict) -> str:
+    """The preset's token shards (results/<name>/data/shards), made by the pipeline's data steps
+    (corpus -> tokenizer -> tokenize, as benchmarks/bench_grid.py runs them) when missing."""
+    from stabilab.experiment import shards_dir
+    from stabilab.layout import RESULTS, TOKENIZER
+
+    shards = ROOT / shards_dir(experiment)
+    if (shards / "meta.json").exists():
+        return str(shards)
+    res = ROOT / RESULTS.format(name=experiment["name"])
+    tok = experiment["tokenizer"]
+    steps = [["corpus", "--spec", json.dumps(experiment["data"], sort_keys=True), "--out", str(res / "data/corpus")],
+             ["tokenizer", "--kind", tok.get("kind", "bpe"), "--vocab-size", str(tok.get("vocab_size", 2048)),
+              "--corpus", str(res / "data/corpus"), "--out", str(res / TOKENIZER)],
+             ["tokenize", "--tokenizer", str(res / TOKENIZER), "--corpus", str(res / "data/corpus"),
+              "--out", str(shards)]]
+    for cli in steps:
+        print(f"data: stabilab {cli[0]} ...", flush=True)
+        if subprocess.run([sys.executable, "-m", "stabilab.cli", *cli], cwd=ROOT, env=env).returncode:
+            raise SystemExit(f"stabilab {cli[0]} failed (the preset's data source must be on this machine)")
+    return str(shards)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--official", required=True, help="an official checkout (the folder holding nanoGPT/)")
@@ -558,7 +581,8 @@ def parse_args(argv):
                    help="folder(s) with the OEC code's extra packages (rotary-embedding-torch, einops), "
                         "os.pathsep-separated")
     p.add_argument("--config", default=str(ROOT / "configs" / "oec.yaml"), help="our preset (model, optimizer)")
-    p.add_argument("--shards", help="our token shards (default: results/<preset name>/data/shards; --tiny: made here)")
+    p.add_argument("--shards", help="our token shards (default: results/<preset name>/data/shards, made by the "
+                                    "pipeline's data steps when missing; --tiny: made here)")
     p.add_argument("--out", help="output folder (default results/oec_vs_official[_tiny])")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.3])
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
@@ -575,7 +599,8 @@ def parse_args(argv):
     p.add_argument("--eval-iters", type=int, help="OEC's eval_iters at each eval_interval (default 10)")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="both sides; auto: on CUDA (OEC's compile=True, ours CUDA graphs)")
+                   help="both sides (OEC's compile only on CUDA); auto: on CUDA (OEC's compile=True, ours with "
+                        "CUDA graphs, as the pipeline)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--keep-official-checkpoints", action="store_true")
     p.add_argument("--concurrent", action="store_true",
@@ -584,8 +609,10 @@ def parse_args(argv):
     p.add_argument("--float64", action="store_true",
                    help="CPU only: both sides train in float64 (torch's default dtype), a diagnostic of rounding")
     p.add_argument("--tiny", action="store_true", help="a tiny model, batch and run for a CPU smoke test")
-    for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_batches", "metrics_batch"):
-        p.add_argument("--" + k.replace("_", "-"), type=int, help=f"model.{k} or train.{k} (default: the preset's)")
+    for k in ("n_layer", "n_head", "n_embd", "block_size"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, help=f"model.{k} (default: the preset's)")
+    for k in ("batch_size", "grad_accum", "eval_batches", "metrics_batch"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, help=f"train.{k} (default: the preset's)")
     args = p.parse_args(argv)
     defaults = {"every": 200, "eval_iters": 10}
     if args.tiny:
@@ -606,7 +633,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     from stabilab.config import load_run_config
-    from stabilab.experiment import load_experiment, shards_dir
+    from stabilab.experiment import load_experiment
     from stabilab.model import padded_vocab
     from stabilab.optim import lr_at
     from stabilab.shards import read_meta
@@ -618,7 +645,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.out or ROOT / "results" / ("oec_vs_official_tiny" if args.tiny else "oec_vs_official"))
     out.mkdir(parents=True, exist_ok=True)
     experiment = load_experiment(args.config)
-    shards = args.shards or (tiny_shards(out / "data") if args.tiny else str(ROOT / shards_dir(experiment)))
+    pythonpath = os.pathsep.join(p for p in [args.official_pythonpath, str(ROOT / "src"),
+                                             os.environ.get("PYTHONPATH", "")] if p)
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    shards = args.shards or (tiny_shards(out / "data") if args.tiny else preset_shards(experiment, env))
     meta = read_meta(shards)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.float64 and device != "cpu":
@@ -627,9 +657,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     vocab = meta["tokenizer"]["vocab_size"]
     oec_files = write_oec_data(shards, out, padded_vocab(vocab))
     val = read_oec_tokens(out, "val")
-    pythonpath = os.pathsep.join(p for p in [args.official_pythonpath, str(ROOT / "src"),
-                                             os.environ.get("PYTHONPATH", "")] if p)
-    env = {**os.environ, "PYTHONPATH": pythonpath}
     for p in reversed(args.official_pythonpath.split(os.pathsep) if args.official_pythonpath else []):
         sys.path.insert(0, p)
     setup = {"official": str(Path(args.official).resolve()), "shards": shards, "tokens": meta["tokens"],
