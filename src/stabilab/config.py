@@ -114,6 +114,10 @@ class ModelConfig(Section):
         "gpt2", "gpt2: N(0, 0.02), residual projections / sqrt(2L); llama: N(0, 0.02); oec: the OEC code's")
     head_fp32: bool = knob(False, "the output layer's matmul and logits in float32 under bf16 autocast")
     logit_softcap: float | None = knob(None, "Gemma 2 soft-capping c: l <- c tanh(l / c); null: off", gt=0)
+    train_padding_rows: bool = knob(
+        False, "the head's padding rows (vocabulary rounded up to a multiple of 64) count as output-embedding "
+               "rows: the softmax, z-loss, mu, mu-loss and mu-centering run over all of them, as in the OEC "
+               "code (50304 GPT-2 rows); false: masked out (never trained, never counted)")
     mlra: MLRAConfig = section(MLRAConfig, "multi-head low-rank attention")
 
 
@@ -151,6 +155,8 @@ class OptimConfig(Section):
         "decoupled", "decoupled: p -= lr_t wd p (PyTorch); independent: p -= s_t wd p (Wortsman et al.)")
     grad_clip: float | None = knob(1.0, "global grad-norm clip; null: no clipping", gt=0)
     warmup_steps: int = knob(20, "linear LR warmup steps", ge=0)
+    warmup_plus_one: bool = knob(False, "warmup lr (t + 1) / (W + 1), as the OEC code (its nanoGPT train.py), "
+                                        "instead of lr (t + 1) / W; t counts steps from 0")
     min_lr_ratio: float = knob(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
     perpgrad: bool = knob(False, "wrap the optimizer with perpGrad (OrthoGrad, StableMax paper)")
     spam: SPAMConfig = section(SPAMConfig, "SPAM's hyperparameters (used when name: spam)")

@@ -23,6 +23,12 @@ def padded_vocab(vocab_size: int) -> int:
     return 64 * math.ceil(vocab_size / 64)
 
 
+def softmax_rows(cfg: ModelConfig) -> int:
+    """The output-embedding rows the objective and mu see: the real vocabulary, or all padded rows
+    with `model.train_padding_rows` (the OEC code's cross-entropy over 50304 GPT-2 rows)."""
+    return padded_vocab(cfg.vocab_size) if cfg.train_padding_rows else cfg.vocab_size
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -120,8 +126,10 @@ class GPT(nn.Module):
         return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def output_embedding(self) -> torch.Tensor:
-        """E (V x d): the output-embedding rows of the real vocabulary, padding excluded."""
-        return self.lm_head.weight[: self.cfg.vocab_size]
+        """E (V x d): the output-embedding rows of the real vocabulary, padding excluded (with
+        `model.train_padding_rows`, all padded rows: the objective, mu-loss, mu-centering and the
+        mu metrics then count them)."""
+        return self.lm_head.weight[: softmax_rows(self.cfg)]
 
     def hidden(self, idx: torch.Tensor, logit_max: list[torch.Tensor] | None = None) -> torch.Tensor:
         B, T = idx.shape

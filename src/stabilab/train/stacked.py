@@ -50,7 +50,7 @@ from ..errors import UserError
 from ..losses import objective
 from ..methods import post_step_hooks
 from ..metrics import grad_groups
-from ..model import GPT, seeded_model
+from ..model import GPT, seeded_model, softmax_rows
 from ..optim import lr_at, param_groups
 from ..shards import open_shards, train_batch
 
@@ -196,7 +196,7 @@ class StackedTrainer:
             return functional_call(self.body, (p, self.buffers), (idx,))
 
         raw = torch.vmap(body)(params, x)  # (N, B, T, V_padded): one batched launch per layer
-        E = params[self.head_name][:, : cfg.model.vocab_size]  # (N, V, d) output embeddings
+        E = params[self.head_name][:, : softmax_rows(cfg.model)]  # (N, V, d) output embeddings
         pairs = [objective(raw[i], y[i], cfg.loss, E[i], cfg.model.logit_softcap) for i in range(self.n)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
