@@ -14,6 +14,12 @@ from stabilab.progress import Progress, format_duration, job_label
 TRAIN = {"study": "depth", "variant": "mlra", "depth": "4", "lr": "0.003", "seed": "0"}
 
 
+@pytest.fixture(autouse=True)
+def keep_excepthook(monkeypatch):
+    """The plugin's handler takes over sys.excepthook (an interrupt while Snakemake plans)."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+
+
 def test_durations_and_job_labels_read_like_the_run_folders():
     assert [format_duration(s) for s in (0.4, 42, 192, 605, 7500)] == ["0s", "42s", "3m12s", "10m", "2h05m"]
     assert job_label("train", TRAIN) == "train depth/mlra/L4_lr0.003_s0"
@@ -138,6 +144,127 @@ def test_the_plugin_prints_the_eta_line_and_snakemakes_own_errors_and_failed_log
     assert "Error in rule train:" in err and "config error: bad value for 'optim.lr'" in err  # the failed log
     for chatter in ("Select jobs to execute", "Execute 1 jobs", "Finished jobid", "steps (", "Rule: train"):
         assert chatter not in err, chatter
+
+
+def interrupt_events(log, runs, exited=True):
+    """What Snakemake 9 logs on Ctrl-C with two train jobs in flight (recorded from the default pipeline
+    with SIGINT sent to snakemake's process group): its 'Terminating' line, then for each job as it exits
+    a RuleException and a job_error (the shell command, the failed log), then the closing lines. Not
+    `exited`: the records up to 'Terminating' (the jobs are still stopping)."""
+    from snakemake_interface_logger_plugins.common import LogEvent
+
+    log.info("Execute 2 jobs...", extra={"event": LogEvent.JOB_STARTED, "jobs": [14, 32]})
+    for jobid, (wildcards, _) in zip((14, 32), runs):
+        log.info(f" Rule: train, Jobid: {jobid}", extra={
+            "event": LogEvent.JOB_INFO, "jobid": jobid, "rule_msg": None, "rule_name": "train", "local": False,
+            "input": [], "output": ["summary.json"], "log": [], "benchmark": None, "wildcards": wildcards,
+            "reason": "missing output", "resources": {}, "priority": 0, "threads": 1, "indent": False,
+            "is_checkpoint": False, "printshellcmd": True, "is_handover": False, "shellcmd": "stabilab train"})
+    log.info("Select jobs to execute...")
+    log.info("Terminating processes on user request, this might take some time.")
+    if not exited:
+        return
+    for jobid, (wildcards, path) in zip((14, 32), runs):
+        command = f"stabilab train --run '{{\"seed\": {wildcards['seed']}}}' --out x > {path} 2>&1"
+        log.error(f"RuleException:\nCalledProcessError in file \"workflow/rules/train.smk\", line 25:\n"
+                  f"Command 'set -euo pipefail;  {command}' returned non-zero exit status 130.",
+                  extra={"event": LogEvent.ERROR, "exception": "RuleException"})
+        log.error(f"Error in rule train, jobid: {jobid}", extra={
+            "event": LogEvent.JOB_ERROR, "rule_name": "train", "rule_msg": None, "jobid": jobid, "input": [],
+            "output": ["summary.json"], "log": [path], "conda_env": None, "container_img": None, "aux": {},
+            "indent": False, "shellcmd": command})
+    log.info("Complete log(s): .snakemake/log/2026-12-07T200229.605989.snakemake.log")
+    log.info("Elapsed time: 0:00:12.427459")
+    log.error("WorkflowError:\nAt least one job did not complete successfully.",
+              extra={"event": LogEvent.ERROR, "exception": "WorkflowError"})
+
+
+def test_an_interrupt_is_one_line_saying_how_many_runs_stopped_and_how_to_resume(capsys, tmp_path):
+    from snakemake.logging import LoggerManager, logger
+    from snakemake.settings.enums import Quietness
+    from snakemake.settings.types import OutputSettings
+    from snakemake_interface_logger_plugins.settings import LogHandlerSettingsBase
+
+    runs = []
+    for seed, step in ((0, 120), (1, 130)):
+        path = tmp_path / f"L4_lr0.003_s{seed}.log"
+        path.write_text(f"step {step} loss 5.1\ninterrupted: checkpoint written at step {step}; "
+                        "run the same command again to resume\n")
+        runs.append(({**TRAIN, "seed": str(seed)}, str(path)))
+    settings = OutputSettings(quiet={Quietness.RULES, Quietness.HOST}, show_failed_logs=True, nocolor=True,
+                              log_handler_settings={"stabilab": LogHandlerSettingsBase()})
+    manager = LoggerManager(logger, settings)
+    try:
+        interrupt_events(logger, runs)
+    finally:
+        manager.stop()
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted: 2 runs stopped (checkpoints kept); run the same snakemake command to resume"]
+
+
+def test_a_second_interrupt_is_the_same_one_line_without_snakemakes_traceback(capsys, tmp_path, monkeypatch):
+    """A second Ctrl-C while the jobs stop: Snakemake stops logging, then prints its traceback (a
+    KeyboardInterrupt in the executor's shutdown, then 'RuntimeError: Cannot close a running event loop')
+    and the jobs' errors as they exit, through Python's last-resort handler."""
+    import logging
+
+    from snakemake.logging import LoggerManager, logger
+    from snakemake.settings.enums import Quietness
+    from snakemake.settings.types import OutputSettings
+    from snakemake_interface_logger_plugins.common import LogEvent
+    from snakemake_interface_logger_plugins.settings import LogHandlerSettingsBase
+
+    runs = [({**TRAIN, "seed": str(seed)}, str(tmp_path / f"s{seed}.log")) for seed in (0, 1)]
+    settings = OutputSettings(quiet={Quietness.RULES, Quietness.HOST}, nocolor=True,
+                              log_handler_settings={"stabilab": LogHandlerSettingsBase()})
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in snakemake: none above its logger (pytest has its own)
+    monkeypatch.setattr(logging.getLogger("snakemake"), "handlers", [])
+    manager = LoggerManager(logger, settings)
+    interrupt_events(logger, runs, exited=False)
+    manager.stop()
+    logger.error("Traceback (most recent call last):\n...\nRuntimeError: Cannot close a running event loop",
+                 extra={"event": LogEvent.ERROR, "exception": "RuntimeError"})
+    logger.error("Error in rule train, jobid: 14", extra={"event": LogEvent.JOB_ERROR, "rule_name": "train"})
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted: 2 runs stopped; run the same snakemake command to resume"]
+
+
+def test_an_interrupt_while_snakemake_plans_is_the_line_not_pythons_traceback(capsys):
+    from snakemake.settings.types import OutputSettings
+
+    from snakemake_logger_plugin_stabilab import LogHandler
+
+    seen = []
+    sys.excepthook = lambda *exc: seen.append(exc[0])
+    LogHandler(OutputSettings(), None)
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())  # as Python does with an exception nothing caught
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted: no job was running; run the same snakemake command to resume"]
+    sys.excepthook(ValueError, ValueError("x"), None)
+    assert seen == [ValueError]  # anything else: the hook it replaced
+
+
+def test_the_interrupt_line_counts_runs_their_checkpoints_and_other_jobs(tmp_path):
+    from snakemake_logger_plugin_stabilab import Interrupt
+
+    kept, lost = tmp_path / "kept.log", tmp_path / "lost.log"
+    kept.write_text("interrupted: checkpoint written at step 40; run the same command again to resume\n")
+    lost.write_text("interrupted\n")
+    one = Interrupt()
+    one.stopped("train", [str(kept)])
+    assert one.line() == "interrupted: 1 run stopped (checkpoint kept); run the same snakemake command to resume"
+    mixed = Interrupt()
+    for rule, log in (("train", kept), ("train", lost), ("grok_train", lost), ("tables", tmp_path / "none")):
+        mixed.stopped(rule, [str(log)])
+    assert mixed.line() == ("interrupted: 3 runs (1 with a checkpoint) and 1 other job stopped; "
+                            "run the same snakemake command to resume")
+    jobs = Interrupt()
+    jobs.stopped("tokenize", [])
+    assert jobs.line() == "interrupted: 1 job stopped; run the same snakemake command to resume"
+    assert Interrupt().line() == "interrupted: no job was running; run the same snakemake command to resume"
 
 
 @pytest.mark.parametrize("encoding, separator", [("utf-8", " · "), ("ascii", " | ")])

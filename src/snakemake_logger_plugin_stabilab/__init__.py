@@ -9,7 +9,14 @@ The scheduler's chatter between jobs ("Select jobs to execute...", "Execute 2 jo
 "Finished jobid: 3 (Rule: tokenize)") is left out; a failed job's error and log are shown also
 with quiet: rules (Snakemake's own filter hides them then); a missing file that Snakemake reports
 with its own traceback (`--configfile nonexistent.yaml`) is one line, and so is a word after `--config`
-that Snakemake cannot read (a target: `--config set=... $(stabilab targets)`). Everything else (messages,
+that Snakemake cannot read (a target: `--config set=... $(stabilab targets)`). An interrupt (Ctrl-C) is
+one line once the jobs in flight have stopped, in place of Snakemake's error block for each of them (a
+run's checkpoint is counted from its log, where `stabilab train` writes `checkpoint written at step
+N` as it stops), and of Snakemake's traceback when Ctrl-C comes while it plans or twice:
+
+    interrupted: 3 runs stopped (checkpoints kept); run the same snakemake command to resume
+
+--verbose leaves all of these as Snakemake prints them. Everything else (messages,
 errors, the failed jobs' logs of show-failed-logs, dry runs, the job stats) is Snakemake's own
 formatter and filter, which Snakemake attaches to this handler because it declares none of its
 own. Snakemake finds the plugin by its module name (snakemake_logger_plugin_<name>) on sys.path.
@@ -38,6 +45,12 @@ SKIPPED_MESSAGES = {"Select jobs to execute..."}
 ALWAYS_SHOWN = {"job_error", "group_error"}
 DRY_RUN_END = "This was a dry-run"  # Snakemake's last line of a dry run: the plan of runs goes before it
 REASONS_HEAD = "Reasons:\n    (check individual jobs above for details)"  # points at job blocks quiet hides
+# Ctrl-C: Snakemake logs this, then an error block for each job in flight as it exits, "Complete
+# log(s)", "Elapsed time" and a WorkflowError ("At least one job did not complete successfully.")
+INTERRUPTED = "Terminating processes on user request, this might take some time."
+RUN_RULES = {"train", "grok_train"}  # a job of these is a run (train resumes from its checkpoint)
+SNAKEMAKE_LOGGER = "snakemake.logging"
+CHECKPOINT = re.compile(r"checkpoint written at step \d+")
 
 
 def event_of(record: logging.LogRecord) -> str | None:
@@ -74,6 +87,59 @@ def bad_config_word(record: logging.LogRecord) -> str | None:
     return None
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def wrote_checkpoint(logs) -> bool:
+    """Whether a stopped job's log ends saying that it wrote a checkpoint."""
+    for log in logs or ():
+        try:
+            with open(log, "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(f.tell() - 4096, 0))
+                tail = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        if CHECKPOINT.search(tail):
+            return True
+    return False
+
+
+class Interrupt:
+    """The jobs an interrupt stopped: each fails after Snakemake's INTERRUPTED message."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.checkpoints = 0
+        self.others = 0
+        self.reported = False
+
+    def stopped(self, rule: str | None, logs) -> None:
+        if rule in RUN_RULES:
+            self.runs += 1
+            self.checkpoints += wrote_checkpoint(logs)
+        else:
+            self.others += 1
+
+    def line(self) -> str:
+        """'interrupted: 3 runs stopped (checkpoints kept); run the same snakemake command to resume'."""
+        kept = ""
+        if self.runs and self.checkpoints == self.runs:
+            kept = " (checkpoint kept)" if self.runs == 1 else " (checkpoints kept)"
+        elif self.checkpoints:
+            kept = f" ({self.checkpoints} with a checkpoint)"
+        if self.runs and not self.others:
+            what = f"{plural(self.runs, 'run')} stopped{kept}"
+        elif self.runs:
+            what = f"{plural(self.runs, 'run')}{kept} and {plural(self.others, 'other job')} stopped"
+        elif self.others:
+            what = f"{plural(self.others, 'job')} stopped"
+        else:
+            what = "no job was running"
+        return f"interrupted: {what}; run the same snakemake command to resume"
+
+
 class LogHandler(LogHandlerBase):
     def __post_init__(self) -> None:
         self.stream = sys.stdout if self.common_settings.stdout else sys.stderr
@@ -91,13 +157,30 @@ class LogHandler(LogHandlerBase):
         self.dry_run = DryRun() if self.common_settings.dryrun else None
         self.colour = not self.common_settings.nocolor and bool(isatty and isatty())
         self.after_job_info = False
+        self.interrupt: Interrupt | None = None
+        if not self.common_settings.verbose:
+            # Ctrl-C while Snakemake reads the Snakefile or plans (before its scheduler runs) ends it
+            # with Python's traceback of the KeyboardInterrupt: the line instead
+            self.previous_excepthook = sys.excepthook
+            sys.excepthook = self.excepthook
+
+    def excepthook(self, kind, value, traceback) -> None:
+        if not issubclass(kind, KeyboardInterrupt):
+            return self.previous_excepthook(kind, value, traceback)
+        self.interrupt = self.interrupt or Interrupt()
+        self.report_interrupt()
 
     def handle(self, record: logging.LogRecord) -> bool:
         """Every record is counted, also those the filter then drops (job_info with quiet: rules)."""
         try:
-            self.progress.observe(event_of(record), record.__dict__, record.created)
-            if self.dry_run is not None and event_of(record) == "job_info":
+            event = event_of(record)
+            self.progress.observe(event, record.__dict__, record.created)
+            if self.dry_run is not None and event == "job_info":
                 self.dry_run.observe(record.__dict__)
+            if event is None and record.getMessage() == INTERRUPTED and not self.common_settings.verbose:
+                self.interrupt = self.interrupt or Interrupt()
+            elif event == "job_error" and self.interrupt:
+                self.interrupt.stopped(record.__dict__.get("rule_name"), record.__dict__.get("log"))
         except Exception:  # bookkeeping never breaks Snakemake's own output
             pass
         return super().handle(record)
@@ -110,6 +193,12 @@ class LogHandler(LogHandlerBase):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             event = event_of(record)
+            if self.interrupt:
+                # the stopped jobs' error blocks, "Complete log(s)", "Elapsed time": one line instead,
+                # at the error that ends the pipeline (a WorkflowError), or when Snakemake stops
+                if event == "error" and getattr(record, "exception", None) != "RuleException":
+                    self.report_interrupt()
+                return
             if event in SKIPPED_EVENTS or (event is None and record.getMessage() in SKIPPED_MESSAGES):
                 return
             if self.dry_run is not None and event is None and self.dry_run.why:
@@ -135,6 +224,28 @@ class LogHandler(LogHandlerBase):
             self.stream.flush()
         except Exception:
             self.handleError(record)
+
+    def report_interrupt(self) -> None:
+        if self.interrupt and not self.interrupt.reported and not self.quiet_all:
+            self.interrupt.reported = True
+            self.stream.write(self.interrupt.line() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Snakemake stops logging. After an interrupt whose line is not out yet (a second Ctrl-C: Snakemake
+        gives up waiting for its jobs and prints its own traceback), the jobs still running count as
+        stopped, and what Snakemake logs after this (its traceback, their errors) is dropped."""
+        try:
+            if self.interrupt and not self.interrupt.reported:
+                for job in self.progress.running.values():
+                    self.interrupt.stopped(job.rule, None)
+                self.report_interrupt()
+                # Snakemake removes its logger's handlers next; Python's last-resort handler would print
+                # what it logs then, unless a handler above takes it
+                logging.getLogger(SNAKEMAKE_LOGGER.rpartition(".")[0]).addHandler(logging.NullHandler())
+        except Exception:
+            pass
+        super().close()
 
     @property
     def writes_to_stream(self) -> bool:
