@@ -141,3 +141,22 @@ def test_a_variants_label_reaches_its_studies_but_not_its_runs(tmp_path):
     path.write_text(path.read_text().replace("label: Adam", "label: ''"))
     with pytest.raises(UserError, match="variants.adam.label"):
         load_experiment(path)
+
+
+def test_the_default_experiment_is_a_smoke_test_and_no_preset_inherits_that(tmp_path):
+    """`smoke_test: true` in config.yaml reaches each of its studies (what the tables, figures and summary
+    read), never a run's config; a preset overlaying config.yaml (`base:`) is no smoke test unless it says so."""
+    from stabilab.experiment import load_experiment, run_config, runs
+
+    default = load_experiment(ROOT / "config.yaml")
+    assert default["smoke_test"] is True
+    assert all(spec["smoke_test"] is True for spec in default["studies"].values())
+    assert all("smoke_test" not in json.dumps(run_config(default, run, "shards")) for run in runs(default))
+    for preset in ("paper", "oec", "spam", "two_instabilities"):  # base: ../config.yaml, directly or through oec
+        config = load_experiment(ROOT / "configs" / f"{preset}.yaml")
+        assert not config.get("smoke_test") and not any("smoke_test" in s for s in config["studies"].values())
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"base": str(ROOT / "config.yaml"), "name": "mine", "smoke_test": True,
+                                    "studies": {"a": {"kind": "compare", "variants": ["baseline"], "depths": [1],
+                                                      "lrs": [1e-3]}}}))
+    assert load_experiment(mine)["studies"]["a"]["smoke_test"] is True

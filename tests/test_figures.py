@@ -195,6 +195,56 @@ def test_a_studys_own_labels_name_its_variants_in_every_legend_and_nowhere_else(
     assert label("oec_center") == "μ-centering"
 
 
+def test_a_smoke_tests_figures_say_so_in_the_first_line_of_their_titles(tables, tmp_path, monkeypatch):
+    """A study with `smoke_test: true` (the default config's, through studies.json): every figure's title
+    opens with the smoke-test lines, the loss-vs-LR figure (one axes title, no figure title) included; the
+    next study's (not a smoke test) are as before."""
+    import shutil
+
+    import matplotlib.figure
+
+    copy = tmp_path / "tables"
+    shutil.copytree(tables, copy)
+    studies = json.loads((copy / "studies.json").read_text())
+    studies = {"lr": {**studies["lr"], "smoke_test": True}, "variants": studies["variants"]}
+    (copy / "studies.json").write_text(json.dumps(studies))
+    titles: dict[str, str] = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, path, *args, **kwargs):
+        titles[Path(path).parent.name + "/" + Path(path).name.split(".")[0]] = fig.get_suptitle()
+        return original(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    draw_figures(copy, tmp_path / "figures")
+    smoke = {stem: title for stem, title in titles.items() if stem.startswith("lr/")}
+    assert len(smoke) == len(expected_figures({"lr": studies["lr"]}))
+    for stem, title in smoke.items():
+        assert title.splitlines()[:2] == ["SMOKE TEST of the pipeline at toy scale, not a result",
+                                          'results: the GPU presets (README, "Replications"; docs/replication.md)']
+        assert len(title.splitlines()) >= (2 if "loss_vs_lr" in stem else 3), stem  # the figure's own title kept
+    other = [title for stem, title in titles.items() if stem.startswith("variants/")]
+    assert other and not any("SMOKE TEST" in title for title in other)
+
+
+def test_a_smoke_tests_summary_says_it_is_no_result_and_where_the_replications_are(tables, tmp_path, capsys):
+    import shutil
+
+    from stabilab.summary import print_summary
+
+    copy = tmp_path / "tables"
+    shutil.copytree(tables, copy)
+    print_summary(copy, "figures/x")
+    assert "SMOKE TEST" not in capsys.readouterr().out
+    studies = {name: {**spec, "smoke_test": True} for name, spec in STUDIES.items()}
+    (copy / "studies.json").write_text(json.dumps(studies))
+    print_summary(copy, "figures/x")
+    out = capsys.readouterr().out
+    assert "SMOKE TEST, not a result" in out and "docs/replication.md" in out and '("Replications")' in out
+    assert "lr (lr study, smoke test): best final validation loss per variant" in out.splitlines()
+    assert out.index("SMOKE TEST") < out.index("lr (lr study")  # before the numbers
+
+
 @pytest.mark.parametrize("value, text", [
     (3, "3"), (2.0, "2"), (1e-3, "1e-3"), (0.003, "3e-3"), (8e-3, "8e-3"), (1.6e-2, "1.6e-2"),
     (3.2e-2, "3.2e-2"), (6.4e-2, "6.4e-2"), (0.0125, "1.25e-2"), (0.1, "0.1"), (0.128, "0.128"),

@@ -226,3 +226,33 @@ def test_report_without_runs_is_a_user_error(tmp_path):
         GR.report([tmp_path], tmp_path / "t", tmp_path / "f")
     with pytest.raises(UserError):
         GR.report([tmp_path / "missing"], tmp_path / "t", tmp_path / "f")
+
+
+def test_a_smoke_tests_grokking_figures_say_so_in_their_titles(tmp_path, monkeypatch):
+    """grok-figures (and grok-report) --smoke-test: the default config's shortened grokking runs are a
+    smoke test; each figure's title opens with the smoke-test lines, and without the flag it does not."""
+    import matplotlib.figure
+
+    rows = [{"variant": variant, "loss_dtype": "float64" if variant == "softmax_fp64" else "float32",
+             "operation": "add", "modulus": 7, "seed": 0, "epoch": epoch, "train_acc": min(1.0, epoch / 10),
+             "test_acc": epoch / 40, "collapse_frac": 0.0, "weight_norm": 10.0 + epoch}
+            for variant in GC.VARIANTS for epoch in (0, 10, 20)]
+    (tmp_path / "t").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "t" / "grokking_steps.csv", index=False)
+    titles = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, path, *args, **kwargs):
+        titles[str(path)] = fig.get_suptitle()
+        return original(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    for flag in (["--smoke-test"], []):
+        titles.clear()
+        args = _parser().parse_args(["grok-figures", "--tables", str(tmp_path / "t"), "--figures",
+                                     str(tmp_path / "f"), *flag])
+        assert args.func(args) == 0
+        assert len(titles) == 2 * len(GF.FIGURES)
+        for title in titles.values():
+            smoke = title.splitlines()[0] == "SMOKE TEST of the pipeline at toy scale, not a result"
+            assert smoke == bool(flag) and len(title.splitlines()) == (3 if flag else 1), title

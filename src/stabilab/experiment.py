@@ -6,7 +6,8 @@ sections of `config.RunConfig`), runtime choices (`runtime`, never part of a run
 extra variants, its studies (each a grid of variants x depths x LRs x seeds) and the grokking
 study. A preset holds only its differences from another config: `base: ../config.yaml` deep-merges
 the preset onto that file; a preset's `studies` and `grokking` replace the base's whole (a grid
-belongs to its preset: a preset without a `grokking:` section has no grokking study).
+belongs to its preset: a preset without a `grokking:` section has no grokking study), and the base's
+`smoke_test` flag (the default config's: a toy-scale check of the pipeline) is not inherited.
 Command-line overrides (`train.steps=50`, or `snakemake --config set="train.steps=50"`) come last.
 """
 
@@ -120,6 +121,8 @@ class StudySection(Section):
                                    "runs.csv says which run is which); off: the tables refuse such runs")
     labels: dict[str, str] = knob({}, "legend names of this study's variants (filled in from the variants' "
                                       "`label:`; set here, they apply to this study's figures only)")
+    smoke_test: bool = knob(False, "this study's numbers are a smoke test's, not a result (filled in from the "
+                                   "experiment's `smoke_test`): its figures' titles and the summary say so")
     early_warning: EarlyWarningConfig = section(
         EarlyWarningConfig, "labels and predictors of an early_warning study (METHODS.md §5); other kinds ignore it")
 
@@ -142,6 +145,9 @@ class VerdictSection(Section):
 class Experiment(Section):
     name: Name = knob(..., "outputs go to results/<name>/ and figures/<name>/")
     base: str | None = knob(None, "config file this one overlays (resolved before validation)")
+    smoke_test: bool = knob(False, "a smoke test of the pipeline at toy scale, not a result: the console summary, "
+                                   "the report and the figures' titles say so and point to the GPU presets "
+                                   "(not inherited through `base:`)")
     set: str | None = knob(None, "overrides applied last, as key.path=value words (snakemake --config set=...)")
     data: DataSection = section(DataSection, "corpus source and split")
     tokenizer: TokenizerSection = section(TokenizerSection, "tokenizer")
@@ -318,15 +324,16 @@ def read_yaml(path: str | Path) -> dict:
 
 def resolve_base(config: dict, folder: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """`config` deep-merged onto its `base:` file (recursively; paths relative to `folder`, the
-    folder of the file `config` came from). The base's `studies`, `grokking` and `verdicts` are not inherited."""
+    folder of the file `config` came from). The base's `studies`, `grokking`, `verdicts` and `smoke_test`
+    are not inherited."""
     if not config.get("base"):
         return config
     path = (Path(folder) / config["base"]).resolve()
     if path in seen:
         raise UserError(f"config 'base:' includes form a cycle through {path}")
     base = resolve_base(read_yaml(path), path.parent, seen + (path,))
-    for grid in ("studies", "grokking", "verdicts"):  # a grid, and the claims read from it, belong to its preset
-        base.pop(grid, None)
+    for key in ("studies", "grokking", "verdicts", "smoke_test"):  # a grid, the claims read from it and
+        base.pop(key, None)  # whether it is a smoke test belong to its preset
     merged = deep_merge(base, {k: v for k, v in config.items() if k != "base"})
     return merged
 
@@ -350,13 +357,17 @@ def prepare(config: dict, folder: str | Path = ".") -> dict:
 
 def with_labels(config: dict) -> dict:
     """Each study's `labels` gets the legend names its variants (or their parts, for 'a+b') were
-    given under `variants:`, so that the figures, which read only the studies, can use them."""
+    given under `variants:`, and `smoke_test: true` when the experiment is one, so that the tables,
+    figures and summary, which read only the studies, can use them (a key is added only where it
+    says something: a study's spec is a param of the tables and figures rules)."""
     given = {name: v["label"] for name, v in (config.get("variants") or {}).items() if (v or {}).get("label")}
     studies = {}
     for study, spec in config.get("studies", {}).items():
         parts = {p for variant in spec["variants"] for p in variant.split("+")}
         labels = {p: given[p] for p in sorted(parts) if p in given}
         studies[study] = {**spec, "labels": {**labels, **(spec.get("labels") or {})}} if labels else spec
+        if config.get("smoke_test"):
+            studies[study] = {**studies[study], "smoke_test": True}
     return {**config, "studies": studies}
 
 

@@ -6,6 +6,7 @@ end of a pipeline run with the paths of the figures and the report."""
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from .errors import UserError
@@ -13,6 +14,27 @@ from .io import atomic_path
 from .methods import label
 
 SENSITIVITY = {"lr_sensitivity": "LR sensitivity (Wortsman, /K)", "lr_sensitivity_oec": "(OEC, /(K-1))"}
+# What an experiment with `smoke_test: true` (config.yaml) says of its numbers: in the console, the
+# report and the first line of every figure's title
+SMOKE_TEST_TITLE = ("SMOKE TEST of the pipeline at toy scale, not a result\n"
+                    'results: the GPU presets (README, "Replications"; docs/replication.md)')
+SMOKE_TEST_NOTE = (
+    "SMOKE TEST, not a result: this experiment (smoke_test: true in its config) runs the pipeline end to end at "
+    "toy scale, minutes on a CPU; its numbers show that every step ran, not what the methods do. The "
+    "replications are the GPU presets (configs/), with their verdicts in the README (\"Replications\") and "
+    "docs/replication.md.")
+
+
+def studies_of(tables: str | Path) -> dict:
+    studies_file = Path(tables) / "studies.json"
+    if not studies_file.exists():
+        raise UserError(f"table missing: {studies_file} (run the tables rule first)")
+    return json.loads(studies_file.read_text())
+
+
+def is_smoke_test(studies: dict) -> bool:
+    """Whether the tables are a smoke test's (the experiment's `smoke_test`, copied into each study)."""
+    return any(spec.get("smoke_test") for spec in studies.values())
 
 
 def headline(tables: str | Path):
@@ -20,11 +42,8 @@ def headline(tables: str | Path):
     import pandas as pd
 
     tables = Path(tables)
-    studies_file = tables / "studies.json"
-    if not studies_file.exists():
-        raise UserError(f"table missing: {studies_file} (run the tables rule first)")
     rows = []
-    for study, spec in json.loads(studies_file.read_text()).items():
+    for study, spec in studies_of(tables).items():
         path = tables / f"summary_{study}.csv"
         if not path.exists():
             continue
@@ -63,11 +82,15 @@ def write_headline(tables: str | Path) -> Path:
 def print_summary(tables: str | Path, figures: str | Path, report: str = "report.html") -> str:
     """What a finished pipeline prints: where everything is, and the headline numbers."""
     frame = headline(tables)
+    smoke = is_smoke_test(studies_of(tables))
     lines = [f"results: tables in {tables}/ (runs.csv, steps.csv, summary_<study>.csv, headline.csv)",
              f"figures: {figures}/<study>/*.png (and .pdf)",
              f"report:  snakemake --report {report}   (opens on the headline table, then the figures)"]
+    if smoke:
+        lines += ["", *textwrap.wrap(SMOKE_TEST_NOTE, 100)]
     for study, group in frame.groupby("study", sort=False):
-        lines.append(f"\n{study} ({group['kind'].iloc[0]} study): best final validation loss per variant")
+        kind = f"{group['kind'].iloc[0]} study" + (", smoke test" if smoke else "")
+        lines.append(f"\n{study} ({kind}): best final validation loss per variant")
         for r in group.itertuples(index=False):
             extra = "".join(f", {name} {getattr(r, m):.3f}" for m, name in SENSITIVITY.items()
                             if m in group and getattr(r, m) == getattr(r, m))

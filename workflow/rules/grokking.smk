@@ -57,5 +57,7 @@ rule grok_report:
         ),
         tables=lambda wildcards, output: os.path.dirname(output.steps),
         figures=lambda wildcards, output: os.path.dirname(output.accuracy),
+        smoke_test="--smoke-test" if config.get("smoke_test") else "",
     shell:
-        "stabilab grok-report --runs {params.runs} --tables {params.tables:q} --figures {params.figures:q} > {log:q} 2>&1"
+        "stabilab grok-report --runs {params.runs} --tables {params.tables:q} --figures {params.figures:q} "
+        "{params.smoke_test} > {log:q} 2>&1"

@@ -54,7 +54,7 @@ def draw_figures(tables_dir: str | Path, out_dir: str | Path, studies: dict | No
     from ..methods import given_labels
     from .context import StudyTables
     from .curves import loss_curves
-    from .style import palette_for, read_summary, save
+    from .style import palette_for, read_summary, save, smoke_test_titles
 
     norms = pd.read_csv(tables / "grad_norms.csv") if (tables / "grad_norms.csv").exists() else None
     palette = palette_for(studies)
@@ -65,7 +65,7 @@ def draw_figures(tables_dir: str | Path, out_dir: str | Path, studies: dict | No
             t = StudyTables(study, spec, read_summary(tables, study), steps[steps["study"] == study],
                             runs[runs["study"] == study], palette, folder,
                             norms[norms["study"].astype(str) == study] if norms is not None else None)
-            with given_labels(spec.get("labels") or {}):
+            with given_labels(spec.get("labels") or {}), smoke_test_titles(spec.get("smoke_test", False)):
                 written += save(loss_curves(steps, runs, study, spec, palette), folder, "loss_curves")
                 written += KINDS[spec["kind"]].function("draw")(t)
     return written

@@ -12,12 +12,14 @@ Conventions shared by every figure:
   vs-depth), with "k/N div." above it; a point with no value because every seed diverged is drawn
   in a "diverged" strip at the top of the panel instead of vanishing;
 - loss axes are capped at the initial loss + 1 nat; values above are drawn at the cap (said in the
-  figure's title); variants whose curves are identical (and so hide each other) are named.
+  figure's title); variants whose curves are identical (and so hide each other) are named;
+- a smoke test's figures (`smoke_test: true`, the default config) say so in their title's first line.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -33,6 +35,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from ..errors import UserError  # noqa: E402
 from ..io import atomic_path  # noqa: E402
 from ..methods import BY_NAME, label  # noqa: E402
+from ..summary import SMOKE_TEST_TITLE  # noqa: E402
 
 DIVERGED = "#d62728"  # red: reserved for divergence markers
 SPIKE_FACTOR = 50.0  # GSS threshold of a gradient-norm spike (SPAM paper; train.spike_factor default)
@@ -42,10 +45,33 @@ DIV_CURVE_LABEL = "diverged run (not in the mean): stopped at ×"
 FALLBACK_COLOURS = ["#56b4e9", "#a6761d", "#1b9e77", "#7570b3", "#fdae61", "#999999", "#000080", "#66a61e"]
 
 
+_SMOKE_TEST = [False]  # inside `smoke_test_titles(True)`: every saved figure's title says it is a smoke test's
+
+
 # ---------------------------------------------------------------------------------------- helpers
 
 
+@contextmanager
+def smoke_test_titles(on: bool):
+    """Figures saved inside the block open their title with SMOKE_TEST_TITLE when `on`."""
+    previous = _SMOKE_TEST[0]
+    _SMOKE_TEST[0] = bool(on)
+    try:
+        yield
+    finally:
+        _SMOKE_TEST[0] = previous
+
+
+def smoke_test_title(fig) -> None:
+    """SMOKE_TEST_TITLE as the first line of the figure's title (its suptitle, made if it has none)."""
+    current = getattr(fig, "_suptitle", None)  # the Text (Figure.get_suptitle gives only its string)
+    text = SMOKE_TEST_TITLE + (f"\n{current.get_text()}" if current is not None and current.get_text() else "")
+    fig.suptitle(text, fontsize=current.get_fontsize() if current is not None else 10.5)
+
+
 def save(fig, out: Path, stem: str) -> list[Path]:
+    if _SMOKE_TEST[0]:
+        smoke_test_title(fig)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
     with atomic_path(paths[0]) as tmp:

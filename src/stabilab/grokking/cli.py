@@ -6,6 +6,8 @@ import argparse
 
 from ..io import read_json_arg
 
+SMOKE_TEST_HELP = "the runs are a smoke test's (the experiment's smoke_test): the figures' titles say so"
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import parse_spec
@@ -23,14 +25,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_figures(args: argparse.Namespace) -> int:
     from .report import figures_from_tables
 
-    print(f"grok-figures: {len(figures_from_tables(args.tables, args.figures))} figure files -> {args.figures}")
+    written = figures_from_tables(args.tables, args.figures, args.smoke_test)
+    print(f"grok-figures: {len(written)} figure files -> {args.figures}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
 
-    out = report(args.runs, args.tables, args.figures)
+    out = report(args.runs, args.tables, args.figures, args.smoke_test)
     print(f"grok-report: {out['runs']} runs -> {len(out['tables'])} tables, {len(out['figures'])} figure files")
     return 0
 
@@ -54,8 +57,10 @@ def register(subparsers) -> None:
     rep.add_argument("--runs", nargs="+", required=True, help="run folders, or folders to search for */summary.json")
     rep.add_argument("--tables", required=True, help="folder for the CSV tables")
     rep.add_argument("--figures", required=True, help="folder for the PNG and PDF figures")
+    rep.add_argument("--smoke-test", action="store_true", help=SMOKE_TEST_HELP)
     rep.set_defaults(func=cmd_report)
     fig = subparsers.add_parser("grok-figures", help="redraw grokking figures from grokking_steps.csv (no training)")
     fig.add_argument("--tables", required=True, help="folder holding grokking_steps.csv")
     fig.add_argument("--figures", required=True, help="folder for the PNG and PDF figures")
+    fig.add_argument("--smoke-test", action="store_true", help=SMOKE_TEST_HELP)
     fig.set_defaults(func=cmd_figures)

@@ -32,8 +32,9 @@ def _use_log_x(steps) -> bool:
 
 
 def _line_figure(steps, y: str, ylabel: str, title: str, path_stem: Path, *, style: str | None = None,
-                 logy: bool = False, ylim=None) -> list[Path]:
-    """One panel per operation: y vs epoch, colour = variant, line style = `style` column."""
+                 logy: bool = False, ylim=None, smoke_test: bool = False) -> list[Path]:
+    """One panel per operation: y vs epoch, colour = variant, line style = `style` column; a smoke test's
+    title opens with the smoke-test lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +68,12 @@ def _line_figure(steps, y: str, ylabel: str, title: str, path_stem: Path, *, sty
             ax.set_ylim(*ylim)
     grid.set_axis_labels("epoch (full-batch step)" + (", log scale" if log_x else ""), ylabel)
     grid.set_titles(col_template="{col_name}")
-    grid.figure.suptitle(title, y=1.03)
+    if smoke_test:
+        from ..summary import SMOKE_TEST_TITLE
+
+        grid.figure.suptitle(f"{SMOKE_TEST_TITLE}\n{title}", y=1.0, va="bottom")
+    else:
+        grid.figure.suptitle(title, y=1.03)
     paths = []
     for ext in ("png", "pdf"):
         path = path_stem.with_suffix(f".{ext}")
@@ -78,17 +84,18 @@ def _line_figure(steps, y: str, ylabel: str, title: str, path_stem: Path, *, sty
     return paths
 
 
-def make_figures(steps, fig_dir: Path) -> list[Path]:
+def make_figures(steps, fig_dir: Path, smoke_test: bool = False) -> list[Path]:
     import pandas as pd
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     acc = pd.concat([steps.assign(split="test", accuracy=steps["test_acc"]),
                      steps.assign(split="train", accuracy=steps["train_acc"])], ignore_index=True)
     paths = _line_figure(acc, "accuracy", "accuracy", "Grokking: accuracy per variant",
-                         fig_dir / "grokking_test_accuracy", style="split", ylim=(-0.02, 1.02))
+                         fig_dir / "grokking_test_accuracy", style="split", ylim=(-0.02, 1.02),
+                         smoke_test=smoke_test)
     paths += _line_figure(steps, "collapse_frac", "fraction of train samples in SC",
                           "Softmax Collapse (sum exp(z - max z) == 1)",
-                          fig_dir / "grokking_collapse", ylim=(-0.02, 1.02))
+                          fig_dir / "grokking_collapse", ylim=(-0.02, 1.02), smoke_test=smoke_test)
     paths += _line_figure(steps, "weight_norm", "‖θ‖₂ (all weights)", "Weight norm",
-                          fig_dir / "grokking_weight_norm", logy=True)
+                          fig_dir / "grokking_weight_norm", logy=True, smoke_test=smoke_test)
     return paths

@@ -73,8 +73,8 @@ def build_tables(run_dirs: list[Path]):
     return _sorted(pd.DataFrame(steps)), _sorted(pd.DataFrame(rows))
 
 
-def report(runs: list[str | Path], tables_dir: str | Path, figures_dir: str | Path) -> dict:
-    """Tables (CSV) and figures (PNG + PDF) of a set of runs."""
+def report(runs: list[str | Path], tables_dir: str | Path, figures_dir: str | Path, smoke_test: bool = False) -> dict:
+    """Tables (CSV) and figures (PNG + PDF) of a set of runs (a smoke test's: their titles say so)."""
     from .figures import make_figures
 
     run_dirs = find_run_dirs(runs)
@@ -84,12 +84,12 @@ def report(runs: list[str | Path], tables_dir: str | Path, figures_dir: str | Pa
     for name, frame in zip(TABLES, (steps, summary)):
         with atomic_path(tables / name) as tmp:
             frame.to_csv(tmp, index=False)
-    figures = make_figures(steps, Path(figures_dir))
+    figures = make_figures(steps, Path(figures_dir), smoke_test)
     return {"runs": len(run_dirs), "tables": [str(tables / name) for name in TABLES],
             "figures": [str(p) for p in figures]}
 
 
-def figures_from_tables(tables_dir: str | Path, figures_dir: str | Path) -> list[Path]:
+def figures_from_tables(tables_dir: str | Path, figures_dir: str | Path, smoke_test: bool = False) -> list[Path]:
     """Redraw the figures from a grokking_steps.csv alone (no run folders, no training)."""
     import pandas as pd
 
@@ -98,4 +98,4 @@ def figures_from_tables(tables_dir: str | Path, figures_dir: str | Path) -> list
     path = Path(tables_dir) / TABLES[0]
     if not path.exists():
         raise UserError(f"table missing: {path}")
-    return make_figures(pd.read_csv(path), Path(figures_dir))
+    return make_figures(pd.read_csv(path), Path(figures_dir), smoke_test)
