@@ -241,8 +241,50 @@ def test_a_smoke_tests_summary_says_it_is_no_result_and_where_the_replications_a
     print_summary(copy, "figures/x")
     out = capsys.readouterr().out
     assert "SMOKE TEST, not a result" in out and "docs/replication.md" in out and '("Replications")' in out
+    assert "(opens on the smoke-test note and the headline tables; the figures are in its menu)" in out
     assert "lr (lr study, smoke test): best final validation loss per variant" in out.splitlines()
     assert out.index("SMOKE TEST") < out.index("lr (lr study")  # before the numbers
+
+
+def front_page(files) -> str:
+    """workflow/report/workflow.rst as Snakemake 9 renders it for the report's front page: Jinja (its report
+    entries as `files`), then docutils' HTML body (snakemake/report/__init__.py, auto_report)."""
+    from types import SimpleNamespace
+
+    from docutils.core import publish_parts
+    from jinja2 import Environment
+
+    text = (Path(__file__).resolve().parents[1] / "workflow" / "report" / "workflow.rst").read_text()
+    rendered = Environment(trim_blocks=True, lstrip_blocks=True).from_string(text).render(
+        snakemake=SimpleNamespace(config={}), categories={},
+        files=[SimpleNamespace(target=Path(f).name, path=Path(f)) for f in files])
+    return publish_parts(rendered, writer_name="html")["html_body"]
+
+
+@pytest.mark.filterwarnings("ignore:Argument \"writer_name\":PendingDeprecationWarning")  # Snakemake's call
+def test_the_reports_front_page_opens_on_the_headline_table_and_a_smoke_tests_note(tables, tmp_path):
+    """The tables rule writes headline.html (a report entry); the report's front page shows it as tables (HTML,
+    not a CSV download) before the workflow's description, a smoke test's note first."""
+    import shutil
+
+    from stabilab.summary import write_headline
+
+    copy = tmp_path / "tables"
+    shutil.copytree(tables, copy)
+    (copy / "studies.json").write_text(json.dumps({name: {**spec, "smoke_test": True}
+                                                   for name, spec in STUDIES.items()}))
+    write_headline(copy)
+    page = front_page([copy / "headline.csv", copy / "headline.html", copy / "summary_lr.csv"])
+    description = page.index("stabilab replicates")
+    assert page.index("SMOKE TEST, not a result") < page.index("<table") < description
+    assert page.count("<table") == len(STUDIES)  # one per study, all before the description
+    assert page.rindex("</table>") < description
+    assert "μ-centering" in page and "LR sensitivity (Wortsman, /K)" in page and "docs/replication.md" in page
+    (copy / "studies.json").write_text(json.dumps(STUDIES))  # not a smoke test: the tables, no note
+    write_headline(copy)
+    page = front_page([copy / "headline.html"])
+    assert "SMOKE TEST" not in page and page.index("<table") < page.index("stabilab replicates")
+    assert "<table" not in front_page([])  # no language-model study: the description alone
 
 
 @pytest.mark.parametrize("value, text", [

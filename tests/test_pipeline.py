@@ -99,6 +99,15 @@ def test_pipeline_end_to_end(tmp_path):
     assert redraw.returncode == 0, redraw.stderr
     assert all((figures / png).exists() for png in expected_figures(cfg["studies"]))
 
+    # The report opens on the headline tables, the smoke-test note first (config.yaml is one), above the
+    # workflow's description: the front page's HTML, as the report's script holds it
+    report = subprocess.run(cmd + ["--report", str(tmp_path / "report.html")], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr[-3000:]
+    page = (tmp_path / "report.html").read_text()
+    front = json.loads(re.search(r"var workflow_desc = (\".*?\");\n", page).group(1))
+    assert front.index("SMOKE TEST, not a result") < front.index("<table") < front.index("stabilab replicates")
+    assert front.count("<table") == len(cfg["studies"]) and "μ-centering + z-loss" in front
+
     # Nothing left to do: a second snakemake call is a no-op, also with other runtime choices
     # (they are not part of a run's identity); a changed run value re-plans exactly its runs.
     again = subprocess.run(cmd + ["-n"], capture_output=True, text=True)

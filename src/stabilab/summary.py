@@ -1,16 +1,18 @@
 """The headline numbers of an experiment: per study and variant, the best final validation loss
 (with where it was reached and how many runs diverged), and for LR studies the LR sensitivity in
-both normalizations. Written as `tables/headline.csv` (the report opens on it) and printed at the
-end of a pipeline run with the paths of the figures and the report."""
+both normalizations. Written as `tables/headline.csv` and as `tables/headline.html` (one table per
+study, after the smoke-test note of a smoke test: the report's front page shows it), and printed at
+the end of a pipeline run with the paths of the figures and the report."""
 
 from __future__ import annotations
 
+import html
 import json
 import textwrap
 from pathlib import Path
 
 from .errors import UserError
-from .io import atomic_path
+from .io import atomic_path, atomic_write
 from .methods import label
 
 SENSITIVITY = {"lr_sensitivity": "LR sensitivity (Wortsman, /K)", "lr_sensitivity_oec": "(OEC, /(K-1))"}
@@ -76,16 +78,50 @@ def write_headline(tables: str | Path) -> Path:
     out = Path(tables) / "headline.csv"
     with atomic_path(out) as tmp:
         frame.to_csv(tmp, index=False)
+    atomic_write(Path(tables) / "headline.html", headline_html(frame, is_smoke_test(studies_of(tables))))
     return out
+
+
+def _number(value, digits: int) -> str:
+    return f"{value:.{digits}f}" if value == value else "n/a"
+
+
+def headline_html(frame, smoke_test: bool = False) -> str:
+    """headline.csv as HTML: a smoke test's note first, then one table per study (the report's front page
+    includes it, and shows it as the 'Headline numbers' entry). Styled inline: it is shown in both places."""
+    cell = 'style="padding: 0.2em 0.6em; border-bottom: 1px solid #ddd; text-align: {}"'
+    parts = ['<div class="stabilab-headline">']
+    if smoke_test:
+        parts.append('<p style="border: 2px solid #b8860b; padding: 0.5em 0.8em; background: #fff8e1">'
+                     f"{html.escape(SMOKE_TEST_NOTE)}</p>")
+    for study, group in frame.groupby("study", sort=False):
+        kind = f"{group['kind'].iloc[0]} study" + (", smoke test" if smoke_test else "")
+        parts.append(f"<p><strong>{html.escape(str(study))}</strong> ({html.escape(kind)}): "
+                     "best final validation loss per variant</p>")
+        sensitivities = [(m, name) for m, name in SENSITIVITY.items() if m in group and group[m].notna().any()]
+        header = ["variant", "best final val. loss", "at", "diverged", *(name for _, name in sensitivities)]
+        parts.append('<table style="border-collapse: collapse; margin-bottom: 1em"><thead><tr>'
+                     + "".join(f"<th {cell.format('left' if i == 0 else 'right')}>{html.escape(h)}</th>"
+                               for i, h in enumerate(header)) + "</tr></thead><tbody>")
+        for r in group.itertuples(index=False):
+            where = f"L{int(r.at_depth)}, LR {r.at_lr:g}" if r.at_depth == r.at_depth else "-"
+            values = [r.name, _number(r.best_final_val_loss, 4), where, f"{r.diverged}/{r.runs}",
+                      *(_number(getattr(r, m), 3) for m, _ in sensitivities)]
+            parts.append("<tr>" + "".join(f"<td {cell.format('left' if i == 0 else 'right')}>{html.escape(str(v))}</td>"
+                                          for i, v in enumerate(values)) + "</tr>")
+        parts.append("</tbody></table>")
+    parts.append("</div>")
+    return "\n".join(parts) + "\n"
 
 
 def print_summary(tables: str | Path, figures: str | Path, report: str = "report.html") -> str:
     """What a finished pipeline prints: where everything is, and the headline numbers."""
     frame = headline(tables)
     smoke = is_smoke_test(studies_of(tables))
+    opens = "the smoke-test note and the headline tables" if smoke else "the headline tables"
     lines = [f"results: tables in {tables}/ (runs.csv, steps.csv, summary_<study>.csv, headline.csv)",
              f"figures: {figures}/<study>/*.png (and .pdf)",
-             f"report:  snakemake --report {report}   (opens on the headline table, then the figures)"]
+             f"report:  snakemake --report {report}   (opens on {opens}; the figures are in its menu)"]
     if smoke:
         lines += ["", *textwrap.wrap(SMOKE_TEST_NOTE, 100)]
     for study, group in frame.groupby("study", sort=False):

@@ -212,4 +212,4 @@ def write_tables(summary_paths: list[str], out_dir: str | Path, studies: dict | 
     from .summary import write_headline
 
     write_headline(out)
-    return list(written) + ["studies.json", "headline.csv"]
+    return list(written) + ["studies.json", "headline.csv", "headline.html"]

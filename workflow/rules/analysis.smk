@@ -12,6 +12,12 @@ rule tables:
             caption="../report/headline.rst",
             category="0. Headline numbers",
         ),
+        # the same as HTML: shown in the report, and on its front page (workflow/report/workflow.rst)
+        headline_html=report(
+            f"{RES}/tables/headline.html",
+            caption="../report/headline.rst",
+            category="0. Headline numbers",
+        ),
         summaries=[
             report(
                 f"{RES}/tables/summary_{study}.csv",
