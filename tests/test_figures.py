@@ -280,11 +280,26 @@ def test_the_reports_front_page_opens_on_the_headline_table_and_a_smoke_tests_no
     assert page.count("<table") == len(STUDIES)  # one per study, all before the description
     assert page.rindex("</table>") < description
     assert "μ-centering" in page and "LR sensitivity (Wortsman, /K)" in page and "docs/replication.md" in page
+    # Snakemake centres a page vertically, which cuts off the top of one taller than the screen: not this one
+    assert "<style>.items-center.justify-center.h-screen { align-items: safe center; }</style>" in page
     (copy / "studies.json").write_text(json.dumps(STUDIES))  # not a smoke test: the tables, no note
     write_headline(copy)
     page = front_page([copy / "headline.html"])
     assert "SMOKE TEST" not in page and page.index("<table") < page.index("stabilab replicates")
     assert "<table" not in front_page([])  # no language-model study: the description alone
+
+
+def test_an_experiment_without_headline_numbers_gets_a_line_saying_so(tmp_path, capsys):
+    """Only early_warning studies (their summary is their own analysis, no losses; configs/early_warning.yaml):
+    headline.csv is empty, and the report's headline and the console summary say that there is none."""
+    from stabilab.summary import print_summary, write_headline
+
+    (tmp_path / "studies.json").write_text(json.dumps({"ew": {"kind": "early_warning", "variants": ["baseline"]}}))
+    pd.DataFrame({"study": ["ew"], "scope": ["all"], "value": [0.5]}).to_csv(tmp_path / "summary_ew.csv")
+    write_headline(tmp_path)
+    assert "No study of this experiment has headline numbers" in (tmp_path / "headline.html").read_text()
+    print_summary(tmp_path, "figures/x")
+    assert "no headline numbers: no study has a best final validation loss" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value, text", [

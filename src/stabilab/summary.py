@@ -17,7 +17,7 @@ from .methods import label
 
 SENSITIVITY = {"lr_sensitivity": "LR sensitivity (Wortsman, /K)", "lr_sensitivity_oec": "(OEC, /(K-1))"}
 # What an experiment with `smoke_test: true` (config.yaml) says of its numbers: in the console, the
-# report and the first line of every figure's title
+# report and the first lines of every figure's title
 SMOKE_TEST_TITLE = ("SMOKE TEST of the pipeline at toy scale, not a result\n"
                     'results: the GPU presets (README, "Replications"; docs/replication.md)')
 SMOKE_TEST_NOTE = (
@@ -89,26 +89,29 @@ def _number(value, digits: int) -> str:
 def headline_html(frame, smoke_test: bool = False) -> str:
     """headline.csv as HTML: a smoke test's note first, then one table per study (the report's front page
     includes it, and shows it as the 'Headline numbers' entry). Styled inline: it is shown in both places."""
-    cell = 'style="padding: 0.2em 0.6em; border-bottom: 1px solid #ddd; text-align: {}"'
+    cell = 'style="padding: 0.2em 0.5em; border-bottom: 1px solid #ddd; text-align: {}"'
     parts = ['<div class="stabilab-headline">']
     if smoke_test:
         parts.append('<p style="border: 2px solid #b8860b; padding: 0.5em 0.8em; background: #fff8e1">'
                      f"{html.escape(SMOKE_TEST_NOTE)}</p>")
-    for study, group in frame.groupby("study", sort=False):
+    if frame.empty:
+        parts.append("<p>No study of this experiment has headline numbers (a best final validation loss): "
+                     "its own tables and figures are in the menu.</p>")
+    for study, group in frame.groupby("study", sort=False) if not frame.empty else ():  # none: early_warning
         kind = f"{group['kind'].iloc[0]} study" + (", smoke test" if smoke_test else "")
         parts.append(f"<p><strong>{html.escape(str(study))}</strong> ({html.escape(kind)}): "
                      "best final validation loss per variant</p>")
         sensitivities = [(m, name) for m, name in SENSITIVITY.items() if m in group and group[m].notna().any()]
-        header = ["variant", "best final val. loss", "at", "diverged", *(name for _, name in sensitivities)]
+        header = ["variant", "best final val. loss (at)", "diverged", *(name for _, name in sensitivities)]
         parts.append('<table style="border-collapse: collapse; margin-bottom: 1em"><thead><tr>'
                      + "".join(f"<th {cell.format('left' if i == 0 else 'right')}>{html.escape(h)}</th>"
                                for i, h in enumerate(header)) + "</tr></thead><tbody>")
         for r in group.itertuples(index=False):
-            where = f"L{int(r.at_depth)}, LR {r.at_lr:g}" if r.at_depth == r.at_depth else "-"
-            values = [r.name, _number(r.best_final_val_loss, 4), where, f"{r.diverged}/{r.runs}",
+            where = f" (L{int(r.at_depth)}, LR {r.at_lr:g})" if r.at_depth == r.at_depth else ""
+            values = [r.name, _number(r.best_final_val_loss, 4) + where, f"{r.diverged}/{r.runs}",
                       *(_number(getattr(r, m), 3) for m, _ in sensitivities)]
-            parts.append("<tr>" + "".join(f"<td {cell.format('left' if i == 0 else 'right')}>{html.escape(str(v))}</td>"
-                                          for i, v in enumerate(values)) + "</tr>")
+            parts.append("<tr>" + "".join(f"<td {cell.format('left' if i == 0 else 'right; white-space: nowrap')}>"
+                                          f"{html.escape(str(v))}</td>" for i, v in enumerate(values)) + "</tr>")
         parts.append("</tbody></table>")
     parts.append("</div>")
     return "\n".join(parts) + "\n"
@@ -124,7 +127,9 @@ def print_summary(tables: str | Path, figures: str | Path, report: str = "report
              f"report:  snakemake --report {report}   (opens on {opens}; the figures are in its menu)"]
     if smoke:
         lines += ["", *textwrap.wrap(SMOKE_TEST_NOTE, 100)]
-    for study, group in frame.groupby("study", sort=False):
+    if frame.empty:  # only studies whose summary is their own analysis (early_warning)
+        lines.append("\nno headline numbers: no study has a best final validation loss (see its tables)")
+    for study, group in frame.groupby("study", sort=False) if not frame.empty else ():
         kind = f"{group['kind'].iloc[0]} study" + (", smoke test" if smoke else "")
         lines.append(f"\n{study} ({kind}): best final validation loss per variant")
         for r in group.itertuples(index=False):
