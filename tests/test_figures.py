@@ -286,6 +286,7 @@ def test_the_reports_front_page_opens_on_the_headline_table_and_a_smoke_tests_no
     write_headline(copy)
     page = front_page([copy / "headline.html"])
     assert "SMOKE TEST" not in page and page.index("<table") < page.index("stabilab replicates")
+    assert page.index("the verdicts in docs/replication.md") < page.index("stabilab replicates")
     assert "<table" not in front_page([])  # no language-model study: the description alone
 
 

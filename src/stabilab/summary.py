@@ -113,6 +113,9 @@ def headline_html(frame, smoke_test: bool = False) -> str:
             parts.append("<tr>" + "".join(f"<td {cell.format('left' if i == 0 else 'right; white-space: nowrap')}>"
                                           f"{html.escape(str(v))}</td>" for i, v in enumerate(values)) + "</tr>")
         parts.append("</tbody></table>")
+    if not smoke_test:
+        parts.append("<p>What these numbers say about the papers' claims, with the papers' numbers beside them: "
+                     "the verdicts in docs/replication.md and the README (\"Replications\").</p>")
     parts.append("</div>")
     return "\n".join(parts) + "\n"
 
