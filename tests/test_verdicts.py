@@ -99,3 +99,25 @@ def test_a_preset_inherits_no_verdicts_and_a_verdicts_arm_must_be_in_its_study()
     bad = {"verdicts": {"v": {"study": "lr", "arms": ["baseline", "mlra"]}}}
     with pytest.raises(UserError, match="verdicts.v.arms: mlra not a variant of study lr"):
         validate(deep_merge(load_experiment(root / "configs/oec.yaml"), bad))
+
+
+def test_stabilab_verdicts_puts_the_verdicts_first_on_the_reports_front_page(tmp_path, capsys):
+    """`stabilab verdicts` rewrites headline.html (the report's front page) with the verdict tables before the
+    headline numbers: a preset's report opens on what its claims came to, per claim, one row per comparison."""
+    import shutil
+    from pathlib import Path
+
+    from stabilab.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    tables = tmp_path / "tables"
+    shutil.copytree(root / "results" / "oec" / "tables", tables)
+    (tables / "headline.html").unlink()
+    assert main(["verdicts", "--config", str(root / "configs" / "oec.yaml"), "--tables", str(tables)]) == 0
+    assert f"report: {tables / 'headline.html'}" in capsys.readouterr().out
+    page = (tables / "headline.html").read_text()
+    verdicts = pd.read_csv(tables / "verdicts.csv")
+    assert page.index("<strong>Verdicts</strong>") < page.index("<strong>lr</strong> (lr study)")
+    assert page.count("<table") == verdicts["verdict"].nunique() + 1  # one per claim, then the headline table
+    assert page.count("n = 2 &lt; 3: not tested") == (verdicts["reading"] == "n = 2 < 3: not tested").sum() > 0
+    assert "μ-centering lowers LR sensitivity" in page or "mu-centering lowers LR sensitivity" in page

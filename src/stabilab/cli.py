@@ -184,20 +184,21 @@ def cmd_figures(args) -> None:
 
 def cmd_verdicts(args) -> None:
     from .layout import RESULTS
-    from .verdicts import write_verdicts
+    from .summary import write_headline_html
+    from .verdicts import where, write_verdicts
 
     exp = _experiment(args)
     tables = Path(args.tables or f"{RESULTS.format(name=exp['name'])}/tables")
     frame = write_verdicts(exp, tables)
     for r in frame.itertuples(index=False):
-        where = f"L{r.depth} " + (f"LRs {getattr(r, 'lrs', '')}" if r.lr_a != r.lr_a else f"LR {r.lr_a:g}" + (
-            f" vs {r.lr_b:g}" if r.lr_b != r.lr_a else "")) + (f" step {int(r.step)}" if r.step == r.step else "")
         reading = f"{r.b} {r.reading}" if r.reading.startswith(("lower", "higher")) else r.reading
         if getattr(r, "best_lr_inside_grid", True) is False:
             reading += " (a best LR at the grid's edge)"
-        print(f"{r.verdict}: {r.b} - {r.a}, {r.metric}, {where}: {r.diff_mean:+.4f} "
+        print(f"{r.verdict}: {r.b} - {r.a}, {r.metric}, {where(r)}: {r.diff_mean:+.4f} "
               f"[{r.diff_min:+.4f}, {r.diff_max:+.4f}]: {reading}")
     print(f"verdicts: {len(frame)} rows -> {tables / 'verdicts.csv'}")
+    if (tables / "studies.json").exists():  # the report's front page shows the verdicts first
+        print(f"report: {write_headline_html(tables)}")
 
 
 def cmd_early_warning_test(args) -> None:

@@ -78,7 +78,20 @@ def write_headline(tables: str | Path) -> Path:
     out = Path(tables) / "headline.csv"
     with atomic_path(out) as tmp:
         frame.to_csv(tmp, index=False)
-    atomic_write(Path(tables) / "headline.html", headline_html(frame, is_smoke_test(studies_of(tables))))
+    write_headline_html(tables, frame)
+    return out
+
+
+def write_headline_html(tables: str | Path, frame=None) -> Path:
+    """headline.html: the headline numbers (`frame`, default: computed) and, where `stabilab verdicts`
+    wrote one beside them, verdicts.csv."""
+    import pandas as pd
+
+    tables = Path(tables)
+    frame = headline(tables) if frame is None else frame
+    verdicts = pd.read_csv(tables / "verdicts.csv") if (tables / "verdicts.csv").exists() else None
+    out = tables / "headline.html"
+    atomic_write(out, headline_html(frame, is_smoke_test(studies_of(tables)), verdicts))
     return out
 
 
@@ -86,14 +99,47 @@ def _number(value, digits: int) -> str:
     return f"{value:.{digits}f}" if value == value else "n/a"
 
 
-def headline_html(frame, smoke_test: bool = False) -> str:
-    """headline.csv as HTML: a smoke test's note first, then one table per study (the report's front page
-    includes it, and shows it as the 'Headline numbers' entry). Styled inline: it is shown in both places."""
-    cell = 'style="padding: 0.2em 0.5em; border-bottom: 1px solid #ddd; text-align: {}"'
+def _table(header: list[str], rows: list[list], left: tuple[int, ...] = (0,), wrap: tuple[int, ...] = (0,)) -> str:
+    """An HTML table styled inline (it is shown inside Snakemake's report and on its own): the columns in
+    `left` left-aligned, the others right-aligned; only the columns in `wrap` break their lines."""
+    def style(i: int) -> str:
+        return (f'style="padding: 0.2em 0.5em; border-bottom: 1px solid #ddd; text-align: '
+                f'{"left" if i in left else "right"}{"" if i in wrap else "; white-space: nowrap"}"')
+
+    head = "".join(f"<th {style(i) if i in wrap else style(i).replace('; white-space: nowrap', '')}>"
+                   f"{html.escape(h)}</th>" for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f"<td {style(i)}>{html.escape(str(v))}</td>" for i, v in enumerate(row))
+                   + "</tr>\n" for row in rows)
+    return (f'<table style="border-collapse: collapse; margin-bottom: 1em"><thead><tr>{head}</tr></thead>'
+            f"<tbody>\n{body}</tbody></table>")
+
+
+def verdicts_html(verdicts) -> list[str]:
+    """verdicts.csv (`stabilab verdicts`): per claim, its paired differences and what they say."""
+    from .verdicts import where
+
+    parts = ["<p><strong>Verdicts</strong> (verdicts.csv, from <code>stabilab verdicts</code>): each claim as "
+             "paired differences over seeds, the second arm minus the first; the reading by rule "
+             "(n &ge; 3 seeds, the same sign in each).</p>"]
+    for _, group in verdicts.groupby("verdict", sort=False):
+        r = group.iloc[0]
+        parts.append(f"<p><em>{html.escape(str(r['claim']) or str(r['verdict']))}</em>: {html.escape(str(r['b']))} "
+                     f"&minus; {html.escape(str(r['a']))}, {html.escape(str(r['metric']))}</p>")
+        rows = [[where(v), f"{v.diff_mean:+.4g}", f"[{v.diff_min:+.4g}, {v.diff_max:+.4g}]", v.n, v.reading]
+                for v in group.itertuples(index=False)]
+        parts.append(_table(["where", "mean difference", "range", "seeds", "reading"], rows, left=(0, 4), wrap=(4,)))
+    return parts
+
+
+def headline_html(frame, smoke_test: bool = False, verdicts=None) -> str:
+    """headline.csv as HTML: a smoke test's note first, or a preset's verdicts (verdicts.csv), then one table
+    per study (the report's front page includes it, and shows it as the 'Headline numbers' entry)."""
     parts = ['<div class="stabilab-headline">']
     if smoke_test:
         parts.append('<p style="border: 2px solid #b8860b; padding: 0.5em 0.8em; background: #fff8e1">'
                      f"{html.escape(SMOKE_TEST_NOTE)}</p>")
+    if verdicts is not None and not verdicts.empty:
+        parts += verdicts_html(verdicts)
     if frame.empty:
         parts.append("<p>No study of this experiment has headline numbers (a best final validation loss): "
                      "its own tables and figures are in the menu.</p>")
@@ -102,17 +148,12 @@ def headline_html(frame, smoke_test: bool = False) -> str:
         parts.append(f"<p><strong>{html.escape(str(study))}</strong> ({html.escape(kind)}): "
                      "best final validation loss per variant</p>")
         sensitivities = [(m, name) for m, name in SENSITIVITY.items() if m in group and group[m].notna().any()]
-        header = ["variant", "best final val. loss (at)", "diverged", *(name for _, name in sensitivities)]
-        parts.append('<table style="border-collapse: collapse; margin-bottom: 1em"><thead><tr>'
-                     + "".join(f"<th {cell.format('left' if i == 0 else 'right')}>{html.escape(h)}</th>"
-                               for i, h in enumerate(header)) + "</tr></thead><tbody>")
+        rows = []
         for r in group.itertuples(index=False):
             where = f" (L{int(r.at_depth)}, LR {r.at_lr:g})" if r.at_depth == r.at_depth else ""
-            values = [r.name, _number(r.best_final_val_loss, 4) + where, f"{r.diverged}/{r.runs}",
-                      *(_number(getattr(r, m), 3) for m, _ in sensitivities)]
-            parts.append("<tr>" + "".join(f"<td {cell.format('left' if i == 0 else 'right; white-space: nowrap')}>"
-                                          f"{html.escape(str(v))}</td>" for i, v in enumerate(values)) + "</tr>")
-        parts.append("</tbody></table>")
+            rows.append([r.name, _number(r.best_final_val_loss, 4) + where, f"{r.diverged}/{r.runs}",
+                         *(_number(getattr(r, m), 3) for m, _ in sensitivities)])
+        parts.append(_table(["variant", "best final val. loss (at)", "diverged", *(n for _, n in sensitivities)], rows))
     if not smoke_test:
         parts.append("<p>What these numbers say about the papers' claims, with the papers' numbers beside them: "
                      "the verdicts in docs/replication.md and the README (\"Replications\").</p>")

@@ -159,6 +159,14 @@ def _best_lr(frame, spec: dict) -> float:
     return min(means, key=lambda lr: (means[lr], lr))
 
 
+def where(r) -> str:
+    """Where a verdicts.csv row compares (a row of `itertuples`): 'L12 LR 0.002', 'L6 LR 0.003 vs 0.01',
+    'L12 LRs 0.003 0.01 0.03', 'L12 LR 0.003 step 500'."""
+    text = f"L{r.depth} " + (f"LRs {getattr(r, 'lrs', '')}" if r.lr_a != r.lr_a else f"LR {r.lr_a:g}" + (
+        f" vs {r.lr_b:g}" if r.lr_b != r.lr_a else ""))
+    return text + (f" step {int(r.step)}" if r.step == r.step else "")
+
+
 def write_verdicts(config: dict, tables: str | Path):
     """verdicts.csv in `tables` from its runs.csv and steps.csv, for the preset's `verdicts:`."""
     import pandas as pd
