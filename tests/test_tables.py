@@ -96,3 +96,9 @@ def test_a_sub_grid_or_a_verdict_that_names_what_is_not_there_is_one_line(edit, 
 
     with pytest.raises(UserError, match=says):
         validate(deep_merge(load_experiment(Path(__file__).resolve().parents[1] / "config.yaml"), edit))
+
+
+def test_a_smoke_tests_tables_only_warn_of_mixed_code(two_runs, tmp_path, capsys):
+    paths = _with_provenance(two_runs, tmp_path, git_commit="f" * 40)
+    write_tables(paths, tmp_path / "tables", studies={"test": {**STUDY["test"], "smoke_test": True}})
+    assert "warning: study test: its runs were trained by different code" in capsys.readouterr().err
