@@ -220,8 +220,9 @@ def test_a_smoke_tests_figures_say_so_in_the_first_line_of_their_titles(tables, 
     smoke = {stem: title for stem, title in titles.items() if stem.startswith("lr/")}
     assert len(smoke) == len(expected_figures({"lr": studies["lr"]}))
     for stem, title in smoke.items():
-        assert title.splitlines()[:2] == ["SMOKE TEST of the pipeline at toy scale, not a result",
-                                          'results: the GPU presets (README, "Replications"; docs/replication.md)']
+        assert title.splitlines()[:2] == [
+            "SMOKE TEST of the pipeline at toy scale, not a result",
+            'results: the GPU presets (README, "Results at a glance"; docs/replication.md)']
         assert len(title.splitlines()) >= (2 if "loss_vs_lr" in stem else 3), stem  # the figure's own title kept
     other = [title for stem, title in titles.items() if stem.startswith("variants/")]
     assert other and not any("SMOKE TEST" in title for title in other)
@@ -240,7 +241,7 @@ def test_a_smoke_tests_summary_says_it_is_no_result_and_where_the_replications_a
     (copy / "studies.json").write_text(json.dumps(studies))
     print_summary(copy, "figures/x")
     out = capsys.readouterr().out
-    assert "SMOKE TEST, not a result" in out and "docs/replication.md" in out and '("Replications")' in out
+    assert "SMOKE TEST, not a result" in out and "docs/replication.md" in out and '("Results at a glance")' in out
     assert "(opens on the smoke-test note and the headline tables; the figures are in its menu)" in out
     assert "lr (lr study, smoke test): best final validation loss per variant" in out.splitlines()
     assert out.index("SMOKE TEST") < out.index("lr (lr study")  # before the numbers

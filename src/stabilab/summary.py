@@ -19,11 +19,11 @@ SENSITIVITY = {"lr_sensitivity": "LR sensitivity (Wortsman, /K)", "lr_sensitivit
 # What an experiment with `smoke_test: true` (config.yaml) says of its numbers: in the console, the
 # report and the first lines of every figure's title
 SMOKE_TEST_TITLE = ("SMOKE TEST of the pipeline at toy scale, not a result\n"
-                    'results: the GPU presets (README, "Replications"; docs/replication.md)')
+                    'results: the GPU presets (README, "Results at a glance"; docs/replication.md)')
 SMOKE_TEST_NOTE = (
     "SMOKE TEST, not a result: this experiment (smoke_test: true in its config) runs the pipeline end to end at "
     "toy scale, minutes on a CPU; its numbers show that every step ran, not what the methods do. The "
-    "replications are the GPU presets (configs/), with their verdicts in the README (\"Replications\") and "
+    "replications are the GPU presets (configs/), with their verdicts in the README (\"Results at a glance\") and "
     "docs/replication.md.")
 
 
@@ -156,7 +156,7 @@ def headline_html(frame, smoke_test: bool = False, verdicts=None) -> str:
         parts.append(_table(["variant", "best final val. loss (at)", "diverged", *(n for _, n in sensitivities)], rows))
     if not smoke_test:
         parts.append("<p>What these numbers say about the papers' claims, with the papers' numbers beside them: "
-                     "the verdicts in docs/replication.md and the README (\"Replications\").</p>")
+                     "the verdicts in docs/replication.md and the README (\"Results at a glance\").</p>")
     parts.append("</div>")
     return "\n".join(parts) + "\n"
 
