@@ -240,3 +240,22 @@ def test_a_changed_config_forgets_the_earlier_attempts(tiny_data, tmp_path):
     assert (tmp_path / "attempts.jsonl").exists()
     summary = Trainer(load_run_config(tiny_run(tiny_data["shards"], train={"steps": 15})), tmp_path).run()
     assert summary["resumes"] == [] and not (tmp_path / "attempts.jsonl").exists()
+
+
+def test_a_ctrl_c_delivered_twice_at_once_is_one_and_a_later_second_stops_at_once(monkeypatch):
+    """A wrapper (timeout, a job runner) may relay the terminal's SIGINT beside it: the copy is the
+    same Ctrl-C; a second Ctrl-C a moment later stops without waiting for the next log step."""
+    import signal
+
+    from stabilab.train import trainer
+
+    clock = iter([100.0, 100.2, 102.0])
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: next(clock))
+    t = Trainer.__new__(Trainer)
+    t.stop_requested, t.stop_signal, t.stop_time = False, None, 0.0
+    t.procs = type("P", (), {"is_main": False})()
+    t._on_stop_signal(signal.SIGINT, None)  # at 100.0
+    t._on_stop_signal(signal.SIGINT, None)  # at 100.2: the same Ctrl-C
+    assert t.stop_requested and t.stop_signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        t._on_stop_signal(signal.SIGINT, None)  # at 102.0: a second Ctrl-C

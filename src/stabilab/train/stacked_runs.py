@@ -39,7 +39,15 @@ from .checkpoint import checkpoint_step
 from .monitor import StabilityProbe
 from .sinks import tracker_names
 from .stacked import StackedTrainer
-from .trainer import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, STOP_SIGNALS, Trainer, stop_reason, stopped_line
+from .trainer import (
+    INTERRUPTED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    STOP_SIGNALS,
+    Trainer,
+    second_ctrl_c,
+    stop_reason,
+    stopped_line,
+)
 
 
 class StackedRuns:
@@ -156,12 +164,14 @@ class StackedRuns:
             m.log = m._sinks()
         summaries: dict[int, dict] = {}
         active = list(range(st.n))
-        stop = {"requested": False, "signal": None}
+        stop = {"requested": False, "signal": None, "time": 0.0}
 
         def on_stop_signal(signum, frame):
-            if signum == signal.SIGINT and stop["signal"] == signal.SIGINT:
+            if second_ctrl_c(signum, stop["signal"], stop["time"]):
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last periodic checkpoints are kept)
-            stop.update(requested=True, signal=stop["signal"] or signum)
+            stop["requested"] = True
+            if stop["signal"] is None:
+                stop.update(signal=signum, time=time.monotonic())
 
         previous = {sig: signal.signal(sig, on_stop_signal) for sig in STOP_SIGNALS}
         tick, tick_step, elapsed = time.time(), st.step, self.members[0].elapsed

@@ -103,7 +103,8 @@ class Trainer:
         self.lr = 0.0
         self.elapsed = 0.0
         self.stop_requested = False
-        self.stop_signal: int | None = None  # the first SIGTERM or SIGINT received
+        self.stop_signal: int | None = None  # the first SIGTERM or SIGINT received, and when
+        self.stop_time = 0.0
         self.tracker_ids: dict[str, str] = {}  # the trackers' run ids, kept in the checkpoint (a resume continues them)
 
     def load_init(self, path: str) -> None:
@@ -357,10 +358,11 @@ class Trainer:
         return summary or {}
 
     def _on_stop_signal(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+        if second_ctrl_c(signum, self.stop_signal, self.stop_time):
             raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last periodic checkpoint is kept)
         self.stop_requested = True
-        self.stop_signal = self.stop_signal or signum
+        if self.stop_signal is None:
+            self.stop_signal, self.stop_time = signum, time.monotonic()
         if signum == signal.SIGINT and self.procs.is_main:
             print("Ctrl-C: stopping at the next log step with a checkpoint (Ctrl-C again: stop now)", flush=True)
 
@@ -419,6 +421,14 @@ def stop_reason(e: BaseException) -> str:
     if isinstance(e, SystemExit):
         return f"exited ({e.code})"
     return f"error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+
+
+SAME_CTRL_C_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C delivered twice (a wrapper relaying it)
+
+
+def second_ctrl_c(signum: int, first: int | None, first_time: float) -> bool:
+    """Whether this SIGINT is a user's second Ctrl-C after a first one (not a duplicate of it)."""
+    return signum == signal.SIGINT and first == signal.SIGINT and time.monotonic() - first_time > SAME_CTRL_C_S
 
 
 def stopped_line(signum: int | None, what: str) -> str:
