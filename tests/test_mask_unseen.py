@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_run
+from conftest import run_killed_at, tiny_run
 from stabilab import metrics
 from stabilab.config import LossConfig, ModelConfig, RuntimeConfig, load_run_config
 from stabilab.losses import head_loss, objective
@@ -205,6 +205,20 @@ def test_a_run_masks_its_training_splits_unseen_ids(tiny_data, tmp_path, float64
     from stabilab.inference import evaluate
 
     assert evaluate(tmp_path, device="cpu")["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-12)
+
+
+def test_a_resumed_masked_run_equals_the_uninterrupted_one(tiny_data, tmp_path):
+    """The mask is in the checkpoint and recomputed at start: a resume changes nothing."""
+    run = tiny_run(tiny_data["shards"], model={"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16,
+                                               "tie_embeddings": False, "mask_unseen_tokens": True},
+                   post_step={"mu_centering": True})
+    run["train"].update(steps=20, metrics_every=5)
+    Trainer(load_run_config(run), tmp_path / "full", CPU).run()
+    run_killed_at(Trainer(load_run_config(run), tmp_path / "resumed", CPU), 15)
+    Trainer(load_run_config(run), tmp_path / "resumed", CPU).run()
+    records = lambda d: [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # noqa: E731
+                         for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert records(tmp_path / "resumed") == records(tmp_path / "full")
 
 
 # Recorded at commit 473c4f6, before model.mask_unseen_tokens existed (CPU, float64, one thread):
