@@ -170,6 +170,7 @@ REFUSED = {
     "partial-rope": ({**LLAMA, "rope_fraction": 0.5}, {}, "model.rope_fraction=0.5"),
     "softcap": ({"logit_softcap": 30.0}, {}, "model.logit_softcap=30"),
     "stablemax": ({}, {"kind": "stablemax"}, "loss.kind='stablemax'"),
+    "mask-unseen": ({"mask_unseen_tokens": True}, {}, "model.mask_unseen_tokens=true"),
     "rmsnorm-learned": ({"norm": "rmsnorm"}, {}, "model.norm='rmsnorm' with model.position='learned'"),
     "gelu-rope": ({**LLAMA, "mlp": "gelu"}, {}, "model.mlp='gelu' with model.position='rope'"),
 }

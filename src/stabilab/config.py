@@ -118,6 +118,11 @@ class ModelConfig(Section):
         False, "the head's padding rows (vocabulary rounded up to a multiple of 64) count as output-embedding "
                "rows: the softmax, z-loss, mu, mu-loss and mu-centering run over all of them, as in the OEC "
                "code (50304 GPT-2 rows); false: masked out (never trained, never counted)")
+    mask_unseen_tokens: bool = knob(
+        False, "the token ids that never occur in the training split (train.bin) are masked like the padding "
+               "rows: out of the softmax (cross-entropy, z-loss; validation positions with such a target are left "
+               "out of the loss), mu, mu-loss, mu-centering and the logit, mu and TEV metrics; their count is in "
+               "summary.json (masked_token_ids); false: every id of the vocabulary counts")
     mlra: MLRAConfig = section(MLRAConfig, "multi-head low-rank attention")
 
 

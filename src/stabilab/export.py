@@ -64,6 +64,9 @@ def family(cfg: RunConfig) -> str:
     if cfg.loss.kind == "stablemax":
         raise _refuse("loss.kind='stablemax'", "the model's distribution is StableMax of its logits, "
                       "a transformers causal LM's is their softmax")
+    if m.mask_unseen_tokens:
+        raise _refuse("model.mask_unseen_tokens=true", "the model's distribution leaves out the ids unseen in "
+                      "training, a transformers causal LM's softmax covers every id")
     if m.logit_softcap is not None:
         raise _refuse(f"model.logit_softcap={m.logit_softcap:g}", "neither GPT-2 nor Llama soft-caps the logits")
     if m.mlra.enabled:

@@ -49,7 +49,8 @@ def evaluate(run_dir: str | Path, shards: str | Path | None = None, split: str =
              device: str = "auto") -> dict:
     """Mean cross-entropy of the run's model (its own normalizer) on `batches` batches of a split
     of token shards (default: the run's own shards, the run's eval_batches), windows spread evenly
-    over the split; shards made with another tokenizer are refused."""
+    over the split; shards made with another tokenizer are refused. With `model.mask_unseen_tokens`
+    the run's own mask (in model.pt) applies, as in training's validation loss."""
     if batches is not None and batches < 1:  # 0 is not "the default": `or` would have taken it so
         raise UserError(f"--batches must be at least 1 (got {batches})")
     cfg, model, dev = load_run(run_dir, device)
@@ -99,6 +100,8 @@ def sample(run_dir: str | Path, prompt: str, tokens: int = 50, temperature: floa
         with autocast(dev, cfg.train.dtype):
             logits = model(window)[0, -1].float()  # (V,)
         z = normalized_logits(logits / temperature, cfg.loss.kind)  # softmax(z) is the model's distribution
+        if model.vocab_mask_real() is not None:  # model.mask_unseen_tokens: masked ids have probability 0
+            z = z.masked_fill(~model.vocab_mask_real(), float("-inf"))
         if top_k > 0:
             z = torch.where(z >= torch.topk(z, min(top_k, z.numel())).values[-1], z, float("-inf"))
         nxt = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=gen)

@@ -1,5 +1,12 @@
 """Training objectives: softmax or StableMax cross-entropy, plus z-loss and OEC mu-loss.
 
+Which head rows are output classes: the real vocabulary (padding rows masked), or a `keep` mask
+over all head rows (`model.mask_unseen_tokens`: the training split's never-occurring ids masked
+like the padding rows, METHODS.md §1b). Masked columns are out of every log-sum-exp (no
+gradient through the cross-entropy or z-loss), masked rows out of mu (`row_mean`), and a
+position whose target is masked (none in training; a validation token unseen in training) is
+left out of the token means.
+
 Training goes through `head_loss`. Compiled, it is one autograd function for the whole head
 objective, so that soft-capping, StableMax and z-loss cost no more than plain cross-entropy: its
 forward is one reduction over the (N, V) logits and its backward one elementwise pass, and
@@ -37,9 +44,13 @@ def normalized_logits(logits: torch.Tensor, kind: str) -> torch.Tensor:
     return stablemax_transform(logits) if kind == "stablemax" else logits
 
 
-def token_losses(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token cross-entropy, shape of `targets`."""
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, kind: str,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token cross-entropy, shape of `targets`; with `keep` (V,) bool, the normalizer runs over
+    the kept columns only (a masked target's loss is then +inf)."""
     z = normalized_logits(logits, kind)
+    if keep is not None:
+        z = z.masked_fill(~keep, float("-inf"))
     return F.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1), reduction="none").view(targets.shape)
 
 
@@ -64,6 +75,22 @@ def real_logits(raw: torch.Tensor, vocab_size: int, softcap: float | None) -> to
     return _capped(raw[..., :vocab_size], softcap, slope=False)[0]
 
 
+def row_mean(E: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """mu, the mean row of E (V x d); with `keep` (at least V bools; the first V used), the mean of
+    the kept rows only (masked rows get no gradient through it)."""
+    if keep is None:
+        return E.mean(dim=0)
+    k = keep[: E.shape[0]]
+    return torch.where(k[:, None], E, 0.0).sum(dim=0) / k.sum()
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `values` over the positions where `valid` (all of them when None)."""
+    if valid is None:
+        return values.mean()
+    return torch.where(valid, values, 0.0).sum() / valid.sum()
+
+
 def _real_columns(raw: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
     """Mask of the columns of the real vocabulary, None when there is no padding."""
     return torch.arange(raw.shape[-1], device=raw.device) < vocab_size if raw.shape[-1] != vocab_size else None
@@ -76,12 +103,16 @@ class _HeadLoss(torch.autograd.Function):
     Softmax: t = l, lse = logsumexp(l), p = exp(l - lse). StableMax works on s(l) directly, with
     no exp or log per entry: lse = log sum s(l), p = s(l) / sum s, t = log s(l), and
     p dt/dl = 1 / sum s for l >= 0 and 1 / ((1 - l)^2 sum s) for l < 0 (the same quantities in
-    fewer, cheaper operations; the tests compare both against the float64 definition)."""
+    fewer, cheaper operations; the tests compare both against the float64 definition).
+
+    `keep` (V_padded,) bool, when given, replaces the real-vocabulary mask: the columns in the
+    softmax; positions whose target is masked are left out of both means."""
 
     @staticmethod
-    def forward(ctx, raw, targets, vocab_size, kind, softcap, z_loss):
+    def forward(ctx, raw, targets, vocab_size, kind, softcap, z_loss, keep=None):
         l, _ = _capped(raw, softcap, slope=False)
-        real = _real_columns(raw, vocab_size)
+        real = _real_columns(raw, vocab_size) if keep is None else keep
+        valid = None if keep is None else keep[targets]  # (N,)
         l_y = l.gather(-1, targets[:, None]).squeeze(-1)
         if kind == "stablemax":
             s = _stablemax_s(l)
@@ -100,41 +131,51 @@ class _HeadLoss(torch.autograd.Function):
             m = x.amax(dim=-1, keepdim=True)
             lse = (m + (x - m).exp().sum(dim=-1, keepdim=True).log()).squeeze(-1)
             t_y = l_y
-        ce = (lse - t_y).mean()
-        loss = ce + z_loss * lse.square().mean() if z_loss > 0 else ce.clone()
-        ctx.save_for_backward(raw, targets, lse)
+        ce = _masked_mean(lse - t_y, valid)
+        loss = ce + z_loss * _masked_mean(lse.square(), valid) if z_loss > 0 else ce.clone()
+        ctx.save_for_backward(raw, targets, lse, keep)
         ctx.args = (vocab_size, kind, softcap, z_loss)
         ctx.mark_non_differentiable(ce)
         return loss, ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
-        raw, targets, lse = ctx.saved_tensors
+        raw, targets, lse, keep = ctx.saved_tensors
         vocab_size, kind, softcap, z_loss = ctx.args
         l, dl = _capped(raw, softcap, slope=True)
-        scale = grad_loss / raw.shape[0]
+        if keep is None:
+            scale = grad_loss / raw.shape[0]
+            target_scale = scale
+        else:  # per position (N,): 1 / (kept positions), 0 where the target is masked
+            valid = keep[targets]
+            scale = torch.where(valid, grad_loss, 0.0) / valid.sum()
+            target_scale = scale[:, None]
         row = (scale * (1.0 + 2.0 * z_loss * lse) if z_loss > 0 else scale.expand_as(lse))[:, None]
         onehot = torch.arange(raw.shape[-1], device=raw.device) == targets[:, None]
         if kind == "stablemax":
             r = 1.0 / (1.0 - l.clamp(max=0))
             p_dt = torch.where(l >= 0, 1.0, r * r) * torch.exp(-lse)[:, None]  # p * dt/dl
-            grad = p_dt * row - torch.where(onehot, scale / (1.0 + l.abs()), 0.0)
+            grad = p_dt * row - torch.where(onehot, target_scale / (1.0 + l.abs()), 0.0)
         else:
-            grad = torch.exp(l - lse[:, None]) * row - torch.where(onehot, scale, 0.0)
-        real = _real_columns(raw, vocab_size)
+            grad = torch.exp(l - lse[:, None]) * row - torch.where(onehot, target_scale, 0.0)
+        real = _real_columns(raw, vocab_size) if keep is None else keep
         if real is not None:
             grad = torch.where(real, grad, 0.0)
         if dl is not None:
             grad = grad * dl
-        return grad.to(raw.dtype), None, None, None, None, None
+        return grad.to(raw.dtype), None, None, None, None, None, None
 
 
 def head_loss(raw: torch.Tensor, targets: torch.Tensor, vocab_size: int, kind: str = "softmax",
               softcap: float | None = None, z_loss: float = 0.0,
-              fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              fused: bool | None = None, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy + z-loss, cross-entropy), both token means, from the head's raw outputs
     (..., V_padded) in any dtype; soft-capping and StableMax are applied inside, in float32,
     to the first `vocab_size` columns.
+
+    `keep` (V_padded,) bool (`GPT.softmax_mask`): only its columns are in the softmax, and the
+    means run over the positions whose target is kept; None: the first `vocab_size` columns, every
+    position (the default, unchanged).
 
     `fused` (default: while torch.compile traces) uses the written-out autograd function, which
     compiles to one reduction and one elementwise kernel; uncompiled, plain autograd over the
@@ -143,18 +184,30 @@ def head_loss(raw: torch.Tensor, targets: torch.Tensor, vocab_size: int, kind: s
         fused = torch.compiler.is_compiling()
     V = raw.shape[-1]
     if fused:
-        return _HeadLoss.apply(raw.reshape(-1, V), targets.reshape(-1), vocab_size, kind, softcap, float(z_loss))
+        return _HeadLoss.apply(raw.reshape(-1, V), targets.reshape(-1), vocab_size, kind, softcap, float(z_loss),
+                               keep)
     logits = real_logits(raw, vocab_size, softcap)
-    ce = token_losses(logits, targets, kind).mean()
-    loss = ce + z_loss * torch.logsumexp(logits, dim=-1).square().mean() if z_loss > 0 else ce
+    if keep is None:
+        ce = token_losses(logits, targets, kind).mean()
+        loss = ce + z_loss * torch.logsumexp(logits, dim=-1).square().mean() if z_loss > 0 else ce
+        return loss, ce.detach()
+    k = keep[:vocab_size]
+    valid = k[targets]  # a masked target's loss is +inf: left out of the means
+    ce = _masked_mean(token_losses(logits, targets, kind, k), valid)
+    if z_loss > 0:
+        lse = torch.logsumexp(logits.masked_fill(~k, float("-inf")), dim=-1)
+        loss = ce + z_loss * _masked_mean(lse.square(), valid)
+    else:
+        loss = ce
     return loss, ce.detach()
 
 
 def objective(raw: torch.Tensor, targets: torch.Tensor, cfg: LossConfig, output_embedding: torch.Tensor,
-              softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to minimize, cross-entropy) from raw head outputs (B, T, V_padded); E is (V, d)."""
-    loss, ce = head_loss(raw, targets, output_embedding.shape[0], cfg.kind, softcap, cfg.z_loss)
+              softcap: float | None = None, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to minimize, cross-entropy) from raw head outputs (B, T, V_padded); E is (V, d);
+    `keep` (V_padded,) bool: the head rows in the softmax and in mu (None: E's rows, all of them)."""
+    loss, ce = head_loss(raw, targets, output_embedding.shape[0], cfg.kind, softcap, cfg.z_loss, keep=keep)
     if cfg.mu_loss > 0:  # OEC: lambda * ||mu||^2, one term per step
         E = output_embedding.to(torch.promote_types(output_embedding.dtype, torch.float32))
-        loss = loss + cfg.mu_loss * E.mean(dim=0).square().sum()
+        loss = loss + cfg.mu_loss * row_mean(E, keep).square().sum()
     return loss, ce

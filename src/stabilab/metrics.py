@@ -1,59 +1,75 @@
 """Stability metrics of METHODS.md §3, computed on tensors; the trainer decides when.
 
 All functions return tensors (no host sync); the trainer converts a whole record at once.
+`keep` (where taken): a bool mask over the vocabulary (V,), the ids the statistic runs over
+(`model.mask_unseen_tokens`: the training split's seen ids); None: all V.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .losses import normalized_logits, token_losses
+from .losses import normalized_logits, row_mean, token_losses
 
 
-def tev(embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tev(embedding: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token Embedding Variability: sigma_i = std of row i over its d entries (population std);
-    returns (mean_i sigma_i, std_i sigma_i)."""
+    returns (mean_i sigma_i, std_i sigma_i) over the rows (the kept ones)."""
     sigma = embedding.detach().float().std(dim=1, correction=0)
+    if keep is not None:
+        sigma = sigma[keep[: sigma.shape[0]]]
     return sigma.mean(), sigma.std(correction=0)
 
 
-def logit_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """OEC's output-logit statistics over positions (B, T, V)."""
+def logit_stats(logits: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """OEC's output-logit statistics over positions (B, T, V) (and the kept columns)."""
     logits = logits.detach().float()
+    if keep is None:
+        return {
+            "logits_mean": logits.mean(),
+            "logits_absmax": logits.abs().amax(dim=-1).mean(),
+            "log_z_sq": torch.logsumexp(logits, dim=-1).square().mean(),
+        }
+    n = keep.sum() * logits[..., 0].numel()
     return {
-        "logits_mean": logits.mean(),
-        "logits_absmax": logits.abs().amax(dim=-1).mean(),
-        "log_z_sq": torch.logsumexp(logits, dim=-1).square().mean(),
+        "logits_mean": torch.where(keep, logits, 0.0).sum() / n,
+        "logits_absmax": torch.where(keep, logits.abs(), 0.0).amax(dim=-1).mean(),
+        "log_z_sq": torch.logsumexp(logits.masked_fill(~keep, float("-inf")), dim=-1).square().mean(),
     }
 
 
-def mu_norm(embedding: torch.Tensor) -> torch.Tensor:
-    """||mu||, mu the mean row of an embedding matrix (V x d)."""
-    return embedding.detach().float().mean(dim=0).norm()
+def mu_norm(embedding: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """||mu||, mu the mean row of an embedding matrix (V x d) (the mean of the kept rows)."""
+    return row_mean(embedding.detach().float(), keep).norm()
 
 
-def hidden_alignment(hidden: torch.Tensor, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+def hidden_alignment(hidden: torch.Tensor, embedding: torch.Tensor,
+                     keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The final hidden states h (..., d) against mu, the mean output-embedding row (V x d). Without
     soft-capping each position's mean logit is h . mu = ||h|| ||mu|| cos(h, mu), so these split
     OEC's drift of the mean logit into its parts: `hidden_norm` (mean ||h||) and `hidden_mu_cos`
     (mean cosine; 0 where mu = 0, noise where mu is rounding noise, as under mu-centering)."""
     h = hidden.detach().float().flatten(0, -2)
-    mu = embedding.detach().float().mean(dim=0)
+    mu = row_mean(embedding.detach().float(), keep)
     norms = h.norm(dim=-1)
     cos = (h @ mu) / (norms * mu.norm()).clamp_min(torch.finfo(torch.float32).tiny)
     return {"hidden_norm": norms.mean(), "hidden_mu_cos": cos.mean()}
 
 
-def collapse_fractions(logits: torch.Tensor, targets: torch.Tensor, kind: str = "softmax") -> dict[str, torch.Tensor]:
+def collapse_fractions(logits: torch.Tensor, targets: torch.Tensor, kind: str = "softmax",
+                       keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Softmax Collapse (arXiv 2501.04697): the fraction of positions whose
     sum(exp(z - max z)) is exactly 1 (every other class underflows), and the fraction whose
     per-sample loss is exactly 0, in float32 (float64 logits: in float64, the precision such a
-    model computes its loss in). z are the logits of the model's own normalizer."""
+    model computes its loss in). z are the logits of the model's own normalizer (over the kept
+    columns; a position whose target is masked has an infinite loss, never a zero one)."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     logits = logits.detach().to(dtype)
     z = normalized_logits(logits, kind)
+    if keep is not None:
+        z = z.masked_fill(~keep, float("-inf"))
     denom = torch.exp(z - z.amax(dim=-1, keepdim=True)).sum(dim=-1)
-    losses = token_losses(logits, targets, kind)
+    losses = token_losses(logits, targets, kind, keep)
     return {"collapse_frac": (denom == 1.0).to(dtype).mean(), "zero_loss_frac": (losses == 0.0).to(dtype).mean()}
 
 

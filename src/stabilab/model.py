@@ -4,6 +4,8 @@ The default is GPT-2: LayerNorm, learned positions, GELU MLP, tied embeddings. O
 (METHODS.md §1b, each a `ModelConfig` field): RMSNorm, per-head qk-norm, RoPE on a fraction of
 each head's dims, SwiGLU, biases off, untied embeddings, a float32 output layer, the OEC code's
 initialization; and the studied methods: MLRA attention (`layers.LowRankHeads`), soft-capping.
+Which head rows are output classes: `softmax_rows` and, with `model.mask_unseen_tokens`, the mask
+`GPT.softmax_mask` (the training split's never-occurring ids out, set by the trainer).
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, rows, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        if cfg.mask_unseen_tokens:
+            # the head rows in the softmax and mu: all of softmax_rows until `mask_unseen` sets the
+            # training split's; kept in state_dict (model.pt, checkpoints), so a finished run's
+            # model is evaluated and sampled with its own mask
+            self.register_buffer("vocab_mask", torch.arange(rows) < softmax_rows(cfg))
         self._init_weights()
 
     # ------------------------------------------------------------------ init
@@ -131,6 +138,27 @@ class GPT(nn.Module):
         mu metrics then count them)."""
         return self.lm_head.weight[: softmax_rows(self.cfg)]
 
+    def softmax_mask(self) -> torch.Tensor | None:
+        """(V_padded,) bool: the head rows in the softmax, mu, mu-loss, mu-centering and the
+        vocabulary metrics, with `model.mask_unseen_tokens`; None without it (then: the first
+        `softmax_rows` rows, the default)."""
+        return self.vocab_mask if self.cfg.mask_unseen_tokens else None
+
+    def vocab_mask_real(self) -> torch.Tensor | None:
+        """`softmax_mask` over the real vocabulary's V columns (for logits and rows [:V]); None: all."""
+        mask = self.softmax_mask()
+        return None if mask is None else mask[: self.cfg.vocab_size]
+
+    @torch.no_grad()
+    def mask_unseen(self, seen: torch.Tensor) -> int:
+        """`model.mask_unseen_tokens`: mask the real-vocabulary ids where `seen` (V,) bool is false
+        (the padding rows stay as `softmax_rows` has them); returns how many ids are masked."""
+        assert self.cfg.mask_unseen_tokens, "model.mask_unseen_tokens is off"
+        V = self.cfg.vocab_size
+        assert seen.shape == (V,), f"expected ({V},) bools, got {tuple(seen.shape)}"
+        self.vocab_mask[:V] = seen.to(self.vocab_mask.device, torch.bool)
+        return int(V - seen.sum())
+
     def hidden(self, idx: torch.Tensor, logit_max: list[torch.Tensor] | None = None) -> torch.Tensor:
         B, T = idx.shape
         assert T <= self.cfg.block_size, f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}"
@@ -161,7 +189,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(h)  # (B, T, V)
         return objective(self.head(h), targets, loss or LossConfig(), self.output_embedding(),
-                         self.cfg.logit_softcap)
+                         self.cfg.logit_softcap, self.softmax_mask())
 
     def metrics_forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The final hidden states (B, T, C), float32 logits (B, T, V) and each layer's attention

@@ -127,6 +127,14 @@ def open_shards(shard_dir: str | Path, tokenizer_kind: str, vocab_size: int,
     return meta, {split: np.memmap(Path(shard_dir) / f"{split}.bin", dtype=dtype, mode="r") for split in SPLITS}
 
 
+def token_counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+    """How often each id occurs in a split (vocab_size,) int64, in chunks (a 34M-token split: ~2 s)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(0, len(tokens), chunk):
+        counts += np.bincount(np.asarray(tokens[i:i + chunk]), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
 def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int):
     import torch
 

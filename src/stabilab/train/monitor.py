@@ -134,23 +134,25 @@ class StabilityProbe:
     def _output_metrics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(self.device, self.cfg.train.dtype):
             h, logits, attn_max = self.model.metrics_forward(x)
+        keep = self.model.vocab_mask_real()  # None: the whole vocabulary (model.mask_unseen_tokens off)
         out = {f"attn_logit_max_l{i}": m for i, m in enumerate(attn_max.unbind())}
-        out.update(metrics.logit_stats(logits))
-        out.update(metrics.hidden_alignment(h, self.model.output_embedding()))
-        out.update(metrics.collapse_fractions(logits, y, self.cfg.loss.kind))
+        out.update(metrics.logit_stats(logits, keep))
+        out.update(metrics.hidden_alignment(h, self.model.output_embedding(), self.model.softmax_mask()))
+        out.update(metrics.collapse_fractions(logits, y, self.cfg.loss.kind, keep))
         return out
 
     @torch.no_grad()
     def measure(self, stats: RunningStats, step: int) -> dict[str, torch.Tensor]:
         m, vocab = self.model, self.cfg.model.vocab_size
+        keep, rows = m.vocab_mask_real(), m.softmax_mask()  # None, None: model.mask_unseen_tokens off
         m.eval()
         out = self.output_metrics(*self.batch)
         m.train()
-        out["tev_mean"], out["tev_std"] = metrics.tev(m.wte.weight[:vocab])
-        out["mu_norm"] = metrics.mu_norm(m.output_embedding())
+        out["tev_mean"], out["tev_std"] = metrics.tev(m.wte.weight[:vocab], keep)
+        out["mu_norm"] = metrics.mu_norm(m.output_embedding(), rows)
         if not self.cfg.model.tie_embeddings:
-            out["tev_lm_head_mean"], out["tev_lm_head_std"] = metrics.tev(m.output_embedding())
-            out["mu_norm_wte"] = metrics.mu_norm(m.wte.weight[:vocab])
+            out["tev_lm_head_mean"], out["tev_lm_head_std"] = metrics.tev(m.output_embedding(), rows)
+            out["mu_norm_wte"] = metrics.mu_norm(m.wte.weight[:vocab], keep)
         out["grad_norm_var"] = stats.grad_norm_var(step)
         out["spike_count"] = stats.spikes
         return out

@@ -13,7 +13,8 @@ test_stacked.py checks it in float64 to ~1e-10 per step):
 - data: the member's own batches, `shards.train_batch(tokens, seed, step, micro, ...)` (the batch
   order depends on the seed), stacked to (N, B, T);
 - loss: `losses.objective` per member on its slice of the stacked head outputs (the fused head
-  loss under compile; z-loss, mu-loss and soft-capping included);
+  loss under compile; z-loss, mu-loss and soft-capping included; with `model.mask_unseen_tokens`
+  the members' one mask, the shared training split's seen ids, as `Trainer` sets it);
 - schedule: `optim.lr_at` with the member's optimizer config;
 - clipping: `clip_grad_norm_`'s formula over each member's slice (its own global norm);
 - AdamW: PyTorch's update in PyTorch's order, decoupled (or independent) weight decay on the
@@ -24,10 +25,11 @@ every later step is dropped (its parameters and moments keep their values), it i
 `diverged_step`, and the other members are unaffected (their slices never mix with it).
 
 Supported (each in tests/test_stacked.py): AdamW with clipping on or off, decoupled or independent
-weight decay, z-loss, mu-loss, soft-capping, the float32 head, and the architecture options of
-the GPT-2 and OEC families (tied or not, LayerNorm or RMSNorm, qk-norm, RoPE, SwiGLU, MLRA),
-gradient accumulation. Refused (one-line UserError): SPAM, perpGrad, StableMax, post-step hooks (mu-centering), dropout,
-spike scores, several processes, init_from, and members differing in anything but lr and seed.
+weight decay, z-loss, mu-loss, soft-capping, the float32 head, model.mask_unseen_tokens, and the
+architecture options of the GPT-2 and OEC families (tied or not, LayerNorm or RMSNorm, qk-norm,
+RoPE, SwiGLU, MLRA), gradient accumulation. Refused (one-line UserError): SPAM, perpGrad,
+StableMax, post-step hooks (mu-centering), dropout, spike scores, several processes, init_from,
+and members differing in anything but lr and seed.
 
 It trains and reports per-member losses and grad norms; `stacked_runs.StackedRuns` (`stabilab
 train-stacked`, `bench_grid.py --stacked N`) turns its members into pipeline runs with their own
@@ -52,7 +54,7 @@ from ..methods import post_step_hooks
 from ..metrics import grad_groups
 from ..model import GPT, seeded_model, softmax_rows
 from ..optim import lr_at, param_groups
-from ..shards import open_shards, train_batch
+from ..shards import open_shards, token_counts, train_batch
 
 # CPU attention has no vmap batching rule (a loop over members: correct, slow); CUDA's flash,
 # memory-efficient and cuDNN attention have one.
@@ -148,6 +150,8 @@ class StackedTrainer:
         self.n = len(self.cfgs)
         cfg = self.cfgs[0]
         members = [_Body(seeded_model(c.model, c.seed, self.device)) for c in self.cfgs]
+        if cfg.model.mask_unseen_tokens:  # one split, one mask: in the buffers every member shares
+            members[0].gpt.mask_unseen(torch.from_numpy(token_counts(self.train_tokens, cfg.model.vocab_size) > 0))
         params, _ = stack_module_state(members)  # name -> (N, ...) leaf tensors; tied weights once
         self.params: dict[str, torch.Tensor] = params
         self.buffers = {k: b for k, b in members[0].named_buffers()}  # RoPE tables: the same for all
@@ -197,7 +201,8 @@ class StackedTrainer:
 
         raw = torch.vmap(body)(params, x)  # (N, B, T, V_padded): one batched launch per layer
         E = params[self.head_name][:, : softmax_rows(cfg.model)]  # (N, V, d) output embeddings
-        pairs = [objective(raw[i], y[i], cfg.loss, E[i], cfg.model.logit_softcap) for i in range(self.n)]
+        keep = self.buffers.get("gpt.vocab_mask")  # model.mask_unseen_tokens (None: off)
+        pairs = [objective(raw[i], y[i], cfg.loss, E[i], cfg.model.logit_softcap, keep) for i in range(self.n)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def train_step(self, measure: bool = False) -> dict[str, torch.Tensor]:
@@ -280,6 +285,8 @@ class StackedTrainer:
         state = {k.removeprefix(prefix): v[i].detach() for k, v in self.params.items()}
         if self.cfgs[0].model.tie_embeddings:
             state["lm_head.weight"] = state["wte.weight"]
+        if "gpt.vocab_mask" in self.buffers:  # model.mask_unseen_tokens: the one persistent buffer
+            state["vocab_mask"] = self.buffers["gpt.vocab_mask"]
         return state
 
     def flops_per_token(self) -> int:

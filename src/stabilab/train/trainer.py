@@ -38,7 +38,7 @@ from ..methods import post_step_hooks
 from ..metrics import grad_group_norms, grad_groups
 from ..model import attention_params_by_hand, seeded_model
 from ..optim import build_optimizer, lr_at
-from ..shards import eval_batches, open_shards, train_batch
+from ..shards import eval_batches, open_shards, token_counts, train_batch
 from .checkpoint import WEIGHTS, Checkpointer, load_weights, save_checked
 from .distributed import Processes
 from .monitor import DivergenceMonitor, RunningStats, SpikeScores, StabilityProbe, to_floats
@@ -73,6 +73,7 @@ class Trainer:
         self.model = seeded_model(self.cfg.model, cfg.seed, self.device)
         if t.init_from:  # a finished run's weights instead of a fresh init (same architecture)
             self.load_init(t.init_from)
+        self.masked_token_ids = self.mask_unseen_tokens()
         self.forward = self.model
         if self.procs.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -111,14 +112,29 @@ class Trainer:
         """train.init_from: a finished run's weights; of another architecture, one line naming the
         model settings that differ (not load_state_dict's list of every mismatched tensor)."""
         saved = load_weights(path, self.device)
+        state = {k: v for k, v in saved["model"].items() if k != "vocab_mask"}  # a mask is not a weight:
+        if self.cfg.model.mask_unseen_tokens:  # the run's own is set from its split after this
+            state["vocab_mask"] = self.model.vocab_mask
         try:
-            self.model.load_state_dict(saved["model"])
+            self.model.load_state_dict(state)
         except RuntimeError as e:
             theirs, ours = (saved.get("config") or {}).get("model") or {}, self.cfg.model.to_dict()
             diff = [f"model.{k} {theirs[k]!r} there, {v!r} here" for k, v in ours.items()
                     if k in theirs and theirs[k] != v]
             what = "; ".join(diff) or " ".join(str(e).split())[:300]
             raise UserError(f"train.init_from: {path} holds weights of another architecture ({what})") from None
+
+    def mask_unseen_tokens(self) -> int | None:
+        """model.mask_unseen_tokens: the ids that never occur in train.bin masked in the model (its
+        `vocab_mask`, after any init_from: the run's own split decides); the count, None when off."""
+        if not self.cfg.model.mask_unseen_tokens:
+            return None
+        seen = torch.from_numpy(token_counts(self.train_tokens, self.cfg.model.vocab_size) > 0)
+        n = self.model.mask_unseen(seen)
+        if self.procs.is_main:
+            print(f"model.mask_unseen_tokens: {n} of {self.cfg.model.vocab_size} token ids never occur in the "
+                  f"training split: masked (softmax, mu, mu-loss, mu-centering, vocabulary metrics)", flush=True)
+        return n
 
     # ------------------------------------------------------------------ data
 
@@ -388,6 +404,7 @@ class Trainer:
             "attention_params_per_layer": attention_params_by_hand(cfg.model),
             "wall_time_s": self.elapsed, "device": str(self.device), "processes": self.procs.world,
             "vocab_size": cfg.model.vocab_size, "flops_per_token": self.model.flops_per_token(),
+            **({"masked_token_ids": self.masked_token_ids} if self.masked_token_ids is not None else {}),
             "peak_memory_gib": (torch.cuda.max_memory_allocated(self.device) / 2**30
                                 if self.device.type == "cuda" else None),
             "provenance": {**provenance(self.device), "compiled": self.compiled, "compile_mode": self.compile_mode,
