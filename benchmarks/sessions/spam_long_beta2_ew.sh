@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One lent GPU, 2026-12-07: the first runs of "verdicts that survive review", all from one commit.
+# One lent GPU: the first runs of "verdicts that survive review", all from one commit.
 #   SPAM vs Adam at 4 x the length (configs/spam_long.yaml, 6 runs), the pre-registered early-warning
 #   replication (configs/early_warning_replication.yaml, 32 runs), and grokking at matched beta2
 #   (configs/grokking_beta2.yaml, 6 runs) beside the official pairing re-made (grokking_full, 12 runs),
@@ -7,8 +7,8 @@
 #   runs then train in a later session from this commit). Runs outside the synced tree (a later call re-copies it) and
 #   outlive a call (setsid); each call ends by packing every run record so far into $OUT.
 # Usage (repo root on the GPU machine; .carry/shards.tar.xz and .whl/ carried):
-#   COMMIT=<sha> benchmarks/sessions/2026-12-07.sh start SECONDS    # set up, launch, wait, pack
-#   benchmarks/sessions/2026-12-07.sh wait SECONDS                  # wait, pack
+#   COMMIT=<sha> benchmarks/sessions/spam_long_beta2_ew.sh start SECONDS    # set up, launch, wait, pack
+#   benchmarks/sessions/spam_long_beta2_ew.sh wait SECONDS                  # wait, pack
 set -uo pipefail
 W=/root/session
 R=$W/repo
