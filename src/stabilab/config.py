@@ -223,7 +223,7 @@ class TrainConfig(Section):
 
 class DataConfig(Section):
     shards: str = knob("", "folder with train.bin, val.bin, meta.json")
-    tokenizer: Literal["bpe", "gpt2"] = knob("bpe", "tokenizer kind the shards must have been made with")
+    tokenizer: Literal["bpe", "gpt2", "hf"] = knob("bpe", "tokenizer kind the shards must have been made with")
     vocab_size: int = knob(0, "tokenizer vocabulary the shards must have (0: any)", ge=0)
     tokenizer_file: str = knob("", "the run's tokenizer file: the shards' tokenizer sha256 must match ('': no check)")
 
