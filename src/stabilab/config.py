@@ -152,6 +152,8 @@ class OptimConfig(Section):
     grad_clip: float | None = knob(1.0, "global grad-norm clip; null: no clipping", gt=0)
     warmup_steps: int = knob(20, "linear LR warmup steps", ge=0)
     min_lr_ratio: float = knob(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
+    min_lr: float | None = knob(None, "cosine decay ends at this LR, the same for every peak LR (the OEC code's "
+                                      "1e-5); null: lr * min_lr_ratio", ge=0)
     perpgrad: bool = knob(False, "wrap the optimizer with perpGrad (OrthoGrad, StableMax paper)")
     spam: SPAMConfig = section(SPAMConfig, "SPAM's hyperparameters (used when name: spam)")
 
