@@ -91,12 +91,22 @@ def hf_tokenizer_args(tok):
     )
 
 
+def processes(wildcards):
+    """The data-parallel processes of a run (train.processes): its GPUs, one node."""
+    return json.loads(resolved_run(wildcards))["train"].get("processes", 1)
+
+
 def launcher(wildcards):
-    """`stabilab`, or torchrun over it for a data-parallel run."""
-    processes = json.loads(resolved_run(wildcards))["train"].get("processes", 1)
-    if processes == 1:
+    """`stabilab`, or torchrun over it for a data-parallel run (one node, one process per GPU)."""
+    n = processes(wildcards)
+    if n == 1:
         return "stabilab"
-    return f"torchrun --standalone --nproc_per_node {processes} -m stabilab.cli --"  # -- : torchrun would take --run
+    return f"torchrun --standalone --nproc_per_node {n} -m stabilab.cli --"  # -- : torchrun would take --run
+
+
+def threads_per_process(wildcards, threads):
+    """CPU threads of each of a run's processes: the job's threads shared out, at least one."""
+    return max(1, threads // processes(wildcards))
 
 
 def run_summaries():
