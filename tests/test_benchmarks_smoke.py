@@ -618,7 +618,7 @@ def test_bench_stacked_tiny(bench_throughput, tmp_path):
 
 # ----------------------------------------------------------------------------- paper_scale_smoke.py
 
-TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.mlp_hidden=64", "model.block_size=32"]
+SHRUNK = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.mlp_hidden=64", "model.block_size=32"]
 
 
 def test_paper_scale_smoke_trains_each_study_at_its_global_batch_and_writes_calibration_rows(
@@ -632,7 +632,7 @@ def test_paper_scale_smoke_trains_each_study_at_its_global_batch_and_writes_cali
     out = Path("smoke")  # relative, as benchmarks/results/... would be from the repository root
     rows = smoke.main(["--config", str(BENCH.parent / "configs" / "paper_scale" / "spam.yaml"), "--device", "cpu",
                        "--steps", "2", "--warmup", "1", "--study", "llama60m", "llama130m", "--micro-batch", "2",
-                       "--out", str(out), *TINY, "train.batch_size=4", "train.grad_accum=2"])
+                       "--out", str(out), *SHRUNK, "train.batch_size=4", "train.grad_accum=2"])
     assert [r["study"] for r in rows] == ["llama60m", "llama130m"] and all(r["status"] == "ok" for r in rows)
     for r in rows:
         assert (r["micro_batch"], r["grad_accum"], r["tokens_per_step"]) == (2, 4, 8 * 32)  # global 8 sequences kept
@@ -667,7 +667,7 @@ def test_paper_scale_smoke_halves_the_micro_batch_until_it_fits(bench_variants, 
 
     monkeypatch.setattr(smoke, "measure", out_of_memory_above_1)
     (row,) = smoke.main(["--config", str(BENCH.parent / "configs" / "paper_scale" / "oec.yaml"), "--device", "cpu",
-                         "--steps", "1", "--warmup", "1", "--study", "m16", *TINY, "train.batch_size=4",
+                         "--steps", "1", "--warmup", "1", "--study", "m16", *SHRUNK, "train.batch_size=4",
                          "train.grad_accum=1"])
     assert seen == [4, 2, 1] and (row["status"], row["micro_batch"], row["grad_accum"]) == ("ok", 1, 4)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
