@@ -56,6 +56,7 @@ from stabilab.cost import GPUS, gpu_hours, run_vocab  # noqa: E402
 from stabilab.device import PEAK_BF16_TFLOPS, pick_device  # noqa: E402
 from stabilab.errors import UserError  # noqa: E402
 from stabilab.experiment import load_experiment, run_config, runs, shards_dir  # noqa: E402
+from stabilab.optim import raise_recompile_limit  # noqa: E402
 from stabilab.shards import read_meta  # noqa: E402
 from stabilab.train import Trainer  # noqa: E402
 
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"error: {e}") from None
     device = pick_device(args.device, 0)
     compile_ = (device.type == "cuda") if args.compile is None else args.compile
+    if compile_:  # one process compiles every study's model (and retries at smaller micro-batches):
+        raise_recompile_limit(16 * len(chosen) + 8)  # never a silent fallback to eager
     runtime = RuntimeConfig(device=device.type, compile=compile_)
     kind, name = device_kind(device), experiment["name"]
     out = Path(args.out) if args.out else None
