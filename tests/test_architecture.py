@@ -174,6 +174,17 @@ def test_independent_weight_decay_decays_by_the_schedule_times_lambda(name):
     assert load_run_config({"optim": {"weight_decay_mode": "independent"}}).optim.weight_decay_mode == "independent"
 
 
+def test_the_cosine_floor_is_absolute_with_min_lr_and_relative_without():
+    """optim.min_lr (the OEC code's 1e-5 for every peak LR) replaces lr * min_lr_ratio as the floor."""
+    for lr in (3e-4, 0.3):
+        absolute = OptimConfig(lr=lr, warmup_steps=5, min_lr=1e-5)
+        assert lr_at(4, absolute, 100) == pytest.approx(lr)  # warmup unchanged
+        assert lr_at(99, absolute, 100) == pytest.approx(1e-5 + 0.5 * (lr - 1e-5) * (1 + math.cos(math.pi * 94 / 95)))
+        assert lr_at(100, absolute, 100) == pytest.approx(1e-5) and lr_at(100, absolute.model_copy(
+            update={"min_lr": None}), 100) == pytest.approx(0.1 * lr)
+    assert load_run_config({"optim": {"min_lr": 1e-5}}).optim.min_lr == 1e-5
+
+
 def test_soft_capped_loss_near_the_float32_limit_stays_finite():
     """A cap of 80 with GPT-2's vocabulary: V e^80 overflows float32, so the fused loss must take
     the max-subtracted path (it returned inf before)."""

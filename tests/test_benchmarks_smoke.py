@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import os
 import signal
 import sys
@@ -613,3 +614,63 @@ def test_bench_stacked_tiny(bench_throughput, tmp_path):
     assert table.strip() == result["markdown"].strip() and table.count("| stacked |") == 4
     with open(out / "stacked.csv") as f:
         assert len(list(csv.DictReader(f))) == 6
+
+
+# ----------------------------------------------------------------------------- paper_scale_smoke.py
+
+SHRUNK = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.mlp_hidden=64", "model.block_size=32"]
+
+
+def test_paper_scale_smoke_trains_each_study_at_its_global_batch_and_writes_calibration_rows(
+        bench_variants, tmp_path, monkeypatch):
+    """The GPU smoke test's code path on the CPU with a shrunken model: every chosen study trains on
+    one process with its preset's global batch (the 2-GPU study's micro-batches in turn), and its
+    tokens/s land in calibration rows whose source table holds them (as the calibration test reads
+    calibration.csv)."""
+    smoke = _load("paper_scale_smoke")
+    monkeypatch.chdir(tmp_path)
+    out = Path("smoke")  # relative, as benchmarks/results/... would be from the repository root
+    rows = smoke.main(["--config", str(BENCH.parent / "configs" / "paper_scale" / "spam.yaml"), "--device", "cpu",
+                       "--steps", "2", "--warmup", "1", "--study", "llama60m", "llama130m", "--micro-batch", "2",
+                       "--out", str(out), *SHRUNK, "train.batch_size=4", "train.grad_accum=2"])
+    assert [r["study"] for r in rows] == ["llama60m", "llama130m"] and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        assert (r["micro_batch"], r["grad_accum"], r["tokens_per_step"]) == (2, 4, 8 * 32)  # global 8 sequences kept
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])
+        assert r["run"] == {"llama60m": "runs/llama60m/adam/L8_lr0.001_s0",
+                            "llama130m": "runs/llama130m/adam/L12_lr0.0008_s0"}[r["study"]]
+    assert [r["processes"] for r in rows] == [1, 2]  # the cluster's; the smoke test ran one process
+    with open(out / "calibration_rows.csv", newline="") as f:
+        calibration = list(csv.DictReader(f))
+    assert [(c["device"], c["preset"], c["runs"], c["model_pflop"]) for c in calibration] == [
+        ("cpu", "spam_paper_scale/llama60m", "1", ""), ("cpu", "spam_paper_scale/llama130m", "1", "")]
+    record = (tmp_path / calibration[0]["source"]).read_text().splitlines()
+    for c in calibration:
+        cells = f"| {float(c['gflop_per_token']):.4g} |", f"| {int(c['tokens_per_s']):,} |"
+        assert any(all(cell in line for cell in cells) for line in record), c
+
+
+def test_paper_scale_smoke_halves_the_micro_batch_until_it_fits(bench_variants, monkeypatch, tmp_path):
+    smoke = _load("paper_scale_smoke")
+    assert [smoke.smaller_micro_batch(512, m) for m in (128, 64, 3, 1)] == [64, 32, 1, None]
+    assert smoke.smaller_micro_batch(480, 12) == 6 and smoke.smaller_micro_batch(64, 16) == 8
+    real = smoke.measure
+    seen = []
+
+    def out_of_memory_above_1(cfg, *args):
+        seen.append(cfg.train.batch_size)
+        if cfg.train.batch_size > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(cfg, *args)
+
+    import torch
+
+    monkeypatch.setattr(smoke, "measure", out_of_memory_above_1)
+    (row,) = smoke.main(["--config", str(BENCH.parent / "configs" / "paper_scale" / "oec.yaml"), "--device", "cpu",
+                         "--steps", "1", "--warmup", "1", "--study", "m16", *SHRUNK, "train.batch_size=4",
+                         "train.grad_accum=1"])
+    assert seen == [4, 2, 1] and (row["status"], row["micro_batch"], row["grad_accum"]) == ("ok", 1, 4)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert smoke.device_kind(torch.device("cuda")) == "h100" and smoke.device_kind(torch.device("cpu")) == "cpu"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert smoke.device_kind(torch.device("cuda")) == "a100-sxm4-80gb"

@@ -44,7 +44,7 @@ def test_default_config_is_valid():
     ("studies.depth.kind", "width", "bad value for config key 'studies.depth.kind': 'width' (allowed: 'depth', "),
     ("studies.depth.seeds", [0, 0], "bad value for config key 'studies.depth.seeds'"),
     ("tokenizer.kind", "sentencepiece",
-     "bad value for config key 'tokenizer.kind': 'sentencepiece' (allowed: 'bpe', 'gpt2')"),
+     "bad value for config key 'tokenizer.kind': 'sentencepiece' (allowed: 'bpe', 'gpt2', 'hf')"),
     ("data.source", "s3", "bad value for config key 'data.source'"),
     ("optim.lr", -1, "bad value for config key 'optim.lr'"),
     ("colour", "red", "unknown config key 'colour'"),

@@ -60,7 +60,8 @@ def test_a_dry_run_counts_runs_per_study_and_names_the_changed_keys(tmp_path, mo
         plan.observe(job_info(res / "grokking" / "add" / variant / "s0",
                               {"operation": "add", "variant": variant, "seed": 0}, None))
     plan.observe({"rule_name": "tokenize", "wildcards": {}, "output": ["meta.json"], "reason": "x"})
-    assert plan.lines() == [
+    lines = plan.lines()
+    assert lines[:7] == [
         "Would train 18 runs:",
         "  depth    12  (config changed)",
         "  spikes    3  (2 input updated, 1 new)",
@@ -69,12 +70,19 @@ def test_a_dry_run_counts_runs_per_study_and_names_the_changed_keys(tmp_path, mo
         "Changed since the run folders' config.json:",
         "  train.steps: 150 -> 20  (13 runs: depth, variants)",
     ]
+    # what those runs cost, as check-config says it: 20 steps x 16 x 64 tokens (spikes: its own 260)
+    assert lines[7] == "Cost of these runs:"
+    assert [line.split()[:5] for line in lines[8:12]] == [
+        ["depth", "12", "runs", "246k", "tokens"], ["spikes", "3", "runs", "799k", "tokens"],
+        ["variants", "1", "runs", "20.5k", "tokens"], ["total", "16", "runs", "1.06M", "tokens"]]
+    assert lines[12].startswith("  time: roughly") and "measured for 'default'" in lines[12]  # results/default
+    assert len(lines) == 13
     same = DryRun()  # the same config, retrained for another reason: Snakemake's, in a word
     run = runs(cfg)[0]
     same.observe(job_info(res / run.path, {"study": run.study, "variant": run.variant, "depth": run.depth,
                                            "lr": f"{run.lr:g}", "seed": run.seed},
                           run_config(cfg, run, shards_dir(cfg)), reason="Code has changed since last execution"))
-    assert same.lines() == ["Would train 1 run:", "  depth 1  (code changed)"]
+    assert same.lines()[:3] == ["Would train 1 run:", "  depth 1  (code changed)", "Cost of these runs:"]
 
 
 def test_set_that_changes_finished_runs_warns_in_one_line_naming_the_override_that_keeps_them(
@@ -110,5 +118,9 @@ def test_snakemake_n_prints_the_plan_and_the_warning(tmp_path):
     assert plan[1:6] == ["  depth    12  (config changed)", "  lr       15  (new)", "  spikes    3  (new)",
                          "  variants  6  (new)", "  grokking  4  (new)"]
     assert plan[6:9] == ["Changed since the run folders' config.json:", "  train.steps: 150 -> 20  (12 runs: depth)",
-                         "This was a dry-run (flag -n). The order of jobs does not reflect the order of execution."]
+                         "Cost of these runs:"]  # check-config's lines for the 40 runs that would train
+    assert plan[9].split()[:5] == ["depth", "12", "runs", "246k", "tokens"]
+    assert any(line.startswith("  total      36 runs") for line in plan)
+    end = plan.index("This was a dry-run (flag -n). The order of jobs does not reflect the order of execution.")
+    assert plan[end - 1].startswith("  time: roughly")  # the cost's last line, then Snakemake's
     assert not any(line.startswith("Reasons:") for line in out)  # it pointed at job blocks the profile hides

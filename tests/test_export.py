@@ -233,3 +233,22 @@ def test_an_out_that_is_a_run_folder_or_a_file_is_refused_before_anything_is_rea
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: --out {out} ") and message in err, err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@needs_transformers
+def test_an_hf_tokenizer_run_exports_its_tokenizer_with_its_eos(tiny_data, tmp_path, capsys, one_torch_thread):
+    """tokenizer.kind hf (a T5-like tokenizer.json): the export carries it, </s> as bos and eos."""
+    from transformers import AutoTokenizer
+
+    from stabilab.tokenizer import hf
+    from test_paper_data import t5_like_tokenizer
+
+    t5_like_tokenizer(tmp_path / "t5.json")
+    ours = hf(file=str(tmp_path / "t5.json"))
+    write_run(tmp_path / "run", tiny_data, tokenizer=ours)
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert "(hf, 300 tokens)" in capsys.readouterr().out
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert theirs.eos_token == "</s>" and theirs.eos_token_id == ours.eot_id == 1
+    assert theirs("the king speaks", add_special_tokens=False)["input_ids"] == ours.encode("the king speaks")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 1

@@ -12,9 +12,10 @@ with STABILAB_SLURM_TEST=1 (which `.ci/run` sets; CI always runs it).
 
 `run_snakemake_on_slurm` is the part that knows how to drive Snakemake's SLURM
 executor against that cluster.  The test runs the project's real Snakefile with
-its SLURM profile on a tiny experiment config (one depth-study run of 10 steps,
-grokking off): corpus -> tokenizer -> tokenize -> train [gpu=1] -> tables ->
-figures, each a SLURM job; then it retrains that one run with --forcerun train.
+its SLURM profile on a tiny experiment config (a depth-study run of 10 steps, and
+a data-parallel run of 2 processes, grokking off): corpus -> tokenizer -> tokenize
+-> train [gpu=1] and train [gpu=2, torchrun, gloo on the CPU] -> tables -> figures,
+each a SLURM job; then it retrains the first run with --forcerun train.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ SLURM_ARGS = [
     "--nocolor",
 ]
 DEFAULT_RESOURCES = ["slurm_partition=debug", "mem_mb=200", "runtime=10"]
+GPUS = 2  # placeholder GPUs on the node: a data-parallel run of 2 processes asks for 2
 
 USERS_LOCK = Path("/run/slurm-test/users.lock")
 
@@ -169,7 +171,8 @@ def slurm_cluster():
     try:
         try:
             proc = subprocess.run(
-                ["bash", str(SLURM_SCRIPTS / "start_slurm.sh")], capture_output=True, text=True, timeout=900
+                ["bash", str(SLURM_SCRIPTS / "start_slurm.sh")], capture_output=True, text=True, timeout=900,
+                env=dict(os.environ, SLURM_TEST_GPUS=str(GPUS)),
             )
         except subprocess.TimeoutExpired:
             _skip_or_fail("tests/slurm/start_slurm.sh ran past 900 s (package install hanging?)")
@@ -190,7 +193,9 @@ def slurm_cluster():
 
 
 def tiny_experiment(text_dir: Path) -> dict:
-    """config.yaml shrunk to one tiny training run (as tests/test_pipeline.py does), grokking off."""
+    """config.yaml shrunk to two tiny training runs (as tests/test_pipeline.py does), grokking off: one
+    run of one process, and one data-parallel run of 2 processes (train.processes; the same global batch
+    of 2 micro-batches), which the train rule launches with torchrun and gives 2 GPUs on one node."""
     cfg = copy.deepcopy(yaml.safe_load((REPO / "config.yaml").read_text()))
     cfg["name"] = "tiny"
     cfg["data"] = {"source": "text", "paths": [str(text_dir)], "val_fraction": 0.2}
@@ -200,6 +205,8 @@ def tiny_experiment(text_dir: Path) -> dict:
                     "metrics_every": 5}
     cfg["studies"] = {
         "depth": {"kind": "depth", "variants": ["baseline"], "depths": [1], "lrs": [1e-2], "seeds": [0]},
+        "ddp": {"kind": "compare", "variants": ["baseline"], "depths": [1], "lrs": [1e-2], "seeds": [0],
+                "overrides": {"train": {"processes": 2, "grad_accum": 2}}},
     }
     cfg["grokking"] = {"variants": []}  # an empty list switches the grokking study off
     return cfg
@@ -208,12 +215,13 @@ def tiny_experiment(text_dir: Path) -> dict:
 def pipeline_args(configfile: Path) -> list[str]:
     """The project's SLURM profile, with the experiment config `configfile`, fitted to the
     2-CPU localhost node: the profile's train job (4 CPUs, 32 GB) would never start there.
-    --set-resources replaces the profile's whole set-resources, so train:gpu=1 is repeated."""
+    --set-resources replaces the profile's whole set-resources; the GPUs are the train rule's
+    own resource (gpu = train.processes), so they stay."""
     return [
         "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
         "--configfile", str(configfile),  # replaces the repository's config.yaml (see the Snakefile)
         "--set-threads", "train=1",
-        "--set-resources", "train:gpu=1", "train:mem_mb=2000",
+        "--set-resources", "train:mem_mb=2000",
     ]
 
 
@@ -236,36 +244,53 @@ def _check_slurm_job(workdir: Path, rule: str, jobid: str) -> str:
     return info
 
 
+def _gpus(info: str) -> int:
+    """The GPUs a job was given, from `scontrol show job` (gres:gpu:N or gres/gpu=N), 0 for none."""
+    match = re.search(r"gres[:/]gpu[:=](\d+)", info)
+    return int(match.group(1)) if match else 0
+
+
 def test_pipeline_runs_through_slurm_and_forcerun_retrains_one_run(slurm_cluster, tmp_path):
     env_path = _slurm_env()["PATH"]
     assert shutil.which("stabilab", path=env_path), f"the rules call `stabilab`, not on the jobs' PATH {env_path}"
+    assert shutil.which("torchrun", path=env_path), f"a data-parallel run calls `torchrun`, not on {env_path}"
     write_text_files(tmp_path / "text", make_documents(12, 300))
     cfg = tiny_experiment(tmp_path / "text")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     args = pipeline_args(tmp_path / "config.yaml")
     snakefile = REPO / "Snakefile"
-    (run,) = runs(cfg)
+    run, ddp = runs(cfg)
     res = tmp_path / "results" / "tiny"
     summary = res / run.path / "summary.json"
 
     # the whole pipeline (default target: tables and figures), every rule a SLURM job
-    first = run_snakemake_on_slurm(tmp_path, snakefile, [], args, timeout=240)
+    first = run_snakemake_on_slurm(tmp_path, snakefile, [], args, timeout=300)
     jobs = submitted_jobs(first.stdout)
     assert sorted(jobs) == ALL_RULES, first.stdout[-3000:]
-    assert all(len(ids) == 1 for ids in jobs.values()), jobs
+    assert {rule: len(ids) for rule, ids in jobs.items()} == {rule: 2 if rule == "train" else 1 for rule in ALL_RULES}
+    infos = {jobid: _check_slurm_job(tmp_path, rule, jobid) for rule, ids in jobs.items() for jobid in ids}
     ids = {rule: ids[0] for rule, ids in jobs.items()}
-    infos = {rule: _check_slurm_job(tmp_path, rule, jobid) for rule, jobid in ids.items()}
-    # the train job got the (placeholder) GPU it asked for, the others none
-    assert "gres:gpu:1" in infos["train"] or "gres/gpu=1" in infos["train"], infos["train"]
+    # each train job got the (placeholder) GPUs its run asks for: 1, and 2 on one node for the
+    # 2-process run; the other rules none
+    assert sorted(_gpus(infos[jobid]) for jobid in jobs["train"]) == [1, 2], [infos[j] for j in jobs["train"]]
+    ddp_job = next(jobid for jobid in jobs["train"] if _gpus(infos[jobid]) == 2)
+    assert "NumNodes=1 " in infos[ddp_job], infos[ddp_job]
     for rule in DATA_RULES + ["tables", "figures"]:
-        assert "gres:gpu" not in infos[rule] and "gres/gpu" not in infos[rule], infos[rule]
+        assert _gpus(infos[ids[rule]]) == 0, infos[ids[rule]]
+    # the data-parallel run trained in 2 processes (torchrun; gloo on this CPU node), in the 2-GPU job
+    assert "ddp" in str(next((tmp_path / ".snakemake" / "slurm_logs" / "rule_train").rglob(f"{ddp_job}.log")))
+    ddp_summary = json.loads((res / ddp.path / "summary.json").read_text())
+    assert ddp_summary["processes"] == 2 and ddp_summary["steps"] == 10
+    assert ddp_summary["tokens"] == 10 * 2 * 4 * 32  # the global batch: 2 micro-batches of 4 x 32 tokens
+    assert json.loads((res / run.path / "summary.json").read_text())["processes"] == 1
 
     runs_csv = pd.read_csv(res / "tables" / "runs.csv")
-    assert len(runs_csv) == 1, runs_csv
-    assert (runs_csv.study[0], runs_csv.variant[0], runs_csv.depth[0], runs_csv.seed[0]) == ("depth", "baseline", 1, 0)
+    assert len(runs_csv) == 2, runs_csv
+    assert sorted(zip(runs_csv.study, runs_csv.variant, runs_csv.depth, runs_csv.seed)) == [
+        ("ddp", "baseline", 1, 0), ("depth", "baseline", 1, 0)]
     figures = tmp_path / "figures" / "tiny"
     for png in expected_figures(cfg["studies"]):
-        assert png.startswith("depth/")
+        assert png.startswith(("depth/", "ddp/"))
         assert (figures / png).stat().st_size > 0, png
         assert (figures / png).with_suffix(".pdf").exists(), png
     assert not (res / "grokking").exists()
@@ -281,9 +306,9 @@ def test_pipeline_runs_through_slurm_and_forcerun_retrains_one_run(slurm_cluster
     jobs2 = submitted_jobs(second.stdout)
     assert sorted(jobs2) == ["train"], second.stdout[-3000:]  # corpus, tokenizer, tokenize not re-run
     (train2,) = jobs2["train"]
-    assert int(train2) > int(ids["train"])
+    assert int(train2) > max(map(int, jobs["train"]))
     info2 = _check_slurm_job(tmp_path, "train", train2)
-    assert "gres:gpu:1" in info2 or "gres/gpu=1" in info2, info2
+    assert _gpus(info2) == 1, info2
     assert summary.stat().st_mtime_ns != summary_before
     assert json.loads(summary.read_text())["steps"] == 10  # a complete summary again
     # trained afresh (a finished run keeps no checkpoint to resume from)

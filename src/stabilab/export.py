@@ -18,9 +18,10 @@ with one line naming the option. Training-only choices (init, losses z-loss and 
 optimizer, mu-centering, head_fp32) need no mapping. Dropout maps onto GPT-2's three dropouts;
 Llama has attention dropout only (dropout is off at inference either way).
 
-The run's tokenizer goes beside the model: a `bpe` tokenizer as a `PreTrainedTokenizerFast`, EOT
-as bos and eos token; for a `gpt2` (tiktoken) tokenizer a note says which Hugging Face tokenizer
-has the same ids (nothing is downloaded here).
+The run's tokenizer goes beside the model: a `bpe` or `hf` tokenizer as a `PreTrainedTokenizerFast`,
+its end-of-document token (EOT; an `hf` tokenizer's EOS, e.g. T5's </s>) as bos and eos token; for a
+`gpt2` (tiktoken) tokenizer a note says which Hugging Face tokenizer has the same ids (nothing is
+downloaded here).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from .errors import UserError
 from .inference import load_run, tokenizer_file
 from .layers import LN_EPS, RMS_EPS, mlp_hidden, rotary_dims
 from .model import GPT
-from .tokenizer import EOT
 from .tokenizer import load as load_tokenizer
 from .train.checkpoint import OUTPUTS
 
@@ -218,7 +218,7 @@ def check_logits(model: GPT, hf, name: str) -> tuple[float, float]:
 
 
 def _save_tokenizer(tok, path: Path, cfg: RunConfig, out: Path) -> str:
-    """Write the run's tokenizer (bpe) or the note (gpt2) into `out`; the line that says which."""
+    """Write the run's tokenizer (bpe, hf) or the note (gpt2) into `out`; the line that says which."""
     if tok is None:
         return f"no tokenizer exported ({path} not found)"
     if tok.kind == "gpt2":
@@ -226,11 +226,13 @@ def _save_tokenizer(tok, path: Path, cfg: RunConfig, out: Path) -> str:
         return "tokenizer: tiktoken gpt2, not converted (TOKENIZER.txt says which has the same ids)"
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=EOT, eos_token=EOT,
+    # a bpe run's file is a tokenizers file; an hf run's wraps one (tokenizer.py): its object either way
+    source = {"tokenizer_object": tok.impl} if tok.kind == "hf" else {"tokenizer_file": str(path)}
+    hf = PreTrainedTokenizerFast(**source, bos_token=tok.eot, eos_token=tok.eot,
                                  clean_up_tokenization_spaces=False)  # decode as ours does
     hf.model_max_length = cfg.model.block_size
     hf.save_pretrained(out)
-    return f"tokenizer: {path} (bpe, {tok.vocab_size} tokens)"
+    return f"tokenizer: {path} ({tok.kind}, {tok.vocab_size} tokens)"
 
 
 def check_out(run_dir: Path, out: Path) -> None:

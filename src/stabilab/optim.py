@@ -237,11 +237,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, co
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio; `step` counts from 0.
-    The warmup is lr (t + 1) / W, or lr (t + 1) / (W + 1) with `warmup_plus_one` (the OEC code's)."""
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr, or cfg.lr * min_lr_ratio when that
+    is null; `step` counts from 0. The warmup is lr (t + 1) / W, or lr (t + 1) / (W + 1) with
+    `warmup_plus_one` (the OEC code's)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + (1 if cfg.warmup_plus_one else 0))
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
+    floor = cfg.lr * cfg.min_lr_ratio if cfg.min_lr is None else cfg.min_lr
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))

@@ -8,6 +8,7 @@ run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ SPLITS = ("train", "val")
 
 
 def write_shards(tokenizer: Tokenizer, split_files: dict[str, Path], out_dir: str | Path,
-                 batch_docs: int = 64) -> dict:
+                 batch_docs: int = 1024) -> dict:
     """Write train.bin and val.bin (each followed by its sha256 into meta.json), meta.json last."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -34,9 +35,9 @@ def write_shards(tokenizer: Tokenizer, split_files: dict[str, Path], out_dir: st
         n_tokens = n_docs = 0
         digest = hashlib.sha256()
         with atomic_path(out / f"{split}.bin") as tmp, open(tmp, "wb") as f:
-            texts = list(read_split(split_files[split]))
-            for i in range(0, len(texts), batch_docs):
-                for ids in tokenizer.encode_batch(texts[i:i + batch_docs]):
+            texts = read_split(split_files[split])  # streamed: a paper-scale corpus never sits in memory
+            while batch := list(itertools.islice(texts, batch_docs)):
+                for ids in tokenizer.encode_batch(batch):
                     data = np.asarray(ids + [tokenizer.eot_id], dtype=dtype).tobytes()
                     f.write(data)
                     digest.update(data)

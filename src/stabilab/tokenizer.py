@@ -1,6 +1,7 @@
-"""Tokenizers: a byte-level BPE trained on the corpus (Hugging Face `tokenizers`) or GPT-2's (tiktoken).
+"""Tokenizers: a byte-level BPE trained on the corpus (Hugging Face `tokenizers`), GPT-2's (tiktoken),
+or a given Hugging Face tokenizer (`hf`: a `tokenizer.json` file, or a hub name such as `t5-base`).
 
-Both are saved as one JSON file; its sha256 identifies the tokenizer in the shards' meta.
+Each is saved as one JSON file; its sha256 identifies the tokenizer in the shards' meta.
 """
 
 from __future__ import annotations
@@ -38,21 +39,30 @@ def _gpt2_encoding():
                                  special_tokens={EOT: GPT2_VOCAB - 1}, explicit_n_vocab=GPT2_VOCAB)
 
 
-class Tokenizer:
-    """Common interface: encode a batch of documents, decode ids, know the vocabulary and EOT id."""
+# an `hf` tokenizer's end-of-document token when none is named: the first of these it has
+EOS_CANDIDATES = ("</s>", EOT, "<eos>", "<|end_of_text|>")
+HF_FETCH = ("python -c \"from huggingface_hub import hf_hub_download; "
+            "hf_hub_download('{name}', 'tokenizer.json', local_dir='{folder}')\"")
 
-    def __init__(self, kind: str, impl, spec: str):
+
+class Tokenizer:
+    """Common interface: encode a batch of documents, decode ids, know the vocabulary and EOT id
+    (the token that ends each document in the shards: `<|endoftext|>`, or an `hf` tokenizer's EOS)."""
+
+    def __init__(self, kind: str, impl, spec: str, eot: str = EOT):
         self.kind, self.impl, self.spec = kind, impl, spec
         self.sha256 = hashlib.sha256(spec.encode()).hexdigest()
-        if kind == "bpe":
+        if kind in ("bpe", "hf"):  # Hugging Face `tokenizers`
             self.vocab_size = impl.get_vocab_size()
-            self.eot_id = impl.token_to_id(EOT)
+            self.eot_id = impl.token_to_id(eot)
+            self.eot = eot
         else:
             self.vocab_size = impl.n_vocab
             self.eot_id = impl.eot_token
+            self.eot = EOT
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self.kind == "bpe":
+        if self.kind in ("bpe", "hf"):
             return [e.ids for e in self.impl.encode_batch(texts, add_special_tokens=False)]
         return self.impl.encode_ordinary_batch(texts)
 
@@ -60,7 +70,7 @@ class Tokenizer:
         return self.encode_batch([text])[0]
 
     def decode(self, ids: list[int]) -> str:
-        if self.kind == "bpe":
+        if self.kind in ("bpe", "hf"):
             return self.impl.decode(list(ids), skip_special_tokens=False)
         return self.impl.decode(list(ids))
 
@@ -92,6 +102,69 @@ def gpt2() -> Tokenizer:
     return Tokenizer("gpt2", _gpt2_encoding(), spec)
 
 
+def _hf_spec(impl, source: str, eos: str) -> str:
+    """What an `hf` tokenizer is saved as: its own tokenizer.json inside a small wrapper."""
+    return json.dumps({"kind": "hf", "source": source, "eos_token": eos, "tokenizer": json.loads(impl.to_str())},
+                      sort_keys=True)
+
+
+def _hf_eot(impl, where: str, eos: str | None) -> str:
+    if eos is not None:
+        if impl.token_to_id(eos) is None:
+            raise UserError(f"bad value for config key 'tokenizer.eos_token': {eos!r} is not a token of {where}")
+        return eos
+    found = next((t for t in EOS_CANDIDATES if impl.token_to_id(t) is not None), None)
+    if found is None:
+        raise UserError(f"{where} has none of the end-of-document tokens {', '.join(EOS_CANDIDATES)}: "
+                        "name one with tokenizer.eos_token")
+    return found
+
+
+def hf_tokenizer_file(file: str | Path) -> Path:
+    """The tokenizer.json a `tokenizer.file` names (the file, or the one in a folder)."""
+    path = Path(file)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def hf(name: str | None = None, file: str | None = None, eos: str | None = None,
+       vocab_size: int | None = None) -> Tokenizer:
+    """A given Hugging Face tokenizer: from a local `tokenizer.json` (`file`, or a folder holding
+    one: works offline), else from the hub by `name` (e.g. `t5-base`, the SPAM code's). Each document
+    ends with `eos` (default: the first of EOS_CANDIDATES the tokenizer has, `</s>` for T5), as T5's
+    own post-processor appends it. `vocab_size`, when given, must be the tokenizer's (the config's
+    cost estimate used it)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if file:
+        path = hf_tokenizer_file(file)
+        if not path.exists():
+            fetch = HF_FETCH.format(name=name, folder=path.parent) if name else "a tokenizer.json"
+            raise UserError(f"tokenizer file not found: {path} (fetch it with: {fetch})")
+        where = f"tokenizer file {path}"
+        try:
+            impl = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise UserError(f"{where} is not a valid tokenizer: {str(e).splitlines()[0] if str(e) else e}") from None
+        source = name or path.name
+    elif name:
+        where = f"tokenizer '{name}'"
+        try:
+            impl = HFTokenizer.from_pretrained(name)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot fetch tokenizer '{name}' from the Hugging Face hub ({first}); offline, set "
+                            f"tokenizer.file to its tokenizer.json, fetched with: "
+                            f"{HF_FETCH.format(name=name, folder='data/' + name.split('/')[-1])}") from None
+        source = name
+    else:
+        raise UserError("tokenizer.kind 'hf' needs tokenizer.name (a hub name) or tokenizer.file (a tokenizer.json)")
+    eot = _hf_eot(impl, where, eos)
+    if vocab_size and impl.get_vocab_size() != vocab_size:
+        raise UserError(f"bad value for config key 'tokenizer.vocab_size': {vocab_size}: {where} has "
+                        f"{impl.get_vocab_size()} tokens")
+    return Tokenizer("hf", impl, _hf_spec(impl, source, eot), eot)
+
+
 def load(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.exists():
@@ -103,6 +176,14 @@ def load(path: str | Path) -> Tokenizer:
         raise UserError(f"tokenizer file {path} is not valid JSON") from None
     if data.get("kind") == "gpt2":
         return gpt2()
+    if data.get("kind") == "hf":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            impl = HFTokenizer.from_str(json.dumps(data["tokenizer"]))
+            return Tokenizer("hf", impl, spec, data["eos_token"])
+        except Exception as e:
+            raise UserError(f"tokenizer file {path} is not a valid tokenizer: {e}") from None
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
@@ -111,9 +192,12 @@ def load(path: str | Path) -> Tokenizer:
         raise UserError(f"tokenizer file {path} is not a valid tokenizer: {e}") from None
 
 
-def build(kind: str, vocab_size: int, texts: Iterable[str]) -> Tokenizer:
+def build(kind: str, vocab_size: int, texts: Iterable[str], name: str | None = None, file: str | None = None,
+          eos: str | None = None) -> Tokenizer:
     if kind == "bpe":
         return train_bpe(texts, vocab_size)
     if kind == "gpt2":
         return gpt2()
-    raise UserError(f"bad value for config key 'tokenizer.kind': {kind!r} (allowed: 'bpe', 'gpt2')")
+    if kind == "hf":
+        return hf(name, file, eos, vocab_size)
+    raise UserError(f"bad value for config key 'tokenizer.kind': {kind!r} (allowed: 'bpe', 'gpt2', 'hf')")

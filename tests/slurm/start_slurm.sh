@@ -9,9 +9,9 @@
 #   - /etc/slurm/slurm.conf: cluster "stabilab", controller and one node both
 #     named localhost on 127.0.0.1, partition "debug" (default), no accounting,
 #     select/cons_tres, proctrack/linuxproc, task/none
-#   - /etc/slurm/gres.conf: one placeholder GPU backed by /dev/null, so that
-#     jobs asking for --gpus=1 / --gres=gpu:1 can be scheduled (they run on the
-#     CPU).  slurmd drops a GPU without a File= ("Removing file-less GPU"), and
+#   - /etc/slurm/gres.conf: placeholder GPUs (SLURM_TEST_GPUS, default 2), the
+#     first backed by /dev/null, so that jobs asking for --gpus=N / --gres=gpu:N
+#     can be scheduled (they run on the CPU).  slurmd drops a GPU without a File= ("Removing file-less GPU"), and
 #     the node then goes INVAL "gres/gpu count reported lower than configured".
 #   - all daemons bind to 127.0.0.1 only (CommunicationParameters=
 #     NoCtldInAddrAny,NoInAddrAny)
@@ -21,7 +21,8 @@
 #
 # Environment knobs:
 #   SLURM_TEST_WAIT   seconds to wait for the node to become idle (default 60)
-#   SLURM_TEST_GPUS   number of placeholder GPUs on the node (default 1)
+#   SLURM_TEST_GPUS   number of placeholder GPUs on the node (default 2: the test's data-parallel
+#                     run of 2 processes asks for 2 on one node)
 set -u
 
 ETC=/etc/slurm
@@ -29,7 +30,7 @@ STATE=/var/lib/slurm-test
 LOGDIR=/var/log/slurm-test
 RUNDIR=/run/slurm-test
 WAIT=${SLURM_TEST_WAIT:-60}
-NGPUS=${SLURM_TEST_GPUS:-1}
+NGPUS=${SLURM_TEST_GPUS:-2}
 
 die() {
     echo "start_slurm.sh: $*" >&2
@@ -50,10 +51,15 @@ fi
 node_state() {
     sinfo -h -N -n localhost -o '%T' 2>/dev/null | head -n1
 }
+node_gpus() {
+    scontrol show node localhost 2>/dev/null | sed -n 's/.*Gres=gpu:\([0-9]*\).*/\1/p' | head -n1
+}
 cluster_up() {
     command -v sinfo >/dev/null 2>&1 || return 1
     grep -q "^ClusterName=stabilab" "$ETC/slurm.conf" 2>/dev/null || return 1
     scontrol ping 2>/dev/null | grep -q "is UP" || return 1
+    # fewer placeholder GPUs than asked for (an older start): reconfigure
+    [ "$(node_gpus)" -ge "$NGPUS" ] 2>/dev/null || return 1
     case "$(node_state)" in
         idle|mixed|allocated|completing) return 0 ;;
     esac
@@ -235,4 +241,4 @@ if [ "$state" != "idle" ]; then
     reason=$(sinfo -h -N -n localhost -o '%E' 2>/dev/null | head -n1)
     die "node localhost not idle after ${WAIT}s (state '${state:-none}', reason '${reason}'): $(tail -n1 "$LOGDIR/slurmd.log" 2>/dev/null)"
 fi
-echo "slurm up: node localhost idle ($cpus CPUs, ${mem} MB, $NGPUS placeholder GPU), partition debug"
+echo "slurm up: node localhost idle ($cpus CPUs, ${mem} MB, $NGPUS placeholder GPUs), partition debug"

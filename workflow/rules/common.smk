@@ -14,6 +14,7 @@ from stabilab.experiment import (
     runs,
     shards_dir,
     source_files,
+    tokenizer_files,
     write_runtime,
 )
 from stabilab.grokking.config import VARIANTS as GROK_VARIANTS
@@ -47,9 +48,10 @@ try:
 except UserError as error:
     sys.exit(f"config error: {error}")
 try:
-    # inputs of the corpus rule; a missing one (a preset's corpus not yet fetched) stops here, before
-    # anything is written or run
+    # inputs of the corpus (or import_shards) and tokenizer rules; a missing one (a preset's corpus,
+    # token shards or tokenizer file not yet fetched) stops here, before anything is written or run
     SOURCE_FILES = source_files(config)
+    TOKENIZER_FILES = tokenizer_files(config)
 except UserError as error:
     sys.exit(f"error: {error}")
 
@@ -79,12 +81,32 @@ def resolved_run(wildcards):
     return json.dumps(run_config(config, RUN_BY_PATH[path], SHARDS), sort_keys=True)
 
 
+def hf_tokenizer_args(tok):
+    """The tokenizer rule's options for an `hf` tokenizer (name, file, EOS token), quoted."""
+    from shlex import quote
+
+    flags = {"name": "--name", "file": "--file", "eos_token": "--eos-token"}
+    return "".join(
+        f" {flag} {quote(str(tok[key]))}" for key, flag in flags.items() if tok.get(key)
+    )
+
+
+def processes(wildcards):
+    """The data-parallel processes of a run (train.processes): its GPUs, one node."""
+    return json.loads(resolved_run(wildcards))["train"].get("processes", 1)
+
+
 def launcher(wildcards):
-    """`stabilab`, or torchrun over it for a data-parallel run."""
-    processes = json.loads(resolved_run(wildcards))["train"].get("processes", 1)
-    if processes == 1:
+    """`stabilab`, or torchrun over it for a data-parallel run (one node, one process per GPU)."""
+    n = processes(wildcards)
+    if n == 1:
         return "stabilab"
-    return f"torchrun --standalone --nproc_per_node {processes} -m stabilab.cli --"  # -- : torchrun would take --run
+    return f"torchrun --standalone --nproc_per_node {n} -m stabilab.cli --"  # -- : torchrun would take --run
+
+
+def threads_per_process(wildcards, threads):
+    """CPU threads of each of a run's processes: the job's threads shared out, at least one."""
+    return max(1, threads // processes(wildcards))
 
 
 def run_summaries():

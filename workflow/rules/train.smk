@@ -1,6 +1,8 @@
 # One training job per run: (study, variant, depth, learning rate, seed).
 # A diverging run is data: it stops early, writes its summary and the job succeeds.
-# A run with train.processes > 1 is launched with torchrun (data parallel, one node).
+# A run with train.processes = N is launched with torchrun (data parallel, one node): the job asks
+# for N GPUs on one node (resources gpu and nodes; on SLURM: sbatch --gpus=N --nodes=1), and its
+# threads are shared out among the N processes.
 # Exit code 75 means: preempted (SIGTERM), checkpoint written; a retry resumes it.
 
 
@@ -16,10 +18,14 @@ rule train:
     conda:
         "../envs/stabilab.yaml"
     threads: 1
+    resources:
+        gpu=processes,
+        nodes=1,
     params:
         run=resolved_run,
         out=lambda wildcards, output: os.path.dirname(output[0]),
         launcher=launcher,
         runtime=RUNTIME_FILE,
+        threads=threads_per_process,
     shell:
-        "{params.launcher} train --run {params.run:q} --out {params.out} --runtime {params.runtime} --threads {threads} > {log} 2>&1"
+        "{params.launcher} train --run {params.run:q} --out {params.out} --runtime {params.runtime} --threads {params.threads} > {log} 2>&1"
