@@ -241,7 +241,8 @@ def test_a_smoke_tests_summary_says_it_is_no_result_and_where_the_replications_a
     (copy / "studies.json").write_text(json.dumps(studies))
     print_summary(copy, "figures/x")
     out = capsys.readouterr().out
-    assert "SMOKE TEST, not a result" in out and "docs/replication.md" in out and '("Results at a glance")' in out
+    flat = " ".join(out.split())  # the note is wrapped to the console's width
+    assert "SMOKE TEST, not a result" in flat and "docs/replication.md" in flat and '("Results at a glance")' in flat
     assert "(opens on the smoke-test note and the headline tables; the figures are in its menu)" in out
     assert "lr (lr study, smoke test): best final validation loss per variant" in out.splitlines()
     assert out.index("SMOKE TEST") < out.index("lr (lr study")  # before the numbers
