@@ -393,24 +393,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; the exit code. Run as the `stabilab` program (`argv` None), the process
-    then ends at once (`exit_now`); called from Python with a list, it returns."""
+    """Run one subcommand; the exit code. Run as the `stabilab` program (the command Snakemake's
+    rules call), the process then ends at once (`exit_now`); called from Python, or as
+    `python -m stabilab.cli` (under a profiler, say), it returns."""
     code = run_command(argv)
-    if argv is None:
+    if argv is None and Path(sys.argv[0]).name == "stabilab":
         exit_now(code)
     return code
 
 
 def exit_now(code: int) -> None:
     """End the process without the interpreter's teardown: after a train job, freeing a few
-    thousand modules (torch, torch._dynamo, sympy, pandas) object by object costs up to a second of
-    CPU, for every job (docs/performance.md, "CPU smoke test"). What a normal exit does that
-    matters is done first: the atexit handlers (logging, multiprocessing, trackers) run, stdout and
-    stderr are flushed. Every output file is closed by then (summary.json is written atomically);
-    while any other thread is still running (a tracker's uploader), the normal exit, which waits for
-    it, is kept."""
+    thousand modules (torch, torch._dynamo, sympy) object by object costs about a second of CPU,
+    for every job (docs/performance.md, "CPU smoke test"). What a normal exit does that matters is
+    done first: the atexit handlers (logging, multiprocessing, trackers) run, stdout and stderr are
+    flushed. Every output file is closed by then (summary.json is written atomically). The normal
+    exit is kept while another Python thread runs (a tracker's uploader: the normal exit waits for
+    it) and under a profiler or tracer (cProfile, coverage), which report at exit."""
     run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)  # CPython's, what a normal exit calls
-    if run_exitfuncs is None or threading.active_count() > 1:
+    if (run_exitfuncs is None or threading.active_count() > 1 or sys.getprofile() is not None
+            or sys.gettrace() is not None):
         return
     run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
