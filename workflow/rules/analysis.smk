@@ -26,6 +26,8 @@ rule tables:
         f"{RES}/benchmarks/tables.tsv"
     conda:
         "../envs/stabilab.yaml"
+    # priorities: data.smk
+    priority: 2
     params:
         studies=json.dumps(config["studies"], sort_keys=True),
         out=lambda wildcards, output: os.path.dirname(output.runs),

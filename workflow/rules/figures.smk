@@ -20,6 +20,7 @@ rule figures:
         f"{RES}/benchmarks/figures.tsv"
     conda:
         "../envs/stabilab.yaml"
+    priority: 2
     params:
         studies=json.dumps(config["studies"], sort_keys=True),
         tables=lambda wildcards, input: os.path.dirname(input[0]),

@@ -15,6 +15,8 @@ rule train:
         f"{RES}/benchmarks/{RUN_DIR}.tsv"
     conda:
         "../envs/stabilab.yaml"
+    # before the grokking runs (priorities: data.smk)
+    priority: 1
     threads: 1
     params:
         run=resolved_run,
