@@ -137,8 +137,10 @@ start=$(date +%s.%N)
 {real} "$@"
 rc=$?
 end=$(date +%s.%N)
-t=($(times | tail -n 1))
-printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n' "$start" "$end" "$rc" "${{t[0]}}" "${{t[1]}}" "$*" >> {log}
+times > "{log}.$$"  # in this shell (a pipe or $(...) would run it in a fresh subshell, which has no children)
+t=($(tail -n 1 "{log}.$$"))
+rm -f "{log}.$$"
+printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n' "$start" "$end" "$rc" "${{t[0]}}" "${{t[1]}}" "$*" >> "{log}"
 exit $rc
 """
 
@@ -174,7 +176,7 @@ def cmd_pipeline(args, extra: list[str]) -> None:
         log.touch()
         shim = Path(tmp) / "bin" / "stabilab"
         shim.parent.mkdir()
-        shim.write_text(SHIM.format(real=shlex.quote(real), log=shlex.quote(str(log))))
+        shim.write_text(SHIM.format(real=shlex.quote(real), log=str(log)))
         shim.chmod(0o755)
         env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}"}
         cmd = ["snakemake", *extra]
