@@ -26,9 +26,9 @@ alternately from two source trees (`--src A --src B`, e.g. a `git archive` of th
 change): median wall and CPU seconds of each. On a shared machine, compare CPU seconds.
 
 `compare A B`: whether two results folders hold the same numbers: every CSV of tables/ and
-grokking/tables/, cell by cell and bit for bit (as text), except the columns that measure the
-machine or the checkout (wall time, tokens/s, peak memory, provenance). Exit code 1 on any
-difference.
+grokking/tables/, cell by cell and bit for bit (as text), except the columns (and the summary
+tables' rows) that measure the machine or the checkout (wall time, tokens/s, peak memory,
+provenance). Exit code 1 on any difference.
 
 Usage:
     python benchmarks/bench_cpu_job.py pipeline --fresh --save /tmp/job.json
@@ -377,7 +377,11 @@ def compare_tables(a: Path, b: Path) -> tuple[list[str], list[str], set[str]]:
             continue
         keep = [i for i, col in enumerate(ra[0]) if not MACHINE.search(col)]
         skipped |= {col for col in ra[0] if MACHINE.search(col)}
+        metric = ra[0].index("metric") if "metric" in ra[0] else None  # summary tables: one row per metric
         for n, (x, y) in enumerate(zip(ra[1:], rb[1:]), start=2):
+            if metric is not None and x[metric] == y[metric] and MACHINE.search(x[metric]):
+                skipped.add(f"{name}: rows of metric {x[metric]}")
+                continue
             bad = [ra[0][i] for i in keep if x[i] != y[i]]
             if bad:
                 diffs.append(f"{name} line {n}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
@@ -388,7 +392,7 @@ def compare_tables(a: Path, b: Path) -> tuple[list[str], list[str], set[str]]:
 def cmd_compare(args, extra) -> None:
     compared, diffs, skipped = compare_tables(Path(args.a), Path(args.b))
     print(f"compared: {len(compared)} tables\n  " + "\n  ".join(compared))
-    print(f"columns not compared (machine, checkout): {', '.join(sorted(skipped)) or 'none'}")
+    print(f"not compared (machine, checkout): {', '.join(sorted(skipped)) or 'nothing'}")
     if not compared:
         raise SystemExit("no tables found")
     if diffs:
