@@ -302,7 +302,7 @@ sys.exit(rc)
 
 def cmd_phases(args, extra) -> None:
     run = default_run(args.config, args.shards, args.study, args.variant, args.depth)
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env = {**os.environ, "PYTHONPATH": str(Path(args.src[0]).resolve()) if args.src else str(SRC)}
     py = sys.executable
     rows: dict[str, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp, LoadSampler() as load:
@@ -323,8 +323,8 @@ def cmd_phases(args, extra) -> None:
             main = next((w, c) for name, w, c in phases["marks"] if name == "Python main, all")
             rows.setdefault("outside Python main: start-up, teardown", []).append((wall - main[0], cpu - main[1]))
             rows.setdefault("the process, all", []).append((wall, cpu))
-    print(f"{args.study}/{args.variant} L{args.depth}, {args.repeat} repeats, --threads {args.threads}; "
-          f"{load.text()}")
+    print(f"{args.study}/{args.variant} L{args.depth}, {args.repeat} repeats, --threads {args.threads}, "
+          f"{env['PYTHONPATH']}; {load.text()}")
     print(_median_table(rows))
 
 
@@ -427,8 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--depth", type=int, default=2)
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--repeat", type=int, default=3)
-        if name == "ab":
-            p.add_argument("--src", action="append", help="a src/ folder (twice; default: this checkout's)")
+        p.add_argument("--src", action="append", help="a src/ folder (ab: twice; default: this checkout's)")
         p.set_defaults(func=func)
     p = sub.add_parser("compare", help="are two results folders' tables the same, bit for bit")
     p.add_argument("a")
