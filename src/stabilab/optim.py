@@ -56,8 +56,9 @@ class Eager:
     """For optimizers that never run inside torch.compile (a run that compiles nothing): torch's
     own `add_param_group`, `zero_grad`, `state_dict` and `load_state_dict`, called without the
     `torch._disable_dynamo` wrapper that keeps them out of compiled graphs and, on its first call,
-    imports torch._dynamo (with sympy): about 2 s of CPU, a sixth of a CPU training job of the
-    default config (docs/performance.md, "CPU smoke test"). Mixed in before the optimizer class."""
+    imports torch._dynamo (with sympy): 1.5 to 2.4 s of CPU as measured, over a tenth of a CPU
+    training job of the default config (docs/performance.md, "CPU smoke test"). Mixed in before
+    the optimizer class."""
 
     def add_param_group(self, param_group: dict) -> None:
         _unwrapped(torch.optim.Optimizer.add_param_group)(self, param_group)
