@@ -220,7 +220,7 @@ def report_text(rec: dict) -> str:
     job_cpu = sum(j["cpu"] for j in jobs)
     train = [j for j in jobs if j["rule"] == "train"]
     data = [j for j in jobs if j["rule"] in ("corpus", "tokenizer", "tokenize")]
-    lines += ["", f"| whole job | seconds |", "|---|---:|",
+    lines += ["", "| whole job | seconds |", "|---|---:|",
               f"| wall | {wall:.1f} |",
               f"| CPU, everything (user + sys) | {rec['cpu']:.1f} |",
               f"| CPU of the stabilab jobs | {job_cpu:.1f} |",
