@@ -24,10 +24,10 @@ rule tables:
         f"{RES}/logs/tables.log",
     benchmark:
         f"{RES}/benchmarks/tables.tsv"
-    conda:
-        "../envs/stabilab.yaml"
     # priorities: data.smk
     priority: 2
+    conda:
+        "../envs/stabilab.yaml"
     params:
         studies=json.dumps(config["studies"], sort_keys=True),
         out=lambda wildcards, output: os.path.dirname(output.runs),

@@ -11,12 +11,12 @@ rule corpus:
         f"{RES}/logs/corpus.log",
     benchmark:
         f"{RES}/benchmarks/corpus.tsv"
-    conda:
-        "../envs/stabilab.yaml"
     # Priorities (Snakemake starts the highest of the jobs ready): data preparation (2) first, as it
     # gates every training job; then training (1); the grokking runs (0) fill the cores left free,
     # mostly while tables and figures (2) draw the end of the job (docs/performance.md)
     priority: 2
+    conda:
+        "../envs/stabilab.yaml"
     params:
         spec=json.dumps(config["data"], sort_keys=True),
         out=lambda wildcards, output: os.path.dirname(output.train),
@@ -33,9 +33,9 @@ rule tokenizer:
         f"{RES}/logs/tokenizer.log",
     benchmark:
         f"{RES}/benchmarks/tokenizer.tsv"
+    priority: 2
     conda:
         "../envs/stabilab.yaml"
-    priority: 2
     params:
         kind=config["tokenizer"].get("kind", "bpe"),
         vocab=config["tokenizer"].get("vocab_size", 2048),
@@ -56,9 +56,9 @@ rule tokenize:
         f"{RES}/logs/tokenize.log",
     benchmark:
         f"{RES}/benchmarks/tokenize.tsv"
+    priority: 2
     conda:
         "../envs/stabilab.yaml"
-    priority: 2
     params:
         corpus=lambda wildcards, input: os.path.dirname(input.train),
         out=lambda wildcards, output: os.path.dirname(output[0]),

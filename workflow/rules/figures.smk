@@ -18,9 +18,9 @@ rule figures:
         f"{RES}/logs/figures.log",
     benchmark:
         f"{RES}/benchmarks/figures.tsv"
+    priority: 2
     conda:
         "../envs/stabilab.yaml"
-    priority: 2
     params:
         studies=json.dumps(config["studies"], sort_keys=True),
         tables=lambda wildcards, input: os.path.dirname(input[0]),

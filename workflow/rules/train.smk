@@ -13,10 +13,10 @@ rule train:
         f"{RES}/logs/{RUN_DIR}.log",
     benchmark:
         f"{RES}/benchmarks/{RUN_DIR}.tsv"
-    conda:
-        "../envs/stabilab.yaml"
     # before the grokking runs (priorities: data.smk)
     priority: 1
+    conda:
+        "../envs/stabilab.yaml"
     threads: 1
     params:
         run=resolved_run,
