@@ -674,3 +674,21 @@ def test_paper_scale_smoke_halves_the_micro_batch_until_it_fits(bench_variants, 
     assert smoke.device_kind(torch.device("cuda")) == "h100" and smoke.device_kind(torch.device("cpu")) == "cpu"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     assert smoke.device_kind(torch.device("cuda")) == "a100-sxm4-80gb"
+
+
+def test_bench_cpu_job_compare_ignores_machine_measurements_only(tmp_path):
+    """`bench_cpu_job.py compare`, the check that a speed-up kept every number: wall times and
+    tokens/s may differ (columns, or a summary table's rows), any other cell may not."""
+    bench = _load("bench_cpu_job")
+    for name, wall, loss, row_wall in (("a", "10.5", "3.25", "30.1"), ("b", "9.0", "3.25", "24.7"),
+                                       ("c", "9.0", "3.2500001", "24.7")):
+        tables = tmp_path / name / "tables"
+        tables.mkdir(parents=True)
+        (tables / "runs.csv").write_text("study,final_val_loss,wall_time_s,git_commit\n"
+                                         f"depth,{loss},{wall},abc{name}\n")
+        (tables / "summary_depth.csv").write_text(f"study,metric,mean\ndepth,wall_time_s,{row_wall}\n"
+                                                  f"depth,final_val_ppl,{loss}\n")
+    compared, diffs, skipped = bench.compare_tables(tmp_path / "a", tmp_path / "b")
+    assert len(compared) == 2 and diffs == [] and {"wall_time_s", "git_commit"} <= skipped
+    _, diffs, _ = bench.compare_tables(tmp_path / "a", tmp_path / "c")
+    assert diffs == ["tables/runs.csv line 2: final_val_loss", "tables/summary_depth.csv line 3: mean"]

@@ -53,6 +53,35 @@ def test_a_closed_stdout_ends_quietly():
     assert (proc.returncode, proc.stderr) == (141, "")
 
 
+def stabilab_program(folder: Path) -> list[str]:
+    """The `stabilab` program as pip's console script writes it (cli.main ends it with exit_now)."""
+    script = folder / "stabilab"
+    script.write_text("import sys\nfrom stabilab.cli import main\nsys.exit(main())\n")
+    return [sys.executable, str(script)]
+
+
+def test_the_program_ends_at_once_with_its_output_and_exit_code(tmp_path):
+    """`stabilab` ends without the interpreter's teardown (cli.exit_now): everything it printed is
+    there, its exit code is the command's, a closed stdout still ends quietly."""
+    module = subprocess.run([sys.executable, "-m", "stabilab.cli", "targets", "--config", CONFIG],
+                            capture_output=True, text=True)
+    program = subprocess.run([*stabilab_program(tmp_path), "targets", "--config", CONFIG],
+                             capture_output=True, text=True)
+    assert (program.returncode, program.stdout, program.stderr) == (0, module.stdout, "")
+    assert len(program.stdout.split()) == 36  # every run of config.yaml
+    bad = subprocess.run([*stabilab_program(tmp_path), "targets", "--config", CONFIG, "--study", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown study 'nope'")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        closed = subprocess.run([*stabilab_program(tmp_path), "targets", "--config", CONFIG],
+                                stdout=write, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert (closed.returncode, closed.stderr) == (141, "")
+
+
 # ----------------------------------------------------------------------------- check-config: the cost
 
 

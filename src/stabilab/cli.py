@@ -10,9 +10,11 @@ subcommand that needs them, so `stabilab --help` answers at once.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -456,6 +458,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; the exit code. Run as the `stabilab` program (the command Snakemake's
+    rules call), the process then ends at once (`exit_now`); called from Python, or as
+    `python -m stabilab.cli` (under a profiler, say), it returns."""
+    code = run_command(argv)
+    if argv is None and Path(sys.argv[0]).name == "stabilab":
+        exit_now(code)
+    return code
+
+
+def exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown: after a train job, freeing a few
+    thousand modules (torch, torch._dynamo, sympy) object by object costs about a second of CPU,
+    for every job (docs/performance.md, "CPU smoke test"). What a normal exit does that matters is
+    done first: the atexit handlers (logging, multiprocessing, trackers) run, stdout and stderr are
+    flushed. Every output file is closed by then (summary.json is written atomically). The normal
+    exit is kept while another Python thread runs (a tracker's uploader: the normal exit waits for
+    it) and under a profiler or tracer (cProfile, coverage), which report at exit."""
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)  # CPython's, what a normal exit calls
+    if (run_exitfuncs is None or threading.active_count() > 1 or sys.getprofile() is not None
+            or sys.gettrace() is not None):
+        return
+    run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be written anyway
+            pass
+    os._exit(code)
+
+
+def run_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

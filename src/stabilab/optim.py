@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import torch
@@ -49,6 +50,43 @@ def _spam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
         p.sub_(step_size * m / (torch.sqrt(v) + eps))
         p.mul_(decay)
     return torch.stack(clipped).sum() if count_clipped else None
+
+
+class Eager:
+    """For optimizers that never run inside torch.compile (a run that compiles nothing): torch's
+    own `add_param_group`, `zero_grad`, `state_dict` and `load_state_dict`, called without the
+    `torch._disable_dynamo` wrapper that keeps them out of compiled graphs and, on its first call,
+    imports torch._dynamo (with sympy): 1.5 to 2.4 s of CPU as measured, over a tenth of a CPU
+    training job of the default config (docs/performance.md, "CPU smoke test"). Mixed in before
+    the optimizer class."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        _unwrapped(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _unwrapped(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict:
+        return _unwrapped(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        _unwrapped(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
+
+def _unwrapped(method):
+    """The function under a torch method's decorators (functools.wraps' __wrapped__ chain)."""
+    return inspect.unwrap(method)
+
+
+class EagerAdamW(Eager, torch.optim.AdamW):
+    """torch.optim.AdamW, its own step without the wrapper that imports torch._dynamo (`Eager`):
+    the wrapper sets grad mode to the `differentiable` option (off) around the step, as here."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.defaults["differentiable"]:
+            return super().step(closure)
+        return _unwrapped(torch.optim.Adam.step)(self, closure)
 
 
 class SPAM(torch.optim.Optimizer):
@@ -140,6 +178,10 @@ class SPAM(torch.optim.Optimizer):
         return loss
 
 
+class EagerSPAM(Eager, SPAM):
+    """SPAM for a run that compiles nothing (`Eager`)."""
+
+
 def _orthogonalize(weights: list[torch.Tensor], grads: list[torch.Tensor], eps: float) -> None:
     """perpGrad in place, per tensor: g <- (g - c w) |g| / |g - c w|, c = w.g / (w.w + eps).
 
@@ -227,12 +269,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, co
     groups = param_groups(model, cfg)
     if cfg.name == "adamw":
         kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+        opt = (torch.optim.AdamW if compile else EagerAdamW)(groups, lr=cfg.lr, betas=tuple(cfg.betas),
+                                                              eps=cfg.eps, **kwargs)
     else:
         s = cfg.spam
-        opt = SPAM(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, threshold=s.threshold,
-                   reset_interval=s.reset_interval, warmup=s.warmup, grace=s.grace,
-                   warmup_at_start=s.warmup_at_start, compile=compile)
+        opt = (SPAM if compile else EagerSPAM)(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, threshold=s.threshold,
+                                               reset_interval=s.reset_interval, warmup=s.warmup, grace=s.grace,
+                                               warmup_at_start=s.warmup_at_start, compile=compile)
     return PerpGrad(opt, compile=compile) if cfg.perpgrad else opt
 
 

@@ -30,6 +30,8 @@ rule tables:
         f"{RES}/logs/tables.log",
     benchmark:
         f"{RES}/benchmarks/tables.tsv"
+    # priorities: data.smk
+    priority: 2
     conda:
         "../envs/stabilab.yaml"
     params:

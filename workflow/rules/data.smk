@@ -1,5 +1,8 @@
 # Data: corpus source -> train/validation split -> tokenizer -> token shards; or, for pre-tokenized
 # shards (data.source: token_shards), one import into the pipeline's own checksummed shards.
+# Priorities (Snakemake starts the highest of the jobs ready): data preparation (2) first, as it
+# gates every training job; then training (1); the grokking runs (0) fill the cores left free,
+# mostly while tables and figures (2) draw the end of the job (docs/performance.md).
 
 if config["data"].get("source") == "token_shards":
 
@@ -13,6 +16,7 @@ if config["data"].get("source") == "token_shards":
             f"{RES}/logs/import_shards.log",
         benchmark:
             f"{RES}/benchmarks/import_shards.tsv"
+        priority: 2
         conda:
             "../envs/stabilab.yaml"
         params:
@@ -34,6 +38,7 @@ else:
             f"{RES}/logs/corpus.log",
         benchmark:
             f"{RES}/benchmarks/corpus.tsv"
+        priority: 2
         conda:
             "../envs/stabilab.yaml"
         params:
@@ -52,6 +57,7 @@ else:
             f"{RES}/logs/tokenizer.log",
         benchmark:
             f"{RES}/benchmarks/tokenizer.tsv"
+        priority: 2
         conda:
             "../envs/stabilab.yaml"
         params:
@@ -74,6 +80,7 @@ else:
             f"{RES}/logs/tokenize.log",
         benchmark:
             f"{RES}/benchmarks/tokenize.tsv"
+        priority: 2
         conda:
             "../envs/stabilab.yaml"
         params:

@@ -18,6 +18,7 @@ rule figures:
         f"{RES}/logs/figures.log",
     benchmark:
         f"{RES}/benchmarks/figures.tsv"
+    priority: 2
     conda:
         "../envs/stabilab.yaml"
     params:

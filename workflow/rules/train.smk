@@ -15,6 +15,8 @@ rule train:
         f"{RES}/logs/{RUN_DIR}.log",
     benchmark:
         f"{RES}/benchmarks/{RUN_DIR}.tsv"
+    # before the grokking runs (priorities: data.smk)
+    priority: 1
     conda:
         "../envs/stabilab.yaml"
     threads: 1

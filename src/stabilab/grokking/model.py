@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..losses import token_losses
-from ..optim import PerpGrad
+from ..optim import EagerAdamW, PerpGrad
 from .config import RunSpec
 
 
@@ -39,6 +39,7 @@ def loss_per_sample(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> t
 
 
 def build_optimizer(model: nn.Module, spec: RunSpec):
-    adamw = torch.optim.AdamW(list(model.parameters()), lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps,
-                              weight_decay=0.0)
+    # torch's AdamW, without importing torch._dynamo (nothing here compiles: optim.Eager)
+    adamw = EagerAdamW(list(model.parameters()), lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps,
+                       weight_decay=0.0)
     return PerpGrad(adamw) if spec.kind.perpgrad else adamw  # ⊥AdamW: project every gradient first
