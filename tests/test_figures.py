@@ -559,19 +559,38 @@ def test_lr_sensitivity_is_read_over_the_studys_own_lrs_with_the_papers_numbers(
     t = StudyTables("lr", spec, study_summary(two, "lr", "lr", spec=spec), pd.DataFrame(), two,
                     {"baseline": "#404040", "oec_center": "#029e73"}, tables)
     assert "not measured" in lr_sensitivity(t).get_suptitle()
-    assert any("no LR sensitivity" in text for text in describe(loss_vs_lr(t))["legend"])
+    loss = loss_vs_lr(t)
+    assert any("no LR sensitivity" in text for text in describe(loss)["legend"])
+    low, high = loss.axes[0].get_ylim()
+    assert high - low >= 0.5  # a loss axis at least 0.5 nats tall
     plt.close("all")
 
 
 def test_the_best_lr_figure_marks_an_edge_and_pairs_the_seeds(drawn):
-    """ppl_vs_depth_best_lr: each arm at its own best LR; with one LR in the grid that LR is its edge,
-    and the figure says so; the paired differences are drawn seed by seed."""
-    record = figure(drawn, "depth/ppl_vs_depth_best_lr.png")
-    annotations = [t.get_text() for a in record["axes"] for t in a["ax"].texts]
-    assert any("(edge)" in t for t in annotations), annotations
-    assert "optimum may lie outside" in record["suptitle"]
+    """ppl_vs_depth_best_lr: each arm at its own best LR (the verdict's `over: best_lr`), labelled, and
+    "(edge)" where that LR is the grid's smallest or largest; with one LR in the grid the title says no
+    best LR was chosen; below, the paired differences seed by seed with the verdict's reading."""
+    import matplotlib.pyplot as plt
+
+    from stabilab.figures.claims import ppl_vs_depth_best_lr
+    from stabilab.figures.context import StudyTables
+
+    record = figure(drawn, "depth/ppl_vs_depth_best_lr.png")  # one LR in the synthetic grid
+    assert "one LR in the grid" in record["suptitle"] and "optima may lie outside" in record["suptitle"]
     bottom = record["axes"][1]
     assert "not tested" in bottom["title"] and "MLRA − baseline" in bottom["title"]
+    lrs = [1e-3, 3e-3, 1e-2]
+    runs = pd.DataFrame([synthetic_run("depth", v, d, lr, s)[0] for v in ("baseline", "mlra") for d in (1, 2)
+                         for lr in lrs for s in (0, 1)])
+    runs.loc[runs.lr == 3e-3, "final_val_loss"] -= 1.0  # the middle LR best: inside the grid ...
+    runs.loc[(runs.lr == 1e-2) & (runs.depth == 2), "final_val_loss"] -= 2.0  # ... but at depth 2 the edge
+    runs["final_val_ppl"] = np.exp(runs["final_val_loss"])
+    spec = {"kind": "depth", "variants": ["baseline", "mlra"], "depths": [1, 2], "lrs": lrs, "seeds": [0, 1]}
+    fig = ppl_vs_depth_best_lr(StudyTables("depth", spec, pd.DataFrame(), pd.DataFrame(), runs,
+                                           {"baseline": "#404040", "mlra": "#0173b2"}, Path(".")))
+    labels = sorted(t.get_text() for t in fig.axes[0].texts)
+    assert labels == ["1e-2 (edge)", "1e-2 (edge)", "3e-3", "3e-3"], labels
+    plt.close(fig)
 
 
 def test_the_spam_gap_is_the_verdicts_paired_difference(tables):

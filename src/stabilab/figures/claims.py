@@ -86,10 +86,11 @@ def ppl_vs_depth_best_lr(t: StudyTables):
             means.append(mean)
             edge = not grid[0] < lr < grid[-1]  # as the verdict's best_lr_inside_grid
             edge_any |= edge
-            top.annotate(f"{fmt(lr)}" + (" (edge)" if edge else ""), (x, mean), xytext=(0, 9 if i else -10),
-                         textcoords="offset points", ha="center", va="bottom" if i else "top", fontsize=7.5,
-                         color=EDGE if edge else "0.25", zorder=6,
-                         bbox=dict(facecolor="white", edgecolor="none", alpha=0.75, pad=0.5))
+            if len(grid) > 1:
+                top.annotate(f"{fmt(lr)}" + (" (edge)" if edge else ""), (x, mean), xytext=(0, 9 if i else -10),
+                             textcoords="offset points", ha="center", va="bottom" if i else "top", fontsize=7.5,
+                             color=EDGE if edge else "0.25", zorder=6,
+                             bbox=dict(facecolor="white", edgecolor="none", alpha=0.75, pad=0.5))
             k = int(cell["diverged"].sum())
             if k:
                 top.annotate(f"{k}/{len(cell)} div.", (x, mean), xytext=(0, 8), textcoords="offset points",
@@ -127,8 +128,10 @@ def ppl_vs_depth_best_lr(t: StudyTables):
     handles.append(Line2D([], [], ls="none", marker="_", ms=14, mew=2.4, color="0.3",
                           label="mean of the paired differences"))
     figure_legend(fig, handles, ncol=min(len(handles), 4))
-    grid_text = f"each point labelled with its best LR of the grid {', '.join(map(fmt, grid))}" + (
+    grid_text = (f"each point labelled with its best LR of the grid {', '.join(map(fmt, grid))}" + (
         "; (edge): at the grid's edge, so the arm's optimum may lie outside it" if edge_any else "")
+        if len(grid) > 1 else f"one LR in the grid ({fmt(grid[0])}): no best LR chosen, the arms' optima may lie "
+        "outside it")
     claim_title(fig, "MLRA: lower perplexity than the baseline, more so in deeper models "
                 "(each arm at its own best LR)", regime(t.spec, runs, t.steps) + "\n" + grid_text, fontsize=10)
     return fig
@@ -225,7 +228,7 @@ def loss_gap_vs_step(t: StudyTables):
         if reference:
             bottom.axhline(SPAM_PAPER_GAP, color="0.55", ls="--", lw=1.2)
         bottom.set_xlabel("training step")
-        bottom.set_ylabel(f"val. loss, {label(b)} − {label(a)}\n(nats; below 0: {label(b)} better)" if j == 0 else "")
+        bottom.set_ylabel(f"gap in val. loss (nats)\nbelow 0: {label(b)} better" if j == 0 else "")
         bottom.margins(y=0.3)
     limits = [ax.get_ylim() for ax in axes[1]]  # the gaps of every LR on one scale
     for ax in axes[1]:

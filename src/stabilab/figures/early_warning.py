@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
@@ -49,7 +50,14 @@ def auroc_vs_lead(summary, study: str):
     a = a[a["feature"].isin(ew.FEATURES)]
     present = [m for m in ew.PREDICTORS if m in set(a.dropna(subset=["value"])["metric"])]
     metrics = [m for m in HIGHLIGHT if m in present] + [m for m in present if m not in HIGHLIGHT]
-    fig, axes = panel_grid(max(1, len(metrics)), width=3.0, height=2.35, max_cols=4, sharex=True, sharey=True)
+    title = "Which metric warns of a failure, and how far ahead? AUROC of 'fails within the next N steps'"
+    if not metrics:  # a control study in which no run failed: nothing to score
+        fig, ax = plt.subplots(figsize=(7.5, 2.0), layout="constrained")
+        ax.set_axis_off()
+        no_data(ax, "no failing run beside a surviving one: no AUROC to draw\n(the study's runs: failure_traces.png)")
+        claim_title(fig, title, f"{study}: seeds of one variant, depth and LR compared (METHODS.md §5)", fontsize=9.5)
+        return fig
+    fig, axes = panel_grid(len(metrics), width=3.0, height=2.35, max_cols=4, sharex=True, sharey=True)
     baseline = a[(a["metric"] == "train_loss") & (a["feature"] == "slope")].sort_values("lead_steps")
     for ax, metric in zip(axes, metrics):
         colour = HIGHLIGHT.get(metric, OTHER)
@@ -72,8 +80,6 @@ def auroc_vs_lead(summary, study: str):
             ax.set_xlabel("lead N (steps, log)")
         if ax.get_subplotspec().is_first_col():
             ax.set_ylabel("AUROC")
-    if not metrics:
-        no_data(axes[0], "no failing run with a surviving twin")
     n = a.dropna(subset=["value"])
     runs = f"{int(n['n_runs'].max())} runs, {int(n['n_failing'].max())} failing" if len(n) else "no pairs"
     handles = [Line2D([], [], color="0.3", lw=1.8, label="the metric's value at t"),
@@ -82,9 +88,9 @@ def auroc_vs_lead(summary, study: str):
                Line2D([], [], color="0.6", lw=0.8, label="chance (0.5)"),
                Line2D([], [], color="0.6", lw=0.8, ls="-.", label=f"warning bar ({WARN_AUROC:g})")]
     figure_legend(fig, handles, ncol=3)
-    claim_title(fig, "Which metric warns of a failure, and how far ahead? AUROC of 'fails within the next N steps'",
-                f"{study}: seeds of one variant, depth and LR compared (the primary comparison, METHODS.md §5); "
-                f"{runs}; bands: 95 % bootstrap over runs; the LRs pooled: summary_{study}.csv", fontsize=10)
+    claim_title(fig, title, f"{study}: seeds of one variant, depth and LR compared (the primary comparison, METHODS.md "
+                f"§5); {runs}\nbands: 95 % bootstrap over runs; the LRs pooled, with the LR alone as baseline: "
+                f"summary_{study}.csv", fontsize=10)
     return fig
 
 

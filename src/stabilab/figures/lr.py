@@ -15,7 +15,7 @@ from ..methods import PAPER_LR_SENSITIVITY, PAPER_LR_SENSITIVITY_SOURCE, label
 from ..stats import summed_lr
 from ..tables import sweep_values
 from .context import StudyTables
-from .points import vs_x, vs_x_legend
+from .points import shared_ylim, vs_x, vs_x_legend
 from .style import (
     DIVERGED,
     ROUNDING_MU,
@@ -31,6 +31,7 @@ from .style import (
 )
 
 MIN_SWEEP_LRS = 3  # an LR sensitivity over fewer LRs is no sensitivity: the figure says so instead
+MIN_LOSS_SPAN = 0.5  # nats: loss axes are at least this tall, so that a 0.01-nat gap looks like one
 MEAN_LOGIT_LINEAR_WITHIN = 10.0  # symlog axes of the mean logit are linear in ±this (its sign is the point)
 # OEC's 16M baseline at the end of its 100k-step runs (arXiv 2601.02031; its repository's
 # loss_overview.csv, quoted in docs/replication.md), per peak LR: ‖μ‖ and the mean logit.
@@ -99,7 +100,11 @@ def loss_vs_lr(t: StudyTables):
     fig, ax = plt.subplots(figsize=(7.4, 5.6), layout="constrained")
     df = _at_depth(metric_rows(t.summary, "final_val_loss"), depth)
     l0 = float(t.runs["initial_loss"].dropna().mean()) if "initial_loss" in t.runs else float("nan")
-    marks = vs_x(ax, df, "lr", t.variants, t.palette, n, logx=True, runs=_at_depth(t.runs, depth))
+    ylim = shared_ylim([df], _at_depth(t.runs, depth), "final_val_loss", False)
+    if ylim is not None and ylim[1] - ylim[0] < MIN_LOSS_SPAN:  # a 0.01-nat gap must not fill the panel
+        mid = (ylim[0] + ylim[1]) / 2
+        ylim = (mid - MIN_LOSS_SPAN / 2, mid + MIN_LOSS_SPAN / 2)
+    marks = vs_x(ax, df, "lr", t.variants, t.palette, n, logx=True, runs=_at_depth(t.runs, depth), ylim=ylim)
     ax.set(xlabel="peak learning rate (log scale)", ylabel="final validation loss (nats; lower is better)")
     grids = sweep_grids(t)
     suffix, grid, grid_text = next((g for g in grids if len(g[1]) >= MIN_SWEEP_LRS), grids[-1])
@@ -177,7 +182,7 @@ def lr_sensitivity(t: StudyTables):
             ax.set_title(f"best final loss of the sweep L*\n({text})", fontsize=9)
             ax.set_ylabel("nats (lower is better)")
             lo, hi = ax.get_ylim()
-            mid, half = (lo + hi) / 2, max((hi - lo) / 2, 0.25)
+            mid, half = (lo + hi) / 2, max((hi - lo) / 2, MIN_LOSS_SPAN / 2)
             ax.set_ylim(mid - half, mid + half)
         else:
             worst = "ln V" if name == "lr_sensitivity_oec" else "L0"
@@ -313,10 +318,12 @@ def drift_vs_summed_lr(t: StudyTables):
             ax.axhline(0, color="0.35", lw=0.8, zorder=1)
         elif column == "hidden_mu_cos":
             ax.axhline(0, color="0.35", lw=0.8, zorder=1)
+        ax.margins(y=0.07)
+        ax.autoscale_view(scalex=False)  # in the panel's own scale: OEC's star at the top stays whole
         if masked.get(column):
             names = ", ".join(map(label, sorted(masked[column], key=present.index)))
             title += (f"\nnot drawn: {names} (‖μ‖ < {fmt(ROUNDING_MU)}: rounding" +
-                      ("; a cosine against it is noise)" if column == "hidden_mu_cos" else ", 0 in exact arithmetic)"))
+                      (", a cosine with it noise)" if column == "hidden_mu_cos" else ")"))
         ax.set(xlabel="summed learning rate Σ_t lr_t (log scale)", ylabel=ylabel)
         ax.set_title(title, fontsize=9)
     if not panels:

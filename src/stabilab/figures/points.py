@@ -115,6 +115,7 @@ def vs_x(ax, df: pd.DataFrame, x: str, variants: list[str], palette: dict, n_run
     spacing = (np.log10(xs.max() / xs.min()) / max(1, len(xs) - 1) if logx else
                (xs.max() - xs.min()) / max(1, len(xs) - 1)) or 1.0
     shown = [v for v in variants if v in set(df["variant"])]
+    ax.margins(y=0.08)  # room for the markers at the ends (a paper's star at the top)
     lost: list[tuple[float, float, str]] = []  # (x, offset in points, colour) of cells with no value
     counts: dict[float, list[int]] = {}  # x -> [diverged, runs] over the variants drawn
     for i, variant in enumerate(shown):
@@ -173,6 +174,7 @@ def vs_x(ax, df: pd.DataFrame, x: str, variants: list[str], palette: dict, n_run
             ax.yaxis.set_minor_formatter(mticker.NullFormatter())
     elif yscale == "symlog":
         ax.set_yscale("symlog", linthresh=linthresh)
+        ax.autoscale_view(scalex=False)  # the margins again, in the symlog scale
         ax.axhline(0, color="0.35", lw=0.8, zorder=1)
     if hline is not None and np.isfinite(hline[0]):  # a reference level (e.g. the loss at init)
         ax.axhline(hline[0], color="0.35", ls=":", lw=1, zorder=1)

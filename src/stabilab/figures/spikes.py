@@ -81,11 +81,12 @@ def grad_norm_traces(t: StudyTables):
     variants = [v for v in t.variants if len(d) and (d["variant"] == v).any()]
     lrs = sorted(float(x) for x in d["lr"].unique()) if len(d) else []
     spikes = _dense_spikes(t.steps)
-    fig = plt.figure(figsize=(5.2 * max(1, len(lrs)), 2.6 * max(1, len(variants)) + 1.2), layout="constrained")
+    fig = plt.figure(figsize=(max(8.0, 5.2 * len(lrs)), 2.6 * max(1, len(variants)) + 1.2), layout="constrained")
     outer = fig.add_gridspec(max(1, len(variants)), max(1, len(lrs)))
     seeds = sorted(int(s) for s in d["seed"].unique()) if len(d) else []
     where = "every step" if every_step else "logged steps"
     first = first_bottom = None  # one y scale for every cell's grad norm, one for every cell's spikes
+    highest = 0.0
     any_div = False
     for i, variant in enumerate(variants):
         for j, lr in enumerate(lrs):
@@ -113,7 +114,9 @@ def grad_norm_traces(t: StudyTables):
                     s = spikes[0]
                     s = s[(s["variant"] == variant) & np.isclose(s["lr"], lr) & (s["seed"] == seed)]
                     bottom.step(s["step"], s["per_step"], where="pre", color=c, lw=1.1)
+                    highest = max([highest, *s["per_step"].dropna()])
             top.set_yscale("log")
+            top.yaxis.set_minor_formatter(mticker.NullFormatter())
             top.tick_params(labelbottom=False)
             top.set_title(f"{label(variant)}, peak LR {fmt(lr)}", loc="left", fontsize=9.5, fontweight="bold",
                           color=colour, pad=3)
@@ -121,7 +124,6 @@ def grad_norm_traces(t: StudyTables):
                 top.text(0.99, 0.95, f"total-norm spikes per seed: {', '.join(map(str, totals))}",
                          transform=top.transAxes, ha="right", va="top", fontsize=7, color="0.3")
             bottom.set_yscale("symlog", linthresh=1)
-            bottom.set_ylim(bottom=0)
             bottom.yaxis.set_major_locator(mticker.SymmetricalLogLocator(base=100, linthresh=1))
             if j == 0:
                 top.set_ylabel("grad norm\n(before clipping)")
@@ -132,6 +134,11 @@ def grad_norm_traces(t: StudyTables):
                 bottom.tick_params(labelbottom=False)
             if spikes is None:
                 no_data(bottom, "per-element spikes not recorded")
+    if first_bottom is not None:  # the spikes' axis reaches 10 at least: no spike reads as 0, not as a full axis
+        first_bottom.set_ylim(0, max(10.0, highest * 2))
+    if first is not None and np.divide(*first.get_ylim()[::-1]) < 300:  # few decades: 1-2-5 ticks labelled
+        first.yaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        first.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
     if not variants:
         no_data(fig.add_subplot(outer[0, 0]))
     handles = [Line2D([], [], color=shade("0.45", k, len(seeds)), lw=1.5, label=f"seed {s}")
@@ -178,7 +185,9 @@ def spike_counts(t: StudyTables):
                         edge = shade(colour, seeds.index(int(seed)), len(seeds))
                         ax.scatter([x], [v], marker="o", s=18, facecolor="none", edgecolor=edge, lw=1.1, zorder=4)
         ax.set_yscale("symlog", linthresh=1)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, max(10.0, ax.get_ylim()[1]))
+        if not any(p.get_height() > 0 for p in ax.patches):
+            ax.text(0.5, 0.55, "no spike in any run", transform=ax.transAxes, ha="center", color="0.35", fontsize=9)
         ax.set_xticks(range(len(columns)), [name for _, name in columns])
         ax.set_xlim(-0.6, len(columns) - 0.4)
         ax.set_title(f"peak LR {fmt(lr)}", fontsize=10)
