@@ -195,6 +195,33 @@ def test_the_failure_traces_draw_as_many_failing_runs_as_their_title_counts():
     assert "4 of 6 failing runs shown" in fig._suptitle.get_text()
 
 
+def test_the_auroc_figure_is_small_multiples_in_readers_names_with_the_verdicts_metrics_first():
+    """One panel per metric (no 11 lines on one axis), the metrics the verdicts name first (TEV here; the
+    loss), panel titles and legend in readers' words (no 'train_loss', 'tev_mean'), the loss's slope drawn
+    in every other panel as the baseline."""
+    import re
+
+    import matplotlib.pyplot as plt
+
+    from stabilab.figures.early_warning import METRIC_NAMES, auroc_vs_lead
+
+    runs, steps = synthetic_study(seeds=6)
+    summary = study_summary(runs, "ew", "early_warning", steps,
+                            {"kind": "early_warning", "early_warning": {"bootstrap": 20}})
+    fig = auroc_vs_lead(summary, "ew")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    present = set(summary.dropna(subset=["value"])["metric"]) - {"lr"}
+    assert sorted(titles) == sorted(METRIC_NAMES[m] for m in present)
+    assert titles[:2] == ["training loss", "TEV mean"]  # the verdict's metrics first (no attention logit here)
+    snake = re.compile(r"[a-z]+_[a-z]+")
+    legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert legend and not any(snake.search(text) for text in legend + titles)
+    others = [ax for ax in fig.axes if ax.get_title() not in ("", "training loss")]
+    assert all(any(line.get_linestyle() == ":" and line.get_color() == "k" for line in ax.get_lines())
+               for ax in others)
+    plt.close(fig)
+
+
 def test_labels_are_configured_with_documented_checked_fields():
     base = {"name": "x", "studies": {"ew": {"kind": "early_warning", "variants": ["baseline"], "depths": [1],
                                             "lrs": [0.1], "early_warning": {"rise": 0.5, "leads": [50, 100]}}}}

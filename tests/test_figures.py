@@ -20,8 +20,8 @@ from stabilab.tables import study_summary
 
 STUDIES = {
     "depth": {"kind": "depth", "variants": ["baseline", "mlra"], "depths": [1, 2], "lrs": [3e-3], "seeds": [0, 1]},
-    "lr": {"kind": "lr", "variants": ["baseline", "oec_center"], "depths": [1], "lrs": [1e-2, 3.0],
-           "seeds": [0, 1]},
+    "lr": {"kind": "lr", "variants": ["baseline", "oec_center"], "depths": [1], "lrs": [1e-2, 0.1, 0.3, 3.0],
+           "sensitivity_lrs": [1e-2, 0.1, 0.3], "seeds": [0, 1]},
     "spikes": {"kind": "spikes", "variants": ["adamw_noclip", "spam"], "depths": [1], "lrs": [1e-2], "seeds": [0]},
     "variants": {"kind": "compare", "variants": ["baseline", "stablemax", "mlra+oec_center"], "depths": [1],
                  "lrs": [1e-2], "seeds": [0]},
@@ -49,7 +49,9 @@ def synthetic_run(study, variant, depth, lr, seed, diverge_at=None, spike_at=Non
         if step % METRICS_EVERY == 0:
             row.update({"tev_mean": 0.02 + 0.001 * step * depth, "tev_std": 0.002 + 0.0002 * step,
                         "mu_norm": 1e-8 if variant == "oec_center" else 0.1 * lr * step,
-                        "logits_mean": 0.0, "logits_absmax": 3.0 + lr * step, "log_z_sq": 40.0,
+                        "logits_mean": 1e-6 if variant == "oec_center" else -3.0 + 2.0 * lr * step,
+                        "hidden_mu_cos": 0.3 * rng.standard_normal() if variant == "oec_center" else -0.3 + 0.01 * step,
+                        "logits_absmax": 3.0 + lr * step, "log_z_sq": 40.0,
                         "collapse_frac": 0.0, "zero_loss_frac": 0.0, "grad_norm_var": 0.01 * depth,
                         "spike_count": float(spike_at is not None and spike_at <= step),
                         "attn_logit_max_l0": 2.0 * lr * step})
@@ -91,7 +93,7 @@ def write_tables(folder: Path) -> Path:
     runs_df.to_csv(folder / "runs.csv", index=False)
     steps_df.to_csv(folder / "steps.csv", index=False)
     for study, spec in STUDIES.items():
-        study_summary(runs_df, study, spec["kind"]).to_csv(folder / f"summary_{study}.csv", index=False)
+        study_summary(runs_df, study, spec["kind"], spec=spec).to_csv(folder / f"summary_{study}.csv", index=False)
     (folder / "studies.json").write_text(json.dumps(STUDIES))
     return folder
 
@@ -109,9 +111,61 @@ def test_synthetic_tables_have_a_diverged_run_and_two_seeds(tables):
     assert (summary["n_diverged"] > 0).any()
 
 
-def test_draw_figures_writes_exactly_the_expected_files(tables, tmp_path):
-    out = tmp_path / "figures"
-    written = draw_figures(tables, out)  # the studies come from studies.json
+def describe(fig) -> dict:
+    """What a reader sees in a figure, for the tests: its title, every legend's texts, and per panel its
+    title, labels, y scale and limits, and its lines (colour, label, data) and marker collections."""
+    import matplotlib.colors as mcolors
+
+    legends = [leg for leg in fig.legends] + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    axes = []
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        axes.append({
+            "title": ax.get_title() + ax.get_title("left"), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+            "yscale": ax.get_yscale(), "ylim": ax.get_ylim(), "ax": ax,
+            "lines": [(mcolors.to_hex(ln.get_color()), ln.get_label(), np.asarray(ln.get_xdata(), float),
+                       np.asarray(ln.get_ydata(), float)) for ln in ax.get_lines()],
+            "markers": [(c.get_offsets().copy(), c.get_paths()) for c in ax.collections
+                        if hasattr(c, "get_offsets") and len(c.get_offsets())],
+            "texts": [t.get_text() for t in ax.texts]})
+    return {"suptitle": fig.get_suptitle(), "axes": axes,
+            "legend": [t.get_text() for leg in legends for t in leg.get_texts()]
+            + [leg.get_title().get_text() for leg in legends]}
+
+
+@pytest.fixture(scope="module")
+def drawn(tables, tmp_path_factory):
+    """Every figure of the synthetic tables, drawn once: (folder, files written, {PNG path: `describe`})."""
+    import matplotlib.figure
+
+    out = tmp_path_factory.mktemp("drawn") / "figures"
+    records: dict[str, dict] = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, path, *args, **kwargs):
+        if str(path).endswith(".png.tmp"):
+            records[str(path).removesuffix(".tmp")] = describe(fig)
+        return original(fig, path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+        written = draw_figures(tables, out)  # the studies come from studies.json
+    return out, written, records
+
+
+def figure(drawn, name: str) -> dict:
+    (record,) = [r for path, r in drawn[2].items() if path.endswith(name)]
+    return record
+
+
+def panel(record: dict, title_part: str) -> dict:
+    (found,) = [a for a in record["axes"] if title_part in a["title"]]
+    return found
+
+
+def test_draw_figures_writes_exactly_the_expected_files(drawn):
+    out, written, _ = drawn
     expected = set()
     for png in expected_figures(STUDIES):
         expected |= {out / png, out / png.replace(".png", ".pdf")}
@@ -366,4 +420,232 @@ def test_tev_over_training_keeps_tied_variants_beside_untied_ones():
     colours = lambda ax: {mcolors.to_hex(line.get_color()) for line in ax.lines}
     assert colours(first_row) == set(palette.values())
     assert colours(lm_head_row) == {palette["baseline"]}
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ what a reader takes in at a glance
+
+
+def code_identifiers() -> set[str]:
+    """Names a reader should never meet in a figure: variants whose paper name differs from the code's,
+    and the early-warning metrics."""
+    from stabilab.early_warning import PREDICTORS
+    from stabilab.methods import BY_NAME, label
+
+    return {name for name in BY_NAME if label(name) != name} | {m for m in PREDICTORS if "_" in m}
+
+
+def test_no_legend_or_title_shows_a_code_identifier(drawn):
+    """Legends, titles and axis labels name variants and metrics as the papers do (`methods.label`,
+    the early-warning METRIC_NAMES), never as the code does; no legend entry is snake_case at all."""
+    import re
+
+    names = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, sorted(code_identifiers()))) + r")(?![\w(])")
+    snake = re.compile(r"(?<![\w<])[a-z]+(?:_[a-z0-9]+)+(?![\w>.])")
+    for path, record in drawn[2].items():
+        for text in record["legend"]:
+            assert not names.search(text) and not snake.search(text), (path, text)
+        for a in record["axes"]:
+            for text in (a["title"], a["xlabel"], a["ylabel"]):
+                assert not names.search(text), (path, text)
+        assert not names.search(record["suptitle"]), (path, record["suptitle"])
+
+
+def test_every_title_states_a_claim_then_the_regime_and_n(drawn):
+    """The figures reworked for the issue open with the claim they show, and the second line gives the
+    regime and the number of seeds."""
+    for name in ("loss_vs_lr", "lr_sensitivity", "mu_norm_logits_vs_lr", "drift_vs_summed_lr", "ppl_vs_depth",
+                 "ppl_vs_depth_best_lr", "loss_gap_vs_step", "grad_norm_traces", "spike_counts"):
+        for path, record in drawn[2].items():
+            if path.endswith(f"/{name}.png"):
+                lines = record["suptitle"].splitlines()
+                assert len(lines) >= 2 and "n = " in lines[1], (path, lines)
+
+
+def test_a_sign_that_matters_is_drawn_on_a_symlog_axis(drawn):
+    """The mean logit changes sign (negative in these runs, positive in OEC's): vs LR and over training
+    it is drawn signed on a symlog axis, not as |mean logit| on a log one, with OEC's values as stars."""
+    record = figure(drawn, "lr/mu_norm_logits_vs_lr.png")
+    mean_logit = panel(record, "mean logit")
+    assert mean_logit["yscale"] == "symlog"
+    ys = np.concatenate([y for _, _, _, y in mean_logit["lines"] if len(y)])
+    assert (ys < 0).any() and (ys > 0).any()
+    assert not any("|mean logit|" in a["ylabel"] for a in record["axes"])
+    assert any("OEC" in text for text in record["legend"])
+    drift = figure(drawn, "lr/drift_vs_summed_lr.png")
+    assert panel(drift, "mean logit")["yscale"] == "symlog"
+
+
+def test_rounding_level_mu_and_its_cosine_are_not_drawn_as_data(drawn):
+    """μ-centering's ‖μ‖ is float rounding (1e-8 here): neither it nor a cosine against it is drawn, and
+    the panel says so; the ‖μ‖ axis then spans the measured values, not 1e-8 … 1e6."""
+    from stabilab.methods import BY_NAME
+
+    centred = BY_NAME["oec_center"].colour
+    record = figure(drawn, "lr/mu_norm_logits_vs_lr.png")
+    mu = panel(record, "of the output embedding")
+    assert "not drawn: μ-centering" in mu["title"]
+    assert centred not in {c for c, _, _, y in mu["lines"] if len(y)}
+    assert mu["ylim"][0] > 1e-4
+    drift = figure(drawn, "lr/drift_vs_summed_lr.png")
+    for title in ("of the output embedding", "alignment"):
+        p = panel(drift, title)
+        assert "not drawn: μ-centering" in p["title"] and centred not in {c for c, _, _, y in p["lines"] if len(y)}
+
+
+def test_diverged_runs_are_never_averaged_with_the_runs_that_survived():
+    """At an LR where one seed diverged, the point is the survivor's value, and the diverged run's last
+    measurement is drawn apart (a ✕ at its own value); the line does not pass through it."""
+    import matplotlib.pyplot as plt
+
+    from stabilab.figures.points import vs_x
+
+    rows = [synthetic_run("lr", "baseline", 1, lr, s, diverge_at=12 if (lr == 3.0 and s == 1) else None)[0]
+            for lr in (1e-2, 3.0) for s in (0, 1)]
+    runs = pd.DataFrame(rows)
+    runs.loc[runs["diverged"], "mu_norm"] = 1e4  # the diverged run's last measurement, far above the survivor's
+    summary = study_summary(runs, "lr", "lr")
+    fig, ax = plt.subplots()
+    marks = vs_x(ax, summary[summary.metric == "mu_norm"], "lr", ["baseline"], {"baseline": "#404040"}, 2,
+                 logx=True, logy=True, runs=runs)
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "baseline"]
+    survivor = runs[(runs.lr == 3.0) & ~runs.diverged]["mu_norm"].iloc[0]
+    assert line.get_ydata()[-1] == pytest.approx(survivor)
+    assert "diverged_values" in marks
+    apart = np.concatenate([c.get_offsets()[:, 1] for c in ax.collections if len(c.get_offsets())])
+    assert 1e4 in apart
+    assert summary[(summary.metric == "mu_norm") & (summary.lr == 3.0)]["mean"].iloc[0] > 2 * survivor  # the table's
+    plt.close(fig)
+
+
+def test_panels_that_are_compared_share_one_y_scale():
+    """Perplexity vs depth at two LRs: one y range for both panels (a 0.01-nat gap at one LR must not look
+    like the 0.6-nat gap at the other)."""
+    import matplotlib.pyplot as plt
+
+    from stabilab.figures import depth
+
+    lrs, variants = [3e-3, 1e-2], ["baseline", "mlra"]
+    runs = pd.DataFrame([synthetic_run("depth", v, d, lr, s)[0] for v in variants for d in (1, 2) for lr in lrs
+                         for s in (0, 1)])
+    runs.loc[runs.lr == 1e-2, "final_val_ppl"] *= 3  # one LR far worse than the other
+    summary = study_summary(runs, "depth", "depth")
+    fig = depth._vs_depth(summary, runs, variants, {"baseline": "#404040", "mlra": "#0173b2"}, 2,
+                          [("final_val_ppl", "ppl")], lrs, "t", 3.0)
+    first, second = fig.axes[:2]
+    assert first.get_ylim() == pytest.approx(second.get_ylim())
+    plt.close(fig)
+
+
+def test_lr_sensitivity_is_read_over_the_studys_own_lrs_with_the_papers_numbers(drawn, tables):
+    """loss_vs_lr's legend gives each method's sensitivity over the study's `sensitivity_lrs` (the
+    `_sub` rows, what the verdicts test) and OEC's own number; lr_sensitivity draws the seeds as dots
+    and the best loss on an axis at least 0.5 nats tall; a study of 2 LRs says it has no sensitivity."""
+    summary = pd.read_csv(tables / "summary_lr.csv")
+    sub = summary[(summary.metric == "lr_sensitivity_sub") & (summary.variant == "baseline")]["mean"].iloc[0]
+    legend = figure(drawn, "lr/loss_vs_lr.png")["legend"]
+    assert any(text.startswith(f"baseline: {sub:.3f}") for text in legend), legend
+    assert any("3 LRs 1e-2 … 0.3" in text for text in legend)
+    record = figure(drawn, "lr/lr_sensitivity.png")
+    best = panel(record, "best final loss")
+    assert best["ylim"][1] - best["ylim"][0] >= 0.5 - 1e-9
+    assert not any(a["ax"].patches for a in record["axes"])  # no bars
+    import matplotlib.pyplot as plt
+
+    from stabilab.figures.context import StudyTables
+    from stabilab.figures.lr import loss_vs_lr, lr_sensitivity
+
+    runs = pd.read_csv(tables / "runs.csv")
+    two = runs[(runs.study == "lr") & runs.lr.isin([0.01, 0.1])].assign(diverged=False)
+    spec = {"kind": "lr", "variants": ["baseline", "oec_center"], "lrs": [0.01, 0.1], "seeds": [0]}
+    t = StudyTables("lr", spec, study_summary(two, "lr", "lr", spec=spec), pd.DataFrame(), two,
+                    {"baseline": "#404040", "oec_center": "#029e73"}, tables)
+    assert "not measured" in lr_sensitivity(t).get_suptitle()
+    loss = loss_vs_lr(t)
+    assert any("no LR sensitivity" in text for text in describe(loss)["legend"])
+    low, high = loss.axes[0].get_ylim()
+    assert high - low >= 0.5  # a loss axis at least 0.5 nats tall
+    plt.close("all")
+
+
+def test_the_best_lr_figure_marks_an_edge_and_pairs_the_seeds(drawn):
+    """ppl_vs_depth_best_lr: each arm at its own best LR (the verdict's `over: best_lr`), labelled, and
+    "(edge)" where that LR is the grid's smallest or largest; with one LR in the grid the title says no
+    best LR was chosen; below, the paired differences seed by seed with the verdict's reading."""
+    import matplotlib.pyplot as plt
+
+    from stabilab.figures.claims import ppl_vs_depth_best_lr
+    from stabilab.figures.context import StudyTables
+
+    record = figure(drawn, "depth/ppl_vs_depth_best_lr.png")  # one LR in the synthetic grid
+    assert "one LR in the grid" in record["suptitle"] and "optima may lie outside" in record["suptitle"]
+    bottom = record["axes"][1]
+    assert "not tested" in bottom["title"] and "MLRA − baseline" in bottom["title"]
+    lrs = [1e-3, 3e-3, 1e-2]
+    runs = pd.DataFrame([synthetic_run("depth", v, d, lr, s)[0] for v in ("baseline", "mlra") for d in (1, 2)
+                         for lr in lrs for s in (0, 1)])
+    runs.loc[runs.lr == 3e-3, "final_val_loss"] -= 1.0  # the middle LR best: inside the grid ...
+    runs.loc[(runs.lr == 1e-2) & (runs.depth == 2), "final_val_loss"] -= 2.0  # ... but at depth 2 the edge
+    runs["final_val_ppl"] = np.exp(runs["final_val_loss"])
+    spec = {"kind": "depth", "variants": ["baseline", "mlra"], "depths": [1, 2], "lrs": lrs, "seeds": [0, 1]}
+    fig = ppl_vs_depth_best_lr(StudyTables("depth", spec, pd.DataFrame(), pd.DataFrame(), runs,
+                                           {"baseline": "#404040", "mlra": "#0173b2"}, Path(".")))
+    labels = sorted(t.get_text() for t in fig.axes[0].texts)
+    assert labels == ["1e-2 (edge)", "1e-2 (edge)", "3e-3", "3e-3"], labels
+    plt.close(fig)
+
+
+def test_the_spam_gap_is_the_verdicts_paired_difference(tables):
+    """loss_gap_vs_step: the mean gap drawn at each evaluation is the verdict's (`over: step`) mean paired
+    difference of validation losses, SPAM minus the first variant, and the paper's gap is marked."""
+    from stabilab.figures.claims import SPAM_PAPER_GAP, loss_gap_vs_step
+    from stabilab.figures.context import StudyTables
+    from stabilab.verdicts import verdict_rows
+
+    runs, steps = pd.read_csv(tables / "runs.csv"), pd.read_csv(tables / "steps.csv")
+    runs, steps = runs[runs.study == "spikes"], steps[steps.study == "spikes"]
+    spec = STUDIES["spikes"]
+    t = StudyTables("spikes", spec, pd.DataFrame(), steps, runs, {"adamw_noclip": "#17a3c7", "spam": "#6a3d9a"},
+                    tables)
+    fig = loss_gap_vs_step(t)
+    rows = pd.DataFrame(verdict_rows("x", {"study": "spikes", "metric": "val_loss", "arms": ["adamw_noclip", "spam"],
+                                           "over": "step"}, runs, steps, spec))
+    bottom = fig.axes[1]
+    (mean,) = [ln for ln in bottom.get_lines() if mcolor(ln) == "#6a3d9a"]
+    np.testing.assert_allclose(mean.get_ydata(), rows.sort_values("step")["diff_finite_mean"])
+    assert any(np.allclose(ln.get_ydata(), SPAM_PAPER_GAP) for ln in bottom.get_lines())
+
+
+def mcolor(line) -> str:
+    import matplotlib.colors as mcolors
+
+    return mcolors.to_hex(line.get_color())
+
+
+def test_spike_counts_put_the_dense_weights_first_on_a_symlog_axis():
+    """Per-element spike counts by parameter kind: symlog (zero kept, the embedding's 1e8 beside the
+    attention's 1e2), attention, MLP and norm gains before the embedding and head; one y per LR panel."""
+    import matplotlib.pyplot as plt
+
+    from stabilab.figures.context import StudyTables
+    from stabilab.figures.spikes import spike_counts
+
+    rows = []
+    for variant in ("adamw_noclip", "spam"):
+        for lr in (1e-3, 4e-3):
+            for seed in (0, 1):
+                run = synthetic_run("spikes", variant, 1, lr, seed)[0]
+                run.update(gss_spikes_embedding=1.5e8, gss_spikes_attn=300.0 * lr / 1e-3, gss_spikes_mlp=0.0,
+                           gss_spikes_norm=5.0, gss_spikes_head=4e7)
+                rows.append(run)
+    runs = pd.DataFrame(rows)
+    spec = {"kind": "spikes", "variants": ["adamw_noclip", "spam"], "lrs": [1e-3, 4e-3], "seeds": [0, 1]}
+    t = StudyTables("spikes", spec, study_summary(runs, "spikes", "spikes"), pd.DataFrame(), runs,
+                    {"adamw_noclip": "#17a3c7", "spam": "#6a3d9a"}, Path("."))
+    fig = spike_counts(t)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "symlog" and ax.get_ylim()[0] == 0
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["attention", "MLP", "norm gains", "embedding",
+                                                            "output head"]
+    assert fig.axes[0].get_ylim() == fig.axes[1].get_ylim()
     plt.close(fig)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -230,7 +232,8 @@ def test_report_without_runs_is_a_user_error(tmp_path):
 
 def test_a_smoke_tests_grokking_figures_say_so_in_their_titles(tmp_path, monkeypatch):
     """grok-figures (and grok-report) --smoke-test: the default config's shortened grokking runs are a
-    smoke test; each figure's title opens with the smoke-test lines, and without the flag it does not."""
+    smoke test; each figure's title opens with the smoke-test lines, and without the flag it does not (its own
+    two lines, the claim and the regime, stay)."""
     import matplotlib.figure
 
     rows = [{"variant": variant, "loss_dtype": "float64" if variant == "softmax_fp64" else "float32",
@@ -255,4 +258,37 @@ def test_a_smoke_tests_grokking_figures_say_so_in_their_titles(tmp_path, monkeyp
         assert len(titles) == 2 * len(GF.FIGURES)
         for title in titles.values():
             smoke = title.splitlines()[0] == "SMOKE TEST of the pipeline at toy scale, not a result"
-            assert smoke == bool(flag) and len(title.splitlines()) == (3 if flag else 1), title
+            assert smoke == bool(flag) and len(title.splitlines()) == (4 if flag else 2), title
+
+
+def test_grokking_figures_tell_seeds_apart_on_linear_epoch_axes_of_their_own(tmp_path, monkeypatch):
+    """Each variant in its own panel on a linear epoch axis (a 300-epoch run beside a 100 000-epoch one; on
+    a log axis a late collapse was a sliver); one colour per seed within a panel; the paper's figure has one
+    panel per run (variants x seeds) with the collapse fraction shaded."""
+    import matplotlib.colors as mcolors
+    import matplotlib.figure
+
+    rows = [{"variant": variant, "loss_dtype": "float32", "operation": "add", "modulus": 7, "seed": seed,
+             "epoch": epoch, "train_acc": 1.0, "test_acc": min(1.0, epoch / last), "collapse_frac": 0.0,
+             "weight_norm": 10.0 + epoch}
+            for variant, last in (("softmax_fp32", 100_000), ("perpgrad", 300)) for seed in (0, 1, 2)
+            for epoch in np.linspace(0, last, 11)]
+    figures = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, path, *args, **kwargs):
+        figures[Path(str(path).removesuffix(".tmp")).name] = fig
+        return original(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    GF.make_figures(pd.DataFrame(rows), tmp_path)
+    accuracy = figures["grokking_test_accuracy.png"]
+    panels = [ax for ax in accuracy.axes if ax.get_lines()]
+    assert len(panels) == 2 and all(ax.get_xscale() == "linear" for ax in panels)
+    assert sorted(ax.get_xlim()[1] for ax in panels)[0] < 1000  # ⊥AdamW's 300 epochs on an axis of their own
+    for ax in panels:
+        solid = [mcolors.to_hex(line.get_color()) for line in ax.get_lines() if line.get_linestyle() == "-"]
+        assert len(solid) == 3 and len(set(solid)) == 3  # the seeds told apart
+    claim = figures["grokking_claim.png"]
+    drawn = [ax for ax in claim.axes if ax.get_visible() and ax.get_lines()]
+    assert len(drawn) == 2 * 3 and all(ax.collections for ax in drawn)  # one panel per run, collapse shaded

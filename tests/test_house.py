@@ -93,6 +93,17 @@ def test_method_colours_are_told_apart_and_none_reads_as_the_divergence_red():
     assert all(distance(m.colour, DIVERGED) >= 90 for m in methods)
 
 
+def test_no_method_reads_as_the_baseline_grey():
+    """Every method shares figures with the baseline: each colour is at least 75 in RGB distance from the
+    baseline's dark grey (qk-norm's navy, 63 away, could not be told from it in two_instabilities)."""
+    def rgb(hex_colour: str) -> tuple[int, ...]:
+        return tuple(int(hex_colour.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4))
+
+    base = rgb(BASELINE.colour)
+    near = [m.name for m in METHODS if sum((x - y) ** 2 for x, y in zip(rgb(m.colour), base)) ** 0.5 < 75]
+    assert not near, near
+
+
 def test_post_step_methods_run_as_hooks_from_their_declaration():
     centering = load_run_config({"post_step": {"mu_centering": True}})
     hooks = post_step_hooks(centering)

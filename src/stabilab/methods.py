@@ -89,7 +89,7 @@ METHODS: tuple[Method, ...] = (
            "spike clipping sign(g) sqrt(θ v), moment reset every ΔT, cosine LR warmup after resets",
            "#6a3d9a", knobs=("optim.spam",), overhead_target_pct=3.0),
     Method("qk_norm", "qk-norm", "Wortsman et al., arXiv 2309.14322", "model", {"model": {"qk_norm": "layernorm"}},
-           "per-head LayerNorm of q and k (learnable gain): bounds every attention logit", "#2f4b7c",
+           "per-head LayerNorm of q and k (learnable gain): bounds every attention logit", "#9d4edd",
            knobs=("model.qk_norm",), role="option"),
     Method("rope", "RoPE", "RoFormer, arXiv 2104.09864", "model", {"model": {"position": "rope"}},
            "rotary position embedding instead of the learned wpe", "#9c9ede",
@@ -111,6 +111,11 @@ METHODS: tuple[Method, ...] = (
 )
 
 BY_NAME: dict[str, Method] = {m.name: m for m in (BASELINE, *METHODS)}
+
+# The papers' own numbers that the figures mark as references (docs/METHODS.md §4): OEC's 16M model's LR
+# sensitivity in OEC's normalization (÷(K − 1), L0 = ln V), over its 7 LRs 3e-4 … 0.3 (100k steps, FineWeb).
+PAPER_LR_SENSITIVITY = {"baseline": 0.306, "oec_center": 0.028, "oec_loss": 0.031, "zloss": 0.054}
+PAPER_LR_SENSITIVITY_SOURCE = "OEC's 16M model, its 7 LRs 3e-4 … 0.3"
 
 
 def builtin_variants() -> dict[str, dict]:

@@ -40,7 +40,8 @@ KINDS: dict[str, StudyKind] = {k.name: k for k in (
         "Depth study (TEV / MLRA)",
         ("final_val_ppl", "final_val_loss", "tev_mean", "tev_std", "tev_lm_head_mean", "tev_lm_head_std",
          "grad_norm_var", "params"),
-        {**LOSS_CURVES, "ppl_vs_depth": "ppl_vs_depth.rst", "tev_vs_depth": "tev_vs_depth.rst",
+        {**LOSS_CURVES, "ppl_vs_depth_best_lr": "ppl_vs_depth_best_lr.rst", "ppl_vs_depth": "ppl_vs_depth.rst",
+         "tev_vs_depth": "tev_vs_depth.rst",
          "tev_over_training": "tev_over_training.rst", "grad_norm_var_vs_depth": "grad_norm_var_vs_depth.rst"},
         "stabilab.figures.depth:draw"),
     StudyKind(
@@ -55,7 +56,8 @@ KINDS: dict[str, StudyKind] = {k.name: k for k in (
         "spikes", "SPAM: spike-aware clipping and moment reset beat Adam", "Gradient spikes (SPAM)",
         ("final_val_loss", "spike_count", "max_grad_norm", "spam_clipped_frac", "gss_spikes", "gss_spikes_embedding",
          "gss_spikes_attn", "gss_spikes_mlp", "gss_spikes_norm", "gss_spikes_head"),
-        {**LOSS_CURVES, "grad_norm_traces": "grad_norm_traces.rst", "spike_counts": "spike_counts.rst"},
+        {**LOSS_CURVES, "loss_gap_vs_step": "loss_gap_vs_step.rst", "grad_norm_traces": "grad_norm_traces.rst",
+         "spike_counts": "spike_counts.rst"},
         "stabilab.figures.spikes:draw"),
     StudyKind(
         "compare", "the remaining methods side by side", "Variants side by side",

@@ -29,6 +29,11 @@ rule grok_report:
     output:
         steps=f"{GROK}/tables/grokking_steps.csv",
         summary=f"{GROK}/tables/grokking_summary.csv",
+        claim=report(
+            f"{GROK_FIG}/grokking_claim.png",
+            caption="../report/grokking_claim.rst",
+            category="Grokking",
+        ),
         accuracy=report(
             f"{GROK_FIG}/grokking_test_accuracy.png",
             caption="../report/grokking_test_accuracy.rst",

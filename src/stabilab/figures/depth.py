@@ -11,13 +11,15 @@ import pandas as pd
 
 from .context import StudyTables
 from .curves import tokens_per_step
-from .points import seed_band, vs_x, vs_x_legend
+from .points import seed_band, shared_ylim, vs_x, vs_x_legend
 from .style import (
     DIVERGED,
+    claim_title,
     figure_legend,
     fmt,
     metric_rows,
     no_data,
+    regime,
     save,
     seed_count,
     seed_curve_handles,
@@ -33,7 +35,10 @@ DEPTH_AXIS = "depth (transformer layers)"
 
 def draw(t: StudyTables) -> list[Path]:
     """The study's figures beside its loss curves (`studies.KINDS['depth']`)."""
-    return _depth_figures(t.summary, t.steps, t.runs, t.variants, t.folder, t.study, t.spec, t.palette)
+    from .claims import ppl_vs_depth_best_lr
+
+    written = save(ppl_vs_depth_best_lr(t), t.folder, "ppl_vs_depth_best_lr")
+    return written + _depth_figures(t.summary, t.steps, t.runs, t.variants, t.folder, t.study, t.spec, t.palette)
 
 
 def study_lrs(frame: pd.DataFrame) -> list[float]:
@@ -52,46 +57,61 @@ def tev_metrics(frame: pd.DataFrame) -> list[tuple[str, str, str]]:
     return [m for m in TEV_METRICS if m[0] in frame and frame[m[0]].notna().any()]
 
 
-def _vs_depth(summary, runs, variants, palette, n, rows, lrs, suptitle, height, logy=False):
-    """One panel per (metric row, LR column), each the metric vs depth; `rows` = [(metric, ylabel)]."""
+def _vs_depth(summary, runs, variants, palette, n, rows, lrs, suptitle, height, logy=False, where=""):
+    """One panel per (metric row, LR column), each the metric vs depth; `rows` = [(metric, ylabel)]. The
+    panels of a row share their y scale: the LRs are compared, and a 0.01-nat gap must not look like
+    the 0.6-nat one beside it."""
     cols = max(1, len(lrs))
-    fig, axes = plt.subplots(len(rows), cols, figsize=(max(5.0, 4.4 * cols), height * len(rows) + 0.4),
-                             squeeze=False, layout="constrained")  # own y per panel: LRs differ in scale
-    flags = [False, False]
+    fig, axes = plt.subplots(len(rows), cols, figsize=(max(5.0, 4.4 * cols), height * len(rows) + 0.6),
+                             squeeze=False, layout="constrained")
+    marks: set[str] = set()
     for i, (metric, ylabel) in enumerate(rows):
         df = metric_rows(summary, metric)
+        ylim = shared_ylim([df], runs, metric, logy)
         for j, lr in enumerate(lrs or [np.nan]):
             ax = axes[i][j]
-            some, alld = vs_x(ax, at_lr(df, lr) if lrs else df, "depth", variants, palette, n, logy=logy, runs=runs)
-            flags = [flags[0] or some, flags[1] or alld]
+            marks |= vs_x(ax, at_lr(df, lr) if lrs else df, "depth", variants, palette, n, logy=logy, runs=runs,
+                          ylim=ylim)
             ax.set(xlabel=DEPTH_AXIS if i == len(rows) - 1 else "", ylabel=ylabel if j == 0 else "")
             if i == 0 and lrs:
                 ax.set_title(f"peak LR {fmt(lr)}", fontsize=10)
-    fig.suptitle(suptitle, fontsize=10.5)
-    vs_x_legend(fig, variants, palette, *flags, n, n > 1)
+        _share_y(axes[i])
+    claim_title(fig, suptitle, where) if where else fig.suptitle(suptitle, fontsize=10.5)
+    vs_x_legend(fig, variants, palette, marks, n, n > 1)
     return fig
+
+
+def _share_y(axes) -> None:
+    """One y range for the panels of a row (the union of theirs: each vs_x sets its own limits)."""
+    limits = [ax.get_ylim() for ax in axes]
+    lo, hi = min(a for a, _ in limits), max(b for _, b in limits)
+    for ax in axes:
+        ax.set_ylim(lo, hi)
 
 
 def _depth_figures(summary, steps, runs, variants, folder, study, spec, palette) -> list[Path]:
     n = seed_count(spec)
     lrs = study_lrs(summary)
+    where = regime(spec, runs, steps) + "; one y scale across the LRs"
     written = []
     ppl = [("final_val_ppl", "final validation perplexity\n(lower is better)")]
-    fig = _vs_depth(summary, runs, variants, palette, n, ppl, lrs, f"{study}: perplexity vs depth", 3.6)
+    fig = _vs_depth(summary, runs, variants, palette, n, ppl, lrs,
+                    "MLRA: lower perplexity, more so in deeper models (every LR of the grid)", 3.6, where=where)
     written += save(fig, folder, "ppl_vs_depth")
 
     tev = tev_metrics(summary) or TEV_METRICS[:2]
     rows = [(m, f"TEV {kind}, {matrix}\n(weight units)") for m, matrix, kind in tev]
     fig = _vs_depth(summary, runs, variants, palette, n, rows, lrs,
-                    f"{study}: token-embedding variability (TEV) at the end of training\n"
-                    "mean: mean over tokens of std(e_i); std: std over tokens of std(e_i)", 2.9)
+                    "MLRA lowers the token-embedding variability (TEV) at the end of training",
+                    2.9, where=where + "\nmean: mean over tokens of std(e_i); std: std over tokens of std(e_i)")
     written += save(fig, folder, "tev_vs_depth")
 
     written += save(_tev_over_training(steps, runs, variants, study, spec, palette), folder, "tev_over_training")
 
     gvar = [("grad_norm_var", "variance of total grad norm\n(log scale)")]
-    fig = _vs_depth(summary, runs, variants, palette, n, gvar, lrs, f"{study}: gradient-norm variance vs depth\n"
-                    "(sliding-window variance, averaged over the 2nd half of training)", 3.6, logy=True)
+    fig = _vs_depth(summary, runs, variants, palette, n, gvar, lrs,
+                    "Gradient-norm variance vs depth (the instability TEV is meant to stand in for)", 3.6,
+                    logy=True, where=where + "\nsliding-window variance, averaged over the 2nd half of training")
     written += save(fig, folder, "grad_norm_var_vs_depth")
     return written
 
@@ -145,7 +165,8 @@ def _tev_over_training(steps, runs, variants, study, spec, palette):
             if i < len(rows) - 1:
                 ax.set_xlabel("")
     one_lr = f" (peak LR {fmt(lrs[0])})" if len(lrs) == 1 and np.isfinite(lrs[0]) else ""
-    fig.suptitle(f"{study}: token-embedding variability during training{one_lr} (weight units)", fontsize=10.5)
+    claim_title(fig, f"Token-embedding variability (TEV) during training{one_lr}",
+                regime(spec, runs, steps) + "; weight units")
     logged = set(steps["variant"]) if "variant" in steps else set()
     handles = variant_handles([v for v in variants if v in logged], palette)
     handles += seed_curve_handles(n, any_div)

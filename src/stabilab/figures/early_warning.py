@@ -11,17 +11,27 @@ from matplotlib.lines import Line2D
 from .. import early_warning as ew
 from ..methods import label
 from .context import StudyTables
-from .style import DIVERGED, figure_legend, no_data, panel_grid, save
+from .style import DIVERGED, claim_title, figure_legend, no_data, panel_grid, save
 
-# one colour per metric (never the divergence red); the loss, the baseline, is black
-METRIC_COLOURS = dict(zip([n for n in ew.PREDICTORS if n != "train_loss"],
-                          ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-                           "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31"]))
-METRIC_COLOURS.update({"train_loss": "#000000", "lr": "#555555"})
+# every predictor as a reader names it (legends and titles never show code identifiers)
+METRIC_NAMES = {
+    "train_loss": "training loss", "grad_norm": "gradient norm", "grad_norm_var": "grad-norm variance",
+    "spike_rate": "total-norm spike rate", "gss_rate": "per-element spike rate (GSS)",
+    "spam_clipped_frac": "share SPAM clipped", "tev_mean": "TEV mean", "tev_std": "TEV std",
+    "attn_logit_max": "max attention logit", "mu_norm": "‖μ‖ of the output embedding", "logits_mean": "mean logit",
+    "logits_absmax": "max |logit|", "log_z_sq": "mean log Z² (z-loss term)", "lr": "the LR alone",
+}
+# the metrics the verdicts name (docs/replication.md, METHODS.md §5b), drawn first and in colour: the one
+# that warned, the baseline a warning must beat (the loss's slope) and the TEV paper's proxy
+HIGHLIGHT = {"attn_logit_max": "#1f77b4", "train_loss": "#000000", "tev_mean": "#2ca02c", "tev_std": "#8c564b"}
+OTHER = "0.45"
 TRACE_METRICS = ["train_loss", "attn_logit_max", "mu_norm", "logits_absmax", "grad_norm_var", "spike_rate",
                  "gss_rate", "tev_mean"]
-SCOPE_TITLES = {"within_cell": "seeds of one variant, depth and LR (primary)",
-                "across_lr": "LRs pooled per variant and depth"}
+WARN_AUROC = 0.75  # the warning bar of METHODS.md §5 (warn_auroc)
+
+
+def metric_name(metric: str) -> str:
+    return METRIC_NAMES.get(metric, metric)
 
 
 def draw(t: StudyTables) -> list[Path]:
@@ -31,40 +41,56 @@ def draw(t: StudyTables) -> list[Path]:
 
 
 def auroc_vs_lead(summary, study: str):
-    """Rows: scope; columns: value, slope; one line per metric, its bootstrap interval as a band."""
-    a = summary[summary["quantity"] == "auroc"] if "quantity" in summary else summary.iloc[0:0]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.4), sharex=True, sharey=True, squeeze=False, layout="constrained")
-    handles = {}
-    for row, scope in enumerate(ew.SCOPES):
-        for col, feature in enumerate(ew.FEATURES):
-            ax, sub = axes[row, col], a[(a["scope"] == scope) & (a["feature"] == feature)]
-            for metric, g in sub.groupby("metric", sort=False):
-                g = g.sort_values("lead_steps")
-                if metric == "lr" or not g["value"].notna().any():  # the LR alone: drawn below, pooled only
-                    continue
-                colour = METRIC_COLOURS.get(metric, "0.3")
-                dashed = metric == "train_loss"
-                ax.plot(g["lead_steps"], g["value"], color=colour, lw=2 if dashed else 1.4, ls="--" if dashed else "-",
-                        marker="o", ms=3)
-                ax.fill_between(g["lead_steps"], g["ci_low"], g["ci_high"], color=colour, alpha=0.12, lw=0)
-                handles[metric] = Line2D([], [], color=colour, ls="--" if dashed else "-", lw=1.6, label=metric)
-            if scope == "across_lr":  # the LR alone, the baseline of the pooled comparison
-                lr = a[(a["scope"] == scope) & (a["metric"] == "lr")].sort_values("lead_steps")
-                if lr["value"].notna().any():
-                    ax.plot(lr["lead_steps"], lr["value"], color=METRIC_COLOURS["lr"], lw=2, ls=":")
-                    handles["lr"] = Line2D([], [], color=METRIC_COLOURS["lr"], ls=":", lw=2, label="LR alone")
-            ax.axhline(0.5, color="0.5", lw=0.8, ls=":")
-            n = sub.dropna(subset=["value"])
-            runs = f"{int(n['n_runs'].max())} runs, {int(n['n_failing'].max())} failing" if len(n) else "no pairs"
-            ax.set_title(f"{SCOPE_TITLES[scope]}\nmetric {feature} ({runs})", fontsize=9.5)
-            ax.set_xscale("log")
-            ax.set_ylim(-0.02, 1.02)
-            if not len(n):
-                no_data(ax, "no failing run with a surviving twin")
-            ax.set(xlabel="lead time N (steps, log scale)" if row == 1 else "", ylabel="AUROC" if col == 0 else "")
-    fig.suptitle(f"{study}: AUROC of 'fails within the next N steps' per metric (band: 95 % bootstrap "
-                 "interval over runs; dashed black: the loss, dotted: chance)", fontsize=10.5)
-    figure_legend(fig, list(handles.values()), ncol=5)
+    """Small multiples, one panel per metric (the verdict's metrics first, in colour): the AUROC of 'fails
+    within the next N steps' against N, of the metric's value (solid) and its slope (dashed), within cells
+    (the primary comparison), with their bootstrap bands; the loss's slope, the baseline a warning must
+    beat, as a thin black line in every panel; chance and the 0.75 warning bar."""
+    a = summary[(summary["quantity"] == "auroc") & (summary["scope"] == "within_cell")] if "quantity" in summary \
+        else summary.iloc[0:0]
+    a = a[a["feature"].isin(ew.FEATURES)]
+    present = [m for m in ew.PREDICTORS if m in set(a.dropna(subset=["value"])["metric"])]
+    metrics = [m for m in HIGHLIGHT if m in present] + [m for m in present if m not in HIGHLIGHT]
+    title = "Which metric warns of a failure, and how far ahead? AUROC of 'fails within the next N steps'"
+    if not metrics:  # a control study in which no run failed: nothing to score
+        fig, ax = plt.subplots(figsize=(7.5, 2.0), layout="constrained")
+        ax.set_axis_off()
+        no_data(ax, "no failing run beside a surviving one: no AUROC to draw\n(the study's runs: failure_traces.png)")
+        claim_title(fig, title, f"{study}: seeds of one variant, depth and LR compared (METHODS.md §5)", fontsize=9.5)
+        return fig
+    fig, axes = panel_grid(len(metrics), width=3.0, height=2.35, max_cols=4, sharex=True, sharey=True)
+    baseline = a[(a["metric"] == "train_loss") & (a["feature"] == "slope")].sort_values("lead_steps")
+    for ax, metric in zip(axes, metrics):
+        colour = HIGHLIGHT.get(metric, OTHER)
+        for feature, ls in (("value", "-"), ("slope", "--")):
+            g = a[(a["metric"] == metric) & (a["feature"] == feature)].sort_values("lead_steps")
+            if not g["value"].notna().any():
+                continue
+            ax.plot(g["lead_steps"], g["value"], color=colour, lw=1.8, ls=ls, marker="o", ms=2.5, zorder=3)
+            ax.fill_between(g["lead_steps"], g["ci_low"], g["ci_high"], color=colour, alpha=0.13, lw=0)
+        if metric != "train_loss" and baseline["value"].notna().any():
+            ax.plot(baseline["lead_steps"], baseline["value"], color="k", lw=0.9, ls=":", zorder=2)
+        ax.axhline(0.5, color="0.6", lw=0.8)
+        ax.axhline(WARN_AUROC, color="0.6", lw=0.8, ls="-.")
+        ax.set_title(metric_name(metric), fontsize=9.5, fontweight="bold" if metric in HIGHLIGHT else "normal",
+                     color=colour if metric in HIGHLIGHT else "0.2")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+    for ax in axes:
+        if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
+            ax.set_xlabel("lead N (steps, log)")
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("AUROC")
+    n = a.dropna(subset=["value"])
+    runs = f"{int(n['n_runs'].max())} runs, {int(n['n_failing'].max())} failing" if len(n) else "no pairs"
+    handles = [Line2D([], [], color="0.3", lw=1.8, label="the metric's value at t"),
+               Line2D([], [], color="0.3", lw=1.8, ls="--", label="its slope over the last 200 steps"),
+               Line2D([], [], color="k", lw=0.9, ls=":", label="the training loss's slope (the baseline)"),
+               Line2D([], [], color="0.6", lw=0.8, label="chance (0.5)"),
+               Line2D([], [], color="0.6", lw=0.8, ls="-.", label=f"warning bar ({WARN_AUROC:g})")]
+    figure_legend(fig, handles, ncol=3)
+    claim_title(fig, title, f"{study}: seeds of one variant, depth and LR compared (the primary comparison, METHODS.md "
+                f"§5); {runs}\nbands: 95 % bootstrap over runs; the LRs pooled, with the LR alone as baseline: "
+                f"summary_{study}.csv", fontsize=10)
     return fig
 
 
@@ -99,7 +125,7 @@ def failure_traces(steps, runs, study: str, spec: dict, palette: dict, max_runs:
         ax.axvline(0, color=DIVERGED, lw=1.2)
         if ew.PREDICTORS[metric][1]:
             ax.set_yscale("log")
-        ax.set_title(metric, fontsize=9.5)
+        ax.set_title(metric_name(metric), fontsize=9.5)
         ax.set_xlabel("steps to the failure")
     n_fail = int(np.isfinite(fails["fail"]).sum())
     fig.suptitle(f"{study}: metrics before the failure ({len(failing)} of {n_fail} failing runs shown, "
@@ -121,7 +147,7 @@ def _traces_without_failure(fig, axes, frame, metrics, study: str, palette: dict
                     alpha=0.8)
         if ew.PREDICTORS[metric][1]:
             ax.set_yscale("log")
-        ax.set_title(metric, fontsize=9.5)
+        ax.set_title(metric_name(metric), fontsize=9.5)
         ax.set_xlabel("step")
     fig.suptitle(f"{study}: no run failed ({n_runs} runs), so nothing is aligned at a failure: "
                  "each run's metrics against its step", fontsize=10)

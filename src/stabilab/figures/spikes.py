@@ -1,4 +1,5 @@
-"""Spike study (SPAM): grad-norm traces with spikes marked, spike counts per run."""
+"""Spike study (SPAM): Adam vs SPAM over training (the paper's figure, `claims.loss_gap_vs_step`),
+grad-norm traces with the per-element spikes under them, per-element spike counts per parameter kind."""
 
 from __future__ import annotations
 
@@ -9,23 +10,28 @@ import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 
 from ..methods import label
 from .context import StudyTables
-from .points import bar_rows, draw_bars, label_bars
 from .style import (
     DIVERGED,
     SPIKE_FACTOR,
+    claim_title,
     div_handle,
-    facets_of,
     figure_legend,
     fmt,
     metric_rows,
     no_data,
+    regime,
     save,
-    seed_count,
+    shade,
 )
+
+# parameter kinds of the per-element (GSS) counts, dense weights first: the verdict rests on them (the
+# embedding's and head's counts are mostly sparse token rows, docs/replication.md)
+KINDS = [("attn", "attention"), ("mlp", "MLP"), ("norm", "norm gains"), ("embedding", "embedding"),
+         ("head", "output head")]
+DENSE = ("attn", "mlp", "norm")
 
 
 def _spikes_from_trace(g: pd.DataFrame, factor: float = SPIKE_FACTOR) -> tuple[pd.Series, pd.Series]:
@@ -40,144 +46,166 @@ def _spikes_from_trace(g: pd.DataFrame, factor: float = SPIKE_FACTOR) -> tuple[p
 def draw(t: StudyTables) -> list[Path]:
     """The study's figures beside its loss curves (`studies.KINDS['spikes']`): grad-norm traces at
     every step where the runs recorded them (`train.spike_scores`), else at logged steps."""
+    from .claims import loss_gap_vs_step
+
+    written = save(loss_gap_vs_step(t), t.folder, "loss_gap_vs_step")
+    written += save(grad_norm_traces(t), t.folder, "grad_norm_traces")
+    return written + save(spike_counts(t), t.folder, "spike_counts")
+
+
+def _dense_spikes(steps: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:
+    """Per logged step, the spikes counted since the previous log: per element in the dense weights
+    (GSS > 50 in attention, MLP and norm gains; `train.spike_scores`), else total-norm spikes."""
+    dense = [f"gss_spikes_{k}" for k in DENSE if f"gss_spikes_{k}" in steps]
+    if dense:
+        d = steps.dropna(subset=dense).assign(count=lambda f: f[dense].sum(axis=1))
+        what = f"per-element spikes (GSS > {SPIKE_FACTOR:g}) in attention, MLP and norm gains"
+    elif "spike_count" in steps:
+        d = steps.dropna(subset=["spike_count"]).assign(count=lambda f: f["spike_count"])
+        what = f"total-norm spikes (norm > {SPIKE_FACTOR:g}× the mean of the earlier norms)"
+    else:
+        return None
+    d = d.sort_values("step")
+    d["new"] = d.groupby(["variant", "lr", "seed"])["count"].diff().fillna(d["count"])
+    d["per_step"] = d["new"] / d.groupby(["variant", "lr", "seed"])["step"].diff().fillna(d["step"]).clip(lower=1)
+    return d, what
+
+
+def grad_norm_traces(t: StudyTables):
+    """Rows: variants; columns: peak LRs. Each cell: the total grad norm (log axis) of every seed (shades
+    of the variant's colour), and under it the per-element spikes in the dense weights per step (the
+    spikes the verdict counts), seed by seed; the total-norm spike count in the corner."""
     every_step = t.grad_norms is not None and len(t.grad_norms)
     traces = t.grad_norms if every_step else t.steps
-    return _spike_figures(t.summary, traces, t.runs, t.variants, t.folder, t.study, t.spec, t.palette,
-                          bool(every_step))
-
-
-def _spike_figures(summary, steps, runs, variants, folder, study, spec, palette, every_step=False) -> list[Path]:
-    written = []
-    n = seed_count(spec)
+    d = traces.dropna(subset=["grad_norm"]) if "grad_norm" in traces else traces.iloc[0:0]
+    variants = [v for v in t.variants if len(d) and (d["variant"] == v).any()]
+    lrs = sorted(float(x) for x in d["lr"].unique()) if len(d) else []
+    spikes = _dense_spikes(t.steps)
+    fig = plt.figure(figsize=(max(8.0, 5.2 * len(lrs)), 2.6 * max(1, len(variants)) + 1.2), layout="constrained")
+    outer = fig.add_gridspec(max(1, len(variants)), max(1, len(lrs)))
+    seeds = sorted(int(s) for s in d["seed"].unique()) if len(d) else []
     where = "every step" if every_step else "logged steps"
-    d = steps.dropna(subset=["grad_norm"]) if "grad_norm" in steps else steps.iloc[0:0]
-    panels = [(v, depth, lr) for depth, lr in (facets_of(d, "spikes") if len(d) else [])
-              for v in variants if ((d["variant"] == v) & (d["depth"] == depth) & np.isclose(d["lr"], lr)).any()]
-    multi = len({(p[1], p[2]) for p in panels}) > 1
-    fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(7.5, 1.9 * max(1, len(panels)) + 1.3), squeeze=False,
-                             sharex=True, sharey=True, layout="constrained")
-    axes = axes[:, 0]
-    flags = {"logged": False, "counted": False, "div": False}
-    for ax, (variant, depth, lr) in zip(axes, panels):
-        sub = d[(d["variant"] == variant) & (d["depth"] == depth) & np.isclose(d["lr"], lr)]
-        colour = palette[variant]
-        for seed, g in sub.groupby("seed"):
-            g = g.sort_values("step")
-            ax.plot(g["step"], g["grad_norm"], color=colour, lw=1.1, alpha=0.9 if n == 1 else 0.6)
-            threshold, spike = _spikes_from_trace(g)
-            ax.plot(g["step"], threshold, color="0.45", lw=0.9, ls=":")
-            if spike.any():
-                ax.scatter(g.loc[spike, "step"], g.loc[spike, "grad_norm"], marker="^", s=45, color=DIVERGED,
-                           edgecolor="k", lw=0.5, zorder=7)
-                flags["logged"] = True
-            if "spike_count" in g:  # the trainer counts every step, logged or not
-                m = g.dropna(subset=["spike_count"])
-                prev_step, prev = 0, 0.0
-                for step, count in zip(m["step"], m["spike_count"]):
-                    if count > prev:
-                        ax.axvspan(prev_step, step, color=DIVERGED, alpha=0.12, lw=0)
-                        ax.text((prev_step + step) / 2, 0.96, f"+{int(count - prev)}",
-                                transform=ax.get_xaxis_transform(),
-                                ha="center", va="top", fontsize=7.5, color=DIVERGED)
-                        flags["counted"] = True
-                    prev_step, prev = step, count
-            r = runs[(runs["variant"] == variant) & (runs["depth"] == depth) & np.isclose(runs["lr"], lr)
-                     & (runs["seed"] == seed) & runs["diverged"]]
-            for row in r.itertuples(index=False):
-                step = row.diverged_step if pd.notna(row.diverged_step) else g["step"].max()
-                ax.scatter([step], [g["grad_norm"].iloc[-1]], marker="x", s=80, lw=2.2, color=DIVERGED, zorder=8)
-                flags["div"] = True
-        ax.set_yscale("log")
-        title = label(variant) + (f"  ({depth} layers, peak LR {fmt(lr)})" if multi else "")
-        ax.set_title(title, loc="left", fontsize=9.5, fontweight="bold", color=colour, pad=3)
-        ax.set_ylabel("grad norm\n(before clipping)")
-    if not panels:
-        no_data(axes[0])
-    axes[-1].set_xlabel("training step")
-    axes[-1].xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
-    seeds_note = f"; {n} seeds overlaid" if n > 1 else ""
-    fig.suptitle(f"{study}: total gradient norm at {where} (log scale){seeds_note}", fontsize=10.5)
-    handles = [Line2D([], [], color="0.3", lw=1.1, label=f"grad norm ({where})"),
-               Line2D([], [], color="0.45", lw=0.9, ls=":",
-                      label=f"{SPIKE_FACTOR:g}× running mean of the earlier norms"),
-               Line2D([], [], ls="none", marker="^", color=DIVERGED, mec="k", ms=7,
-                      label="spike" + ("" if flags["logged"] else " (none)"))]
-    if not every_step:
-        handles.append(Patch(color=DIVERGED, alpha=0.2, label="+k: spikes counted by the trainer, all steps"
-                             + ("" if flags["counted"] else " (none)")))
-    if flags["div"]:
+    first = first_bottom = None  # one y scale for every cell's grad norm, one for every cell's spikes
+    highest = 0.0
+    any_div = False
+    for i, variant in enumerate(variants):
+        for j, lr in enumerate(lrs):
+            inner = outer[i, j].subgridspec(2, 1, height_ratios=[2, 1], hspace=0.05)
+            top = fig.add_subplot(inner[0], sharex=first, sharey=first)
+            bottom = fig.add_subplot(inner[1], sharex=top, sharey=first_bottom)
+            first, first_bottom = first or top, first_bottom or bottom
+            colour = t.palette[variant]
+            cell = d[(d["variant"] == variant) & np.isclose(d["lr"], lr)]
+            totals = []
+            for k, seed in enumerate(seeds):
+                g = cell[cell["seed"] == seed].sort_values("step")
+                if not len(g):
+                    continue
+                c = shade(colour, k, len(seeds))
+                top.plot(g["step"], g["grad_norm"], color=c, lw=0.7, alpha=0.85)
+                totals.append(int(_spikes_from_trace(g)[1].sum()))
+                gone = t.runs[(t.runs["variant"] == variant) & np.isclose(t.runs["lr"], lr) & (t.runs["seed"] == seed)
+                              & t.runs["diverged"].astype(bool)]
+                if len(gone):
+                    top.scatter(g["step"].iloc[-1:], g["grad_norm"].iloc[-1:], marker="x", s=70, lw=2,
+                                color=DIVERGED, zorder=8)
+                    any_div = True
+                if spikes is not None:
+                    s = spikes[0]
+                    s = s[(s["variant"] == variant) & np.isclose(s["lr"], lr) & (s["seed"] == seed)]
+                    bottom.step(s["step"], s["per_step"], where="pre", color=c, lw=1.1)
+                    highest = max([highest, *s["per_step"].dropna()])
+            top.set_yscale("log")
+            top.yaxis.set_minor_formatter(mticker.NullFormatter())
+            top.tick_params(labelbottom=False)
+            top.set_title(f"{label(variant)}, peak LR {fmt(lr)}", loc="left", fontsize=9.5, fontweight="bold",
+                          color=colour, pad=3)
+            if totals:
+                top.text(0.99, 0.95, f"total-norm spikes per seed: {', '.join(map(str, totals))}",
+                         transform=top.transAxes, ha="right", va="top", fontsize=7, color="0.3")
+            bottom.set_yscale("symlog", linthresh=1)
+            bottom.yaxis.set_major_locator(mticker.SymmetricalLogLocator(base=100, linthresh=1))
+            if j == 0:
+                top.set_ylabel("grad norm\n(before clipping)")
+                bottom.set_ylabel("spikes\nper step", fontsize=8)
+            if i == len(variants) - 1:
+                bottom.set_xlabel("training step")
+            else:
+                bottom.tick_params(labelbottom=False)
+            if spikes is None:
+                no_data(bottom, "per-element spikes not recorded")
+    if first_bottom is not None:  # the spikes' axis reaches 10 at least: no spike reads as 0, not as a full axis
+        first_bottom.set_ylim(0, max(10.0, highest * 2))
+    if first is not None and np.divide(*first.get_ylim()[::-1]) < 300:  # few decades: 1-2-5 ticks labelled
+        first.yaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        first.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    if not variants:
+        no_data(fig.add_subplot(outer[0, 0]))
+    handles = [Line2D([], [], color=shade("0.45", k, len(seeds)), lw=1.5, label=f"seed {s}")
+               for k, s in enumerate(seeds)] if len(seeds) > 1 else []
+    if any_div:
         handles.append(div_handle())
-    figure_legend(fig, handles, ncol=2)
-    written += save(fig, folder, "grad_norm_traces")
-
-    written += save(_spike_counts(summary, variants, study, spec, palette), folder, "spike_counts")
-    return written
-
-
-COUNT_PANELS = [
-    ("spike_count", "total-norm spikes per run\n(norm > {f:g}× mean of the earlier norms)", "{:,.0f}"),
-    ("gss_spikes", "per-element spikes per run (GSS > {f:g}, SPAM's score)\nstacked by parameter kind",
-     "{:.3g}"),
-    ("spam_clipped_frac", "share of gradient entries SPAM clipped\n(mean over measured steps)", "{:.2e}"),
-]
-KIND_HATCH = {"embedding": "", "attn": "//", "mlp": "..", "norm": "xx", "head": "--"}
-RANGE_LABEL_MAX_BARS = 6  # with more bars the seeds' range, written under each value, collides (the bar shows it)
-
-
-def _spike_counts(summary, variants, study, spec, palette):
-    """Spike counts per run: on the total grad norm, per element (GSS, when recorded; stacked by
-    parameter kind), and SPAM's clipped share; mean over seeds, bar: their range."""
-    panels = [p for p in COUNT_PANELS if (summary["metric"] == p[0]).any()
-              and metric_rows(summary, p[0])["mean"].notna().any()]
-    fig, axes = plt.subplots(1, max(1, len(panels)), squeeze=False, layout="constrained",
-                             figsize=(max(4.6, 1.2 * len(variants) + 1.6) * max(1, len(panels)) * 0.75, 4.3))
-    n = seed_count(spec)
-    for ax, (metric, title, number) in zip(axes[0], panels):
-        rows = bar_rows(metric_rows(summary, metric), variants, ["depth", "lr"],
-                        lambda depth, lr: f"L{int(depth)}, LR {fmt(lr)}")
-        if metric == "gss_spikes":
-            _stacked_kinds(ax, rows, summary, palette)
-        means, lows, highs = draw_bars(ax, rows, palette) if metric != "gss_spikes" else _totals(rows)
-        top = float(np.nanmax(np.fmax(np.nan_to_num(means), np.nan_to_num(highs)))) or 1.0
-        ranges = len(rows) <= RANGE_LABEL_MAX_BARS
-        label_bars(ax, rows, means, highs, top, lambda m, r, number=number, ranges=ranges: number.format(m) + (
-            f"\n({number.format(r['min'])}–{number.format(r['max'])})" if ranges and r.get("n", 1) > 1 else ""),
-            pad=0.03, fontsize=7.5)
-        ax.set_ylim(0, top * 1.25)
-        if metric != "spam_clipped_frac":
-            ax.yaxis.set_major_locator(mticker.MaxNLocator(integer=True))
-        ax.set_title(title.format(f=SPIKE_FACTOR), fontsize=9.5)
-        plt.setp(ax.get_xticklabels(), rotation=30 if ranges else 50, ha="right", rotation_mode="anchor")
-        if np.nansum(means) == 0:
-            ax.text(0.5, 0.55, "no spikes in any run", transform=ax.transAxes, ha="center", color="0.35", fontsize=9)
-    if not panels:
-        no_data(axes[0][0])
-    note = f"mean over {n} seeds, bar: their range" if n > 1 else "one seed per variant"
-    fig.suptitle(f"{study}: gradient spikes per run (whole run, every step; {note})", fontsize=10.5)
-    kinds = [k for k in KIND_HATCH if (summary["metric"] == f"gss_spikes_{k}").any()]
-    if kinds and any(p[0] == "gss_spikes" for p in panels):
-        figure_legend(fig, [Patch(facecolor="white", edgecolor="0.2", hatch=KIND_HATCH[k], label=k) for k in kinds],
-                      ncol=len(kinds))
+    figure_legend(fig, handles, ncol=max(1, len(handles)))
+    what = spikes[1] if spikes is not None else "spikes (not recorded)"
+    claim_title(fig, "SPAM: gradient spikes occur in training — the grad norm and, under it, "
+                f"the {what} per step", regime(t.spec, t.runs, t.steps) + f"; grad norm at {where} (log axis); "
+                "seeds in shades of the variant's colour, darkest first", fontsize=10)
     return fig
 
 
-def _stacked_kinds(ax, rows, summary, palette) -> None:
-    """Per-element spikes of each bar split by parameter kind (means over seeds, stacked)."""
-    xs = np.arange(len(rows))
-    bottom = np.zeros(len(rows))
-    for kind, hatch in KIND_HATCH.items():
-        part = metric_rows(summary, f"gss_spikes_{kind}")
-        values = []
-        for _, variant, r in rows:
-            hit = part[(part["variant"] == variant) & (part["depth"] == r["depth"]) & np.isclose(part["lr"], r["lr"])]
-            values.append(float(hit["mean"].iloc[0]) if len(hit) else 0.0)
-        values = np.nan_to_num(np.array(values))
-        ax.bar(xs, values, bottom=bottom, color=[palette[v] for _, v, _ in rows], hatch=hatch, width=0.62,
-               edgecolor="0.2", lw=0.6)
-        bottom += values
-
-
-def _totals(rows):
-    means = np.array([float(r["mean"]) for _, _, r in rows])
-    highs = np.array([float(r["max"]) if r.get("n", 1) > 1 else np.nan for _, _, r in rows])
-    return means, highs, highs
+def spike_counts(t: StudyTables):
+    """Per-element spikes per run (GSS > 50, every step, raw gradient) per parameter kind, dense weights
+    first, on a symlog axis (0 kept; the embedding's 1e8 does not swamp the attention's 1e3): one panel
+    per peak LR with one y scale, each variant's seeds as open markers and their mean as a bar.
+    Without per-element counts, the total-norm spikes per run."""
+    summary, runs = t.summary, t.runs
+    kinds = [(k, name) for k, name in KINDS if (summary["metric"] == f"gss_spikes_{k}").any()
+             and metric_rows(summary, f"gss_spikes_{k}")["mean"].notna().any()]
+    columns = [(f"gss_spikes_{k}", name) for k, name in kinds] or [("spike_count", "total-norm spikes")]
+    lrs = sorted(float(x) for x in runs["lr"].unique()) if len(runs) else []
+    variants = [v for v in t.variants if v in set(runs["variant"])]
+    per_panel = max(3.2, 1.2 + 0.2 * len(variants) * len(columns))
+    fig, axes = plt.subplots(1, max(1, len(lrs)), figsize=(per_panel * max(1, len(lrs)), 4.6), squeeze=False,
+                             sharey=True, layout="constrained")
+    seeds = sorted(int(s) for s in runs["seed"].unique())
+    width = 0.8 / max(1, len(variants))
+    for ax, lr in zip(axes[0], lrs):
+        for ci, (column, _) in enumerate(columns):
+            for vi, variant in enumerate(variants):
+                x = ci + (vi - (len(variants) - 1) / 2) * width
+                cell = runs[(runs["variant"] == variant) & np.isclose(runs["lr"], lr)]
+                values = cell[column].astype(float).to_numpy() if column in cell else np.array([])
+                finite = values[np.isfinite(values)]
+                if not len(finite):
+                    continue
+                colour = t.palette[variant]
+                ax.bar([x], [finite.mean()], width=width * 0.85, color=colour, alpha=0.35, edgecolor=colour, lw=0.8)
+                for seed, v in zip(cell["seed"], values):
+                    if np.isfinite(v):
+                        edge = shade(colour, seeds.index(int(seed)), len(seeds))
+                        ax.scatter([x], [v], marker="o", s=18, facecolor="none", edgecolor=edge, lw=1.1, zorder=4)
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_ylim(0, max(10.0, ax.get_ylim()[1]))
+        if not any(p.get_height() > 0 for p in ax.patches):
+            ax.text(0.5, 0.55, "no spike in any run", transform=ax.transAxes, ha="center", color="0.35", fontsize=9)
+        ax.set_xticks(range(len(columns)), [name for _, name in columns])
+        ax.set_xlim(-0.6, len(columns) - 0.4)
+        ax.set_title(f"peak LR {fmt(lr)}", fontsize=10)
+        for ci in range(1, len(columns)):
+            ax.axvline(ci - 0.5, color="0.85", lw=0.8)
+        if kinds and len(kinds) > len(DENSE):
+            ax.axvline(len([k for k, _ in kinds if k in DENSE]) - 0.5, color="0.4", lw=1.2, ls="--")
+    if not lrs:
+        no_data(axes[0][0])
+    ylabel = (f"per-element spikes per run (GSS > {SPIKE_FACTOR:g}),\nsymlog: 0, then 1 … 1e8" if kinds else
+              f"total-norm spikes per run (> {SPIKE_FACTOR:g}× mean)")
+    axes[0][0].set_ylabel(ylabel)
+    handles = [Line2D([], [], color=t.palette[v], lw=6, alpha=0.5, label=label(v)) for v in variants]
+    handles.append(Line2D([], [], ls="none", marker="o", mfc="none", mec="0.3", ms=5,
+                          label="one seed (bar: their mean)"))
+    figure_legend(fig, handles, ncol=min(len(handles), 6))
+    claim_title(fig, "SPAM: gradient spikes are frequent — per-element spikes per run, by parameter kind"
+                if kinds else "SPAM: gradient spikes — total-norm spikes per run",
+                regime(t.spec, runs, t.steps) + ("; dense weights left of the dashed line (the embedding's and head's "
+                                                 "counts are mostly sparse token rows)" if kinds else ""), fontsize=10)
+    return fig

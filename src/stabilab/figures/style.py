@@ -8,9 +8,15 @@ Conventions shared by every figure:
   max). Curves are the mean over the seeds that did not diverge with that range as a band, thin
   lines the single seeds; points vs depth / LR are the mean (on log axes the geometric mean) with
   the range as the bar, open circles the single seeds; bars are the mean with the range;
-- diverged runs stay visible: a red x where the run stopped (curves) or on the point (vs-LR /
-  vs-depth), with "k/N div." above it; a point with no value because every seed diverged is drawn
-  in a "diverged" strip at the top of the panel instead of vanishing;
+- diverged runs stay visible and are never averaged with the runs that survived: a red x where the
+  run stopped (curves); vs LR / depth, a diverged run's own last measurement as a ✕ with a red edge,
+  or (a loss, which it lacks) a red x on its cell's mean of the others, with "k/n div." above; a
+  point with no value because every seed diverged is drawn in a "diverged" strip at the top of the
+  panel instead of vanishing;
+- a figure's title states what it shows (the claim it tests), its second line the regime and the
+  number of seeds (`claim_title`); panels that are compared share their y scale; a quantity whose
+  sign matters has a sign-preserving (symlog) axis; values at rounding level are not drawn as data
+  (`ROUNDING_MU`); the papers' own numbers, where they give them, are grey stars;
 - loss axes are capped at the initial loss + 1 nat; values above are drawn at the cap (said in the
   figure's title); variants whose curves are identical (and so hide each other) are named;
 - a smoke test's figures (`smoke_test: true`, the default config) say so in their title's first line.
@@ -40,8 +46,9 @@ from ..summary import SMOKE_TEST_TITLE  # noqa: E402
 DIVERGED = "#d62728"  # red: reserved for divergence markers
 SPIKE_FACTOR = 50.0  # GSS threshold of a gradient-norm spike (SPAM paper; train.spike_factor default)
 LOSS_CAP_MARGIN = 1.0  # loss axes end at initial loss + this (nats)
-POINT_LEGEND = "mean over seeds (geometric on log axes), bar: their range (min-max)"
+POINT_LEGEND = "mean over the seeds that did not diverge (geometric on log axes), bar: their range (min-max)"
 DIV_CURVE_LABEL = "diverged run (not in the mean): stopped at ×"
+ROUNDING_MU = 1e-4  # ‖μ‖ below this is rounding (μ-centering: 0 in exact arithmetic), not a measurement
 FALLBACK_COLOURS = ["#56b4e9", "#a6761d", "#1b9e77", "#7570b3", "#fdae61", "#999999", "#000080", "#66a61e"]
 
 
@@ -160,14 +167,17 @@ def panel_grid(n: int, width: float = 3.6, height: float = 2.9, max_cols: int = 
     return fig, flat[:n]
 
 
-def figure_legend(fig, handles: list, ncol: int | None = None) -> None:
+def figure_legend(fig, handles: list, ncol: int | None = None, title: str | None = None) -> None:
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=ncol or min(len(handles), 4), frameon=False,
-                   fontsize=8.5, handlelength=2.2, columnspacing=1.4)
+                   fontsize=8.5, handlelength=2.2, columnspacing=1.4, title=title, title_fontsize=8.5)
 
 
-def variant_handles(variants: list[str], palette: dict) -> list:
-    return [Line2D([], [], color=palette[v], lw=2, marker="o", ms=4, label=label(v)) for v in variants]
+def variant_handles(variants: list[str], palette: dict, texts: dict[str, str] | None = None) -> list:
+    """Legend entries of the variants, in the papers' names (`methods.label`), `texts` appended."""
+    texts = texts or {}
+    return [Line2D([], [], color=palette[v], lw=2, marker="o", ms=4, label=label(v) + texts.get(v, ""))
+            for v in variants]
 
 
 def div_handle(label: str = "diverged (run stopped)") -> Line2D:
@@ -192,3 +202,45 @@ def tokens_axis(ax) -> None:
     ax.xaxis.set_major_formatter(mticker.EngFormatter(sep=""))
     ax.set_xlabel("tokens seen")
 
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+def regime(spec: dict, runs: pd.DataFrame | None = None, steps: pd.DataFrame | None = None,
+           depth: int | None = None) -> str:
+    """A figure's second title line: the model depth, training length and seeds behind it."""
+    parts = []
+    depths = [depth] if depth is not None else sorted({int(d) for d in spec.get("depths", [])})
+    if runs is not None and not depths and "depth" in runs and len(runs):
+        depths = sorted({int(d) for d in runs["depth"].dropna()})
+    if depths:
+        parts.append(f"{', '.join(map(str, depths))} layer{'s' if depths != [1] else ''}")
+    if steps is not None and len(steps) and "tokens" in steps and "step" in steps:
+        ends = steps.groupby(["variant", "depth", "lr", "seed"])[["step", "tokens"]].max()
+        parts.append(f"{int(ends['step'].median()):,} steps ({_si(float(ends['tokens'].median()))} tokens per run)")
+    n = seed_count(spec, int(runs["seed"].nunique()) if runs is not None and len(runs) else 1)
+    parts.append(f"n = {n} seed{'s' if n != 1 else ''}")
+    return "; ".join(parts)
+
+
+def claim_title(fig, claim: str, where: str, fontsize: float = 10.5) -> None:
+    """The figure's title: first line the claim the figure shows, then the regime and n."""
+    fig.suptitle(f"{claim}\n{where}", fontsize=fontsize)
+
+
+def shade(colour, seed_index: int, n_seeds: int):
+    """The variant's colour, darker for the first seed and lighter for the later ones: seeds told apart
+    without leaving the variant's hue."""
+    import matplotlib.colors as mcolors
+    import numpy as np
+
+    if n_seeds <= 1:
+        return colour
+    rgb = np.array(mcolors.to_rgb(colour))
+    f = -0.35 + 0.8 * seed_index / (n_seeds - 1)  # -0.35 (darker) .. +0.45 (lighter)
+    return tuple(rgb * (1 + f) if f < 0 else rgb + (1 - rgb) * f)

@@ -1,4 +1,9 @@
-"""The grokking figures: accuracy, Softmax-Collapse fraction and weight norm vs epoch."""
+"""The grokking figures: the StableMax paper's figure (test accuracy per seed with Softmax Collapse
+shaded), and accuracy, Softmax-Collapse fraction and weight norm vs epoch.
+
+Every figure has one panel per variant (rows: operations) on a linear epoch axis of its own: runs of
+300 and of 100 000 epochs share no axis, and on a log axis the collapse at epochs 82k–100k would be a
+sliver. Seeds are told apart by shades of the variant's colour (darkest first)."""
 
 from __future__ import annotations
 
@@ -18,84 +23,194 @@ PALETTE = {
     ("stablemax", "float64"): ("StableMax, float64 loss", BY_NAME["stablemax"].colour),
     ("perpgrad", "float32"): ("⊥AdamW, float32", BY_NAME["perpgrad"].colour),
 }
+COLLAPSE = "#9b8ec4"  # the Softmax-Collapse shading (not the divergence red)
 # figure file stem -> what it shows (each written as .png and .pdf)
 FIGURES = {
+    "grokking_claim": "test accuracy per seed with the Softmax-Collapse fraction shaded (the paper's figure)",
     "grokking_test_accuracy": "test accuracy (solid) and train accuracy (dashed) vs epoch",
     "grokking_collapse": "Softmax-Collapse fraction of the training set vs epoch",
     "grokking_weight_norm": "L2 norm of all weights vs epoch",
 }
 
 
-def _use_log_x(steps) -> bool:
-    positive = steps.loc[steps["epoch"] > 0, "epoch"]
-    return len(positive) > 0 and positive.max() / positive.min() >= 100
+def _keys(steps) -> list[tuple[str, str]]:
+    """(variant, loss dtype) pairs present, in the palette's order."""
+    present = set(zip(steps["variant"], steps["loss_dtype"]))
+    return [k for k in PALETTE if k in present] + sorted(present - set(PALETTE))
 
 
-def _line_figure(steps, y: str, ylabel: str, title: str, path_stem: Path, *, style: str | None = None,
-                 logy: bool = False, ylim=None, smoke_test: bool = False) -> list[Path]:
-    """One panel per operation: y vs epoch, colour = variant, line style = `style` column; a smoke test's
-    title opens with the smoke-test lines."""
-    import matplotlib
+def _label(key) -> str:
+    return PALETTE.get(key, (f"{key[0]}, {key[1]}",))[0]
 
-    matplotlib.use("Agg")
+
+def _colour(key) -> str:
+    return PALETTE.get(key, (None, "0.3"))[1]
+
+
+def _operations(steps) -> list[tuple[str, int]]:
+    return sorted(set(zip(steps["operation"], steps["modulus"])))
+
+
+def _op_text(op) -> str:
+    return f"(a {OP_SYMBOL.get(op[0], op[0])} b) mod {op[1]}"
+
+
+def _regime(steps) -> str:
+    seeds = sorted(int(s) for s in steps["seed"].unique())
+    return (f"MLP [200, 200] on {', '.join(_op_text(op) for op in _operations(steps))}; "
+            f"n = {len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}), "
+            "darkest first; epoch = one full-batch step")
+
+
+def _save(fig, path_stem: Path, title: str, where: str, smoke_test: bool) -> list[Path]:
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    data = steps.copy()
-    data["variant"] = [PALETTE[(v, d)][0] for v, d in zip(data["variant"], data["loss_dtype"])]
-    data["operation"] = [f"(a {OP_SYMBOL[op]} b) mod {p}" for op, p in zip(data["operation"], data["modulus"])]
-    present = set(data["variant"])
-    log_x = _use_log_x(data)
-    if log_x:
-        data = data[data["epoch"] > 0]  # epoch 0 has no place on a log axis
-    operations = sorted(set(data["operation"]))
-    sns.set_theme(style="whitegrid", context="talk")
-    order = [label for label, _ in PALETTE.values() if label in present]
-    # nested widths (first variant widest): curves that coincide, e.g. float32 and float64
-    # softmax before collapse, stay visible one inside the other
-    widths = {label: 1.6 + 1.4 * (len(order) - 1 - i) for i, label in enumerate(order)}
-    grid = sns.relplot(data=data, x="epoch", y=y, hue="variant", size="variant", sizes=widths,
-                       style=style, col="operation", col_order=operations, kind="line", units="seed",
-                       estimator=None, palette={label: c for label, c in PALETTE.values()},
-                       hue_order=order, size_order=order, height=5.5, aspect=1.35,
-                       facet_kws={"sharey": True})
-    for ax in grid.axes.flat:
-        if log_x:
-            ax.set_xscale("log")
-        if logy:
-            ax.set_yscale("log")
-        if ylim is not None:
-            ax.set_ylim(*ylim)
-    grid.set_axis_labels("epoch (full-batch step)" + (", log scale" if log_x else ""), ylabel)
-    grid.set_titles(col_template="{col_name}")
+    text = f"{title}\n{where}"
     if smoke_test:
         from ..summary import SMOKE_TEST_TITLE
 
-        grid.figure.suptitle(f"{SMOKE_TEST_TITLE}\n{title}", y=1.0, va="bottom")
-    else:
-        grid.figure.suptitle(title, y=1.03)
+        text = f"{SMOKE_TEST_TITLE}\n{text}"
+    fig.suptitle(text, fontsize=11)
     paths = []
     for ext in ("png", "pdf"):
         path = path_stem.with_suffix(f".{ext}")
         with atomic_path(path) as tmp:
-            grid.figure.savefig(tmp, dpi=150, bbox_inches="tight", format=ext)
+            fig.savefig(tmp, dpi=150, bbox_inches="tight", format=ext)
         paths.append(path)
-    plt.close(grid.figure)
+    plt.close(fig)
     return paths
 
 
-def make_figures(steps, fig_dir: Path, smoke_test: bool = False) -> list[Path]:
-    import pandas as pd
+def _grid(steps, rows: int, width: float = 3.6, height: float = 2.7):
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = max(1, len(_keys(steps)))
+    width = max(width, 8.0 / cols)  # room for the two title lines when there is one variant
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 1.2), squeeze=False, sharey=True,
+                             layout="constrained")
+    return fig, axes
+
+
+def _epoch_axis(ax) -> None:
+    """Epochs in thousands ('20k') where runs are long: no '×10⁴' under every panel."""
+    import matplotlib.ticker as mticker
+
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k" if abs(v) >= 1000 else f"{v:g}"))
+
+
+def _seed_lines(ax, g, y: str, colour, seeds: list[int], **line) -> None:
+    from ..figures.style import shade
+
+    style = {k: v for k, v in line.items() if k != "label"}
+    for seed, run in g.groupby("seed"):
+        run = run.sort_values("epoch")
+        ax.plot(run["epoch"], run[y], color=shade(colour, seeds.index(int(seed)), len(seeds)), **style)
+
+
+def _line_figure(steps, ys: list[tuple[str, dict]], ylabel: str, title: str, path_stem: Path, *,
+                 logy: bool = False, ylim=None, smoke_test: bool = False) -> list[Path]:
+    """Rows: operations; columns: variants, each on its own linear epoch axis (one y scale); one line per
+    seed and `ys` column (with its line style)."""
+    from matplotlib.lines import Line2D
+
+    from ..figures.style import shade
+
+    ops, keys = _operations(steps), _keys(steps)
+    seeds = sorted(int(s) for s in steps["seed"].unique())
+    fig, axes = _grid(steps, len(ops))
+    for i, op in enumerate(ops):
+        for j, key in enumerate(keys):
+            ax = axes[i][j]
+            g = steps[(steps["operation"] == op[0]) & (steps["modulus"] == op[1]) & (steps["variant"] == key[0])
+                      & (steps["loss_dtype"] == key[1])]
+            for y, line in ys:
+                _seed_lines(ax, g, y, _colour(key), seeds, **line)
+            ax.set_title(f"{_label(key)}" + (f"\n{_op_text(op)}" if len(ops) > 1 else ""), fontsize=10,
+                         color=_colour(key), fontweight="bold")
+            if logy:
+                ax.set_yscale("log")
+            if ylim is not None:
+                ax.set_ylim(*ylim)
+            ax.set_xlim(left=0)
+            _epoch_axis(ax)
+            ax.set_xlabel("epoch" if i == len(ops) - 1 else "")
+            ax.set_ylabel(ylabel if j == 0 else "")
+    handles = [Line2D([], [], color=shade("0.4", k, len(seeds)), lw=2, label=f"seed {s}") for k, s in enumerate(seeds)]
+    handles += [Line2D([], [], color="0.3", lw=line.get("lw", 1.6), ls=line.get("ls", "-"), label=line["label"])
+                for _, line in ys if "label" in line]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=9)
+    return _save(fig, path_stem, title, _regime(steps), smoke_test)
+
+
+def claim_figure(steps, path_stem: Path, smoke_test: bool = False) -> list[Path]:
+    """The paper's figure: rows are variants, columns seeds; each panel the test accuracy (variant colour),
+    the train accuracy (dashed grey) and, shaded, the fraction of training samples in Softmax Collapse,
+    on the run's own linear epoch axis; the epoch its test accuracy first reaches 95 % marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    ops, keys = _operations(steps), _keys(steps)
+    rows = [(op, key) for op in ops for key in keys]
+    seeds = sorted(int(s) for s in steps["seed"].unique())
+    fig, axes = plt.subplots(len(rows), len(seeds), figsize=(3.3 * len(seeds), 2.1 * len(rows) + 1.3),
+                             squeeze=False, sharey=True, layout="constrained")
+    for i, (op, key) in enumerate(rows):
+        g = steps[(steps["operation"] == op[0]) & (steps["modulus"] == op[1]) & (steps["variant"] == key[0])
+                  & (steps["loss_dtype"] == key[1])]
+        for j, seed in enumerate(seeds):
+            ax = axes[i][j]
+            run = g[g["seed"] == seed].sort_values("epoch")
+            if not len(run):
+                ax.set_axis_off()
+                continue
+            ax.fill_between(run["epoch"], 0, run["collapse_frac"], color=COLLAPSE, alpha=0.45, lw=0, step="mid")
+            ax.plot(run["epoch"], run["train_acc"], color="0.45", lw=1, ls="--")
+            ax.plot(run["epoch"], run["test_acc"], color=_colour(key), lw=2)
+            hit = run[run["test_acc"] >= 0.95]
+            if len(hit):
+                ax.axvline(hit["epoch"].iloc[0], color=_colour(key), lw=0.8, ls=":")
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_xlim(0, run["epoch"].max())
+            _epoch_axis(ax)
+            final = run.iloc[-1]
+            ax.text(0.98, 0.5, f"test {final['test_acc']:.0%}\nSC {final['collapse_frac']:.0%}", ha="right",
+                    va="center", transform=ax.transAxes, fontsize=7.5, color="0.2",
+                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.7, pad=1))
+            if i == 0:
+                ax.set_title(f"seed {seed}", fontsize=10)
+            if j == 0:
+                ax.set_ylabel(_label(key) + (f"\n{_op_text(op)}" if len(ops) > 1 else ""), fontsize=9,
+                              color=_colour(key), fontweight="bold")
+            if i == len(rows) - 1:
+                ax.set_xlabel("epoch")
+    handles = [Line2D([], [], color="0.3", lw=2, label="test accuracy (variant's colour)"),
+               Line2D([], [], color="0.45", lw=1, ls="--", label="train accuracy"),
+               Patch(color=COLLAPSE, alpha=0.45, label="Softmax Collapse: fraction of train samples"),
+               Line2D([], [], color="0.3", lw=0.8, ls=":", label="test accuracy first ≥ 95 %")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, frameon=False, fontsize=9)
+    return _save(fig, path_stem, "StableMax (arXiv 2501.04697): without regularisation, float32 softmax stops "
+                 "learning in Softmax Collapse; StableMax groks", _regime(steps).replace(", darkest first", "")
+                 + "; each run on its own epoch axis", smoke_test)
+
+
+def make_figures(steps, fig_dir: Path, smoke_test: bool = False) -> list[Path]:
     fig_dir.mkdir(parents=True, exist_ok=True)
-    acc = pd.concat([steps.assign(split="test", accuracy=steps["test_acc"]),
-                     steps.assign(split="train", accuracy=steps["train_acc"])], ignore_index=True)
-    paths = _line_figure(acc, "accuracy", "accuracy", "Grokking: accuracy per variant",
-                         fig_dir / "grokking_test_accuracy", style="split", ylim=(-0.02, 1.02),
-                         smoke_test=smoke_test)
-    paths += _line_figure(steps, "collapse_frac", "fraction of train samples in SC",
-                          "Softmax Collapse (sum exp(z - max z) == 1)",
+    paths = claim_figure(steps, fig_dir / "grokking_claim", smoke_test)
+    paths += _line_figure(steps, [("test_acc", {"lw": 1.8, "label": "test (solid)"}),
+                                  ("train_acc", {"lw": 1.0, "ls": "--", "label": "train (dashed)"})],
+                          "accuracy", "Grokking: test accuracy (solid) and train accuracy (dashed) per variant",
+                          fig_dir / "grokking_test_accuracy", ylim=(-0.02, 1.02), smoke_test=smoke_test)
+    paths += _line_figure(steps, [("collapse_frac", {"lw": 1.6})], "fraction of train samples in SC",
+                          "Softmax Collapse (SC): the share of training samples whose sum exp(z − max z) rounds to 1",
                           fig_dir / "grokking_collapse", ylim=(-0.02, 1.02), smoke_test=smoke_test)
-    paths += _line_figure(steps, "weight_norm", "‖θ‖₂ (all weights)", "Weight norm",
+    paths += _line_figure(steps, [("weight_norm", {"lw": 1.6})], "‖θ‖₂ (all weights, log scale)",
+                          "Weight norm: it grows without weight decay (the logits with it)",
                           fig_dir / "grokking_weight_norm", logy=True, smoke_test=smoke_test)
     return paths
