@@ -200,52 +200,6 @@ def cmd_figures(args) -> None:
     print(f"figures: {len(written)} files -> {args.out}")
 
 
-def cmd_verdicts(args) -> None:
-    from .layout import RESULTS
-    from .summary import write_headline_html
-    from .verdicts import where, write_verdicts
-
-    exp = _experiment(args)
-    tables = Path(args.tables or f"{RESULTS.format(name=exp['name'])}/tables")
-    frame = write_verdicts(exp, tables)
-    for r in frame.itertuples(index=False):
-        reading = f"{r.b} {r.reading}" if r.reading.startswith(("lower", "higher")) else r.reading
-        if getattr(r, "best_lr_inside_grid", True) is False:
-            reading += " (a best LR at the grid's edge)"
-        print(f"{r.verdict}: {r.b} - {r.a}, {r.metric}, {where(r)}: {r.diff_mean:+.4f} "
-              f"[{r.diff_min:+.4f}, {r.diff_max:+.4f}]: {reading}")
-    print(f"verdicts: {len(frame)} rows -> {tables / 'verdicts.csv'}")
-    if (tables / "studies.json").exists():  # the report's front page shows the verdicts first
-        print(f"report: {write_headline_html(tables)}")
-
-
-def cmd_early_warning_test(args) -> None:
-    import json
-
-    import pandas as pd
-
-    from .early_warning import preregistered_test
-    from .io import atomic_path
-
-    tables = Path(args.tables)
-    for name in ("runs.csv", "steps.csv", "studies.json"):
-        if not (tables / name).exists():
-            raise UserError(f"table missing: {tables / name} (run the tables rule first)")
-    studies = json.loads((tables / "studies.json").read_text())
-    if args.study not in studies:
-        raise UserError(f"no study '{args.study}' in {tables} (studies: {', '.join(sorted(studies))})")
-    runs, steps = pd.read_csv(tables / "runs.csv"), pd.read_csv(tables / "steps.csv")
-    out = preregistered_test(runs[runs["study"] == args.study], steps[steps["study"] == args.study],
-                             studies[args.study], metric=args.metric, feature=args.feature, lead=args.lead)
-    with atomic_path(tables / f"preregistered_{args.study}.csv") as tmp:
-        pd.DataFrame([out]).to_csv(tmp, index=False)
-    print(f"{args.study}: AUROC of {args.metric} ({args.feature}) {args.lead} steps ahead, within cell, "
-          f"{out['n_runs']} runs ({out['n_failing']} failing): {out['test_auroc']:.3f} "
-          f"[{out['test_ci_low']:.3f}, {out['test_ci_high']:.3f}]; the loss's slope {out['baseline_auroc']:.3f} "
-          f"[{out['baseline_ci_low']:.3f}, {out['baseline_ci_high']:.3f}]; difference {out['difference']:+.3f} "
-          f"[{out['difference_ci_low']:+.3f}, {out['difference_ci_high']:+.3f}]\n{out['decision']}")
-
-
 def _experiment(args) -> dict:
     from .config import parse_overrides
     from .experiment import load_experiment
@@ -422,21 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p, "experiment-config")
     p.set_defaults(func=cmd_targets)
 
-    p = sub.add_parser("verdicts", help="each claim of a preset as paired differences over seeds (verdicts.csv)")
-    p.add_argument("--config", required=True, help="the preset (its `verdicts:` section)")
-    p.add_argument("--tables", help="its tables folder (default: results/<name>/tables)")
-    _add_overrides(p, "experiment-config")
-    p.set_defaults(func=cmd_verdicts)
-
-    p = sub.add_parser("early-warning-test", help="the pre-registered early-warning test (METHODS.md 5b) of a "
-                                                  "study's tables: one AUROC, its interval and decision")
-    p.add_argument("--tables", required=True, help="the experiment's tables folder")
-    p.add_argument("--study", default="attn_growth", help="an early_warning study")
-    p.add_argument("--metric", default="attn_logit_max", help="the predictor fixed in advance")
-    p.add_argument("--feature", default="value", choices=["value", "slope"])
-    p.add_argument("--lead", type=int, default=50, help="lead in steps")
-    p.set_defaults(func=cmd_early_warning_test)
-
     p = sub.add_parser("check-config", help="validate an experiment config file; say its runs, training tokens, "
                                             "model FLOPs and roughly how long it takes")
     p.add_argument("config")
@@ -452,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schema)
 
     from .grokking.cli import register
+    from .verdicts_cli import register as register_verdicts
 
+    register_verdicts(sub)
     register(sub)
     return parser
 
