@@ -202,9 +202,13 @@ def test_ctrl_c_checkpoints_like_sigterm_and_the_resume_says_from_where_and_why(
     Trainer(load_run_config(run), tmp_path / "full").run()
     first = Trainer(load_run_config(run), tmp_path / "resumed")
     _signal_at(first, 12, signal.SIGINT)  # stops at the next log step, 15, with a checkpoint there
-    with pytest.raises(SystemExit) as stop:
-        first.run()
-    assert stop.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (pytest may run ignoring it)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            first.run()
+        assert stop.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert "interrupted: checkpoint written at step 15; run the same command again to resume" in capsys.readouterr().out
     summary = Trainer(load_run_config(run), tmp_path / "resumed").run()
     assert records(tmp_path / "resumed") == records(tmp_path / "full")  # nothing lost, nothing changed
@@ -259,3 +263,17 @@ def test_a_ctrl_c_delivered_twice_at_once_is_one_and_a_later_second_stops_at_onc
     assert t.stop_requested and t.stop_signal == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
         t._on_stop_signal(signal.SIGINT, None)  # at 102.0: a second Ctrl-C
+
+
+def test_a_run_started_ignoring_sigint_keeps_ignoring_it(tiny_data, tmp_path):
+    """A background job of a shell starts with SIGINT ignored: the terminal's Ctrl-C is not for it."""
+    import signal
+
+    trainer = Trainer(load_run_config(tiny_run(tiny_data["shards"], train={"steps": 10})), tmp_path)
+    _signal_at(trainer, 3, signal.SIGINT)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        summary = trainer.run()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert summary["steps"] == 10 and summary["resumes"] == []

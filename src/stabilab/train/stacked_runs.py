@@ -44,6 +44,7 @@ from .trainer import (
     PREEMPTED_EXIT_CODE,
     STOP_SIGNALS,
     Trainer,
+    handle_stop_signals,
     second_ctrl_c,
     stop_reason,
     stopped_line,
@@ -173,7 +174,7 @@ class StackedRuns:
             if stop["signal"] is None:
                 stop.update(signal=signum, time=time.monotonic())
 
-        previous = {sig: signal.signal(sig, on_stop_signal) for sig in STOP_SIGNALS}
+        previous = handle_stop_signals(on_stop_signal)
         tick, tick_step, elapsed = time.time(), st.step, self.members[0].elapsed
         try:
             while st.step < t.steps and active and not stop["requested"]:

@@ -328,7 +328,7 @@ class Trainer:
         if resumed and self.procs.is_main:
             print(f"resumed from step {self.step}", flush=True)
         log = self._sinks()
-        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
+        previous = handle_stop_signals(self._on_stop_signal)
         tick, tick_step = time.time(), self.step
         status, summary = "failed", None  # how the sinks are closed: an exception leaves it failed
         try:
@@ -438,6 +438,14 @@ def stop_reason(e: BaseException) -> str:
     if isinstance(e, SystemExit):
         return f"exited ({e.code})"
     return f"error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+
+
+def handle_stop_signals(handler) -> dict:
+    """Install `handler` for SIGTERM and SIGINT; the handlers it replaced, to restore. A SIGINT that the
+    process was started ignoring (a background job of a shell, nohup) stays ignored, as it should:
+    the terminal's Ctrl-C is not meant for it."""
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS
+            if not (sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN)}
 
 
 SAME_CTRL_C_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C delivered twice (a wrapper relaying it)
