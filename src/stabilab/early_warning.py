@@ -288,6 +288,15 @@ def with_lr(x: np.ndarray, lr: np.ndarray, y: np.ndarray, fold: np.ndarray) -> n
 # ----------------------------------------------------------------------------- the study's table
 
 
+def runs_and_replicates(frame: pd.DataFrame, cfg: EarlyWarningConfig) -> tuple[np.ndarray, int, np.ndarray]:
+    """Each row's run index (runs in key order), the number of runs, and the bootstrap replicates
+    (runs drawn within their cell) that every AUROC of the frame shares."""
+    run = frame.groupby(RUN, sort=True).ngroup().to_numpy()
+    keys = frame.drop_duplicates(RUN).sort_values(RUN)
+    weights = bootstrap_weights(keys.groupby(CELL).ngroup().to_numpy(), cfg.bootstrap, np.random.default_rng(cfg.seed))
+    return run, int(run.max()) + 1, weights
+
+
 def summary_table(runs: pd.DataFrame, steps: pd.DataFrame, spec: dict) -> pd.DataFrame:
     """Per scope (within_cell: the primary comparison; across_lr), predictor, feature and lead: the
     AUROC with its bootstrap interval over runs; per predictor and feature the warning lead; in
@@ -296,10 +305,8 @@ def summary_table(runs: pd.DataFrame, steps: pd.DataFrame, spec: dict) -> pd.Dat
     frame = predictor_frame(steps, runs, cfg) if len(steps) else pd.DataFrame()
     if frame.empty:
         return pd.DataFrame(columns=COLUMNS)
-    run = frame.groupby(RUN, sort=True).ngroup().to_numpy()
-    keys = frame.drop_duplicates(RUN).sort_values(RUN)
-    n_runs, leads = int(run.max()) + 1, sorted(cfg.leads)
-    weights = bootstrap_weights(keys.groupby(CELL).ngroup().to_numpy(), cfg.bootstrap, np.random.default_rng(cfg.seed))
+    run, n_runs, weights = runs_and_replicates(frame, cfg)
+    leads = sorted(cfg.leads)
     fold, lr = run % FOLDS, frame["lr"].to_numpy(float)  # runs in key order: a cell's seeds in different folds
     frame["lr:value"] = np.log(lr)
     rows = []
@@ -373,10 +380,7 @@ def preregistered_test(runs: pd.DataFrame, steps: pd.DataFrame, spec: dict, metr
         frame = frame[frame["lr"].astype(float).isin([float(x) for x in lrs])].reset_index(drop=True)
     if frame.empty or f"{metric}:{feature}" not in frame:
         raise UserError(f"early warning: no logged {metric} to test (is this an early_warning study's tables?)")
-    run = frame.groupby(RUN, sort=True).ngroup().to_numpy()
-    keys = frame.drop_duplicates(RUN).sort_values(RUN)
-    n_runs = int(run.max()) + 1
-    weights = bootstrap_weights(keys.groupby(CELL).ngroup().to_numpy(), cfg.bootstrap, np.random.default_rng(cfg.seed))
+    run, n_runs, weights = runs_and_replicates(frame, cfg)
     stratum = frame.groupby(SCOPES["within_cell"], sort=True).ngroup().to_numpy()
     lab = eligible(frame, lead, stratum)
     out = {"metric": metric, "feature": feature, "lead_steps": lead, "n_runs": n_runs,

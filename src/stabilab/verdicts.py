@@ -74,15 +74,13 @@ def _mean(values: list[float]) -> float:
 
 def _values(frame, metric: str) -> dict:
     """{seed: value} of one arm in one cell; a diverged run's loss is +inf."""
-    import numpy as np
-
     out = {}
     for _, row in frame.iterrows():
         v = float(row[metric]) if metric in row and row[metric] == row[metric] else math.nan
         if math.isnan(v) and metric in LOSSES and bool(row.get("diverged", False)):
             v = math.inf
         if not math.isnan(v):
-            out[int(row["seed"])] = float(np.float64(v))
+            out[int(row["seed"])] = v
     return out
 
 
@@ -171,16 +169,14 @@ def write_verdicts(config: dict, tables: str | Path):
     """verdicts.csv in `tables` from its runs.csv and steps.csv, for the preset's `verdicts:`."""
     import pandas as pd
 
+    from .figures import load_tables
     from .io import atomic_path
 
     tables = Path(tables)
     specs = config.get("verdicts") or {}
     if not specs:
         raise UserError(f"experiment '{config.get('name')}' declares no verdicts (a `verdicts:` section)")
-    for name in ("runs.csv", "steps.csv"):
-        if not (tables / name).exists():
-            raise UserError(f"table missing: {tables / name} (run the tables rule first)")
-    runs, steps = pd.read_csv(tables / "runs.csv"), pd.read_csv(tables / "steps.csv")
+    runs, steps = load_tables(tables)
     studies = config.get("studies") or {}
     rows = [row for name, spec in specs.items()
             for row in verdict_rows(name, spec, runs, steps, studies.get(spec["study"]))]

@@ -29,21 +29,18 @@ def cmd_verdicts(args) -> None:
 
 
 def cmd_early_warning_test(args) -> None:
-    import json
-
     import pandas as pd
 
     from .early_warning import preregistered_test
+    from .figures import load_tables
     from .io import atomic_path
+    from .summary import studies_of
 
     tables = Path(args.tables)
-    for name in ("runs.csv", "steps.csv", "studies.json"):
-        if not (tables / name).exists():
-            raise UserError(f"table missing: {tables / name} (run the tables rule first)")
-    studies = json.loads((tables / "studies.json").read_text())
+    studies = studies_of(tables)
     if args.study not in studies:
         raise UserError(f"no study '{args.study}' in {tables} (studies: {', '.join(sorted(studies))})")
-    runs, steps = pd.read_csv(tables / "runs.csv"), pd.read_csv(tables / "steps.csv")
+    runs, steps = load_tables(tables)
     out = preregistered_test(runs[runs["study"] == args.study], steps[steps["study"] == args.study],
                              studies[args.study], metric=args.metric, feature=args.feature, lead=args.lead)
     with atomic_path(tables / f"preregistered_{args.study}.csv") as tmp:
