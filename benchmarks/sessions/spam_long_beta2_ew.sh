@@ -9,6 +9,8 @@
 # Usage (repo root on the GPU machine; .carry/shards.tar.xz and .whl/ carried):
 #   COMMIT=<sha> benchmarks/sessions/spam_long_beta2_ew.sh start SECONDS    # set up, launch, wait, pack
 #   benchmarks/sessions/spam_long_beta2_ew.sh wait SECONDS                  # wait, pack
+#   EW_DEADLINE=S EW_JOBS=N benchmarks/sessions/spam_long_beta2_ew.sh ew SECONDS  # start the early-
+#       warning runs late (no run starts after S seconds), then wait and pack
 set -uo pipefail
 W=/root/session
 R=$W/repo
@@ -47,6 +49,12 @@ fi
 
 . "$W/env.sh" 2>/dev/null || { echo "no session on this machine (started fresh?): nothing to wait for"; exit 3; }
 cd "$R"
+if [ "$mode" = ew ]; then
+  setsid nohup python3 benchmarks/bench_grid.py --config configs/early_warning_replication.yaml --jobs "${EW_JOBS:-12}" \
+    --threads 1 --deadline "${EW_DEADLINE:-300}" --no-report --out "$W/bench/early_warning_replication" \
+    >> "$W/ew.log" 2>&1 < /dev/null &
+  disown -a
+fi
 done_runs() { find results -name summary.json | wc -l; }
 while [ $(( $(date +%s) - t0 )) -lt "$seconds" ]; do
   if ! pgrep -f "bench_grid.py|grok_gpu.py" > /dev/null; then echo "all launchers ended"; break; fi
