@@ -43,6 +43,12 @@ def _label(key) -> str:
     return PALETTE.get(key, (f"{key[0]}, {key[1]}",))[0]
 
 
+def _beta2_text(g) -> str:
+    """Adam's beta2 of these runs, for a row label (tables written before it was kept have none)."""
+    values = sorted(g["beta2"].dropna().unique()) if "beta2" in g else []
+    return f"\nAdam β2 {values[0]:g}" if len(values) == 1 else ""
+
+
 def _colour(key) -> str:
     return PALETTE.get(key, (None, "0.3"))[1]
 
@@ -186,7 +192,7 @@ def claim_figure(steps, path_stem: Path, smoke_test: bool = False) -> list[Path]
             if i == 0:
                 ax.set_title(f"seed {seed}", fontsize=10)
             if j == 0:
-                ax.set_ylabel(_label(key) + (f"\n{_op_text(op)}" if len(ops) > 1 else ""), fontsize=9,
+                ax.set_ylabel(_label(key) + _beta2_text(g) + (f"\n{_op_text(op)}" if len(ops) > 1 else ""), fontsize=9,
                               color=_colour(key), fontweight="bold")
             if i == len(rows) - 1:
                 ax.set_xlabel("epoch")

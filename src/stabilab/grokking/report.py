@@ -65,7 +65,7 @@ def build_tables(run_dirs: list[Path]):
         summary, records = load_run(run_dir)
         spec = parse_spec(summary["spec"])
         key = _run_key(spec)
-        steps += [{**key, **r} for r in records]
+        steps += [{**key, **r, "beta2": spec.beta2} for r in records]  # the figures name each row's beta2
         rows.append({**key, "epochs_to_95": _never(summary["epochs_to_95"]),
                      "train_epochs_to_95": _never(summary["train_epochs_to_95"]),
                      **{c: summary.get(c) for c in SUMMARY_COLUMNS},
