@@ -292,3 +292,37 @@ def test_grokking_figures_tell_seeds_apart_on_linear_epoch_axes_of_their_own(tmp
     claim = figures["grokking_claim.png"]
     drawn = [ax for ax in claim.axes if ax.get_visible() and ax.get_lines()]
     assert len(drawn) == 2 * 3 and all(ax.collections for ax in drawn)  # one panel per run, collapse shaded
+
+
+def test_runs_of_one_loss_at_two_beta2_get_a_row_each_named_by_its_beta2(tmp_path, monkeypatch):
+    """The matched-beta2 check reads softmax and StableMax each at beta2 0.99 and 0.999 in one report: the
+    claim figure gets one row per (variant, loss dtype, beta2), labelled with its beta2, holding that
+    beta2's runs only; a table written before beta2 was kept (no column) still draws, unlabelled."""
+    import matplotlib.axes
+
+    rows = [{"variant": variant, "loss_dtype": "float64" if variant == "stablemax" else "float32",
+             "operation": "add", "modulus": 7, "seed": 0, "epoch": epoch, "train_acc": 1.0,
+             "test_acc": beta2 if epoch else 0.0, "collapse_frac": 0.0, "weight_norm": 1.0, "beta2": beta2}
+            for variant in ("softmax_fp32", "stablemax") for beta2 in (0.99, 0.999) for epoch in (0, 10)]
+    steps = pd.DataFrame(rows)
+    labels, finals = [], {}
+    original_ylabel, original_plot = matplotlib.axes.Axes.set_ylabel, matplotlib.axes.Axes.plot
+
+    def ylabel(ax, text, *a, **k):
+        labels.append(text)
+        return original_ylabel(ax, text, *a, **k)
+
+    def plot(ax, x, y, *a, **k):
+        finals.setdefault(id(ax), []).append(list(y))
+        return original_plot(ax, x, y, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", ylabel)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    GF.claim_figure(steps, tmp_path / "claim")
+    assert labels == ["softmax, float32\nAdam β2 0.99", "softmax, float32\nAdam β2 0.999",
+                      "StableMax, float64 loss\nAdam β2 0.99", "StableMax, float64 loss\nAdam β2 0.999"]
+    # each panel's test-accuracy line (the second line drawn) ends at its own row's beta2
+    assert sorted(lines[1][-1] for lines in finals.values()) == [0.99, 0.99, 0.999, 0.999]
+    labels.clear()
+    GF.claim_figure(steps[steps["beta2"] == 0.99].drop(columns="beta2"), tmp_path / "old")
+    assert labels == ["softmax, float32", "StableMax, float64 loss"]

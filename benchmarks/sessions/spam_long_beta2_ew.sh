@@ -35,7 +35,7 @@ ENV
   python3 -c "import torch, pydantic; print('torch', torch.__version__, 'pydantic', pydantic.__version__)"
   nvidia-cuda-mps-control -d || exit 1
   cd "$R"
-  setsid nohup python3 benchmarks/bench_grid.py --config configs/spam_long.yaml --jobs 6 --threads 1 --no-report \
+  setsid nohup python3 benchmarks/bench_grid.py --config configs/spam_long.yaml --jobs 6 --threads 1 --retries 3 --no-report \
     --out "$W/bench/spam_long" > "$W/spam_long.log" 2>&1 < /dev/null &
   setsid nohup python3 benchmarks/grok_gpu.py --config configs/grokking_full.yaml configs/grokking_beta2.yaml \
     --no-report > "$W/grok.log" 2>&1 < /dev/null &

@@ -33,24 +33,29 @@ FIGURES = {
 }
 
 
-def _keys(steps) -> list[tuple[str, str]]:
-    """(variant, loss dtype) pairs present, in the palette's order."""
-    present = set(zip(steps["variant"], steps["loss_dtype"]))
-    return [k for k in PALETTE if k in present] + sorted(present - set(PALETTE))
+def _keys(steps) -> list[tuple]:
+    """(variant, loss dtype, Adam beta2) triples present, in the palette's order, then by beta2 (None in
+    tables written before beta2 was kept): runs of one loss at two beta2 get a row or column each."""
+    b2 = steps["beta2"].astype(object).where(steps["beta2"].notna(), None) if "beta2" in steps else [None] * len(steps)
+    present = set(zip(steps["variant"], steps["loss_dtype"], b2))
+    rank = {k: i for i, k in enumerate(PALETTE)}
+    return sorted(present, key=lambda k: (rank.get(k[:2], len(rank)), k[:2], k[2] if k[2] is not None else -1))
 
 
 def _label(key) -> str:
-    return PALETTE.get(key, (f"{key[0]}, {key[1]}",))[0]
-
-
-def _beta2_text(g) -> str:
-    """Adam's beta2 of these runs, for a row label (tables written before it was kept have none)."""
-    values = sorted(g["beta2"].dropna().unique()) if "beta2" in g else []
-    return f"\nAdam β2 {values[0]:g}" if len(values) == 1 else ""
+    name = PALETTE.get(key[:2], (f"{key[0]}, {key[1]}",))[0]
+    return name if key[2] is None else f"{name}\nAdam β2 {key[2]:g}"
 
 
 def _colour(key) -> str:
-    return PALETTE.get(key, (None, "0.3"))[1]
+    return PALETTE.get(key[:2], (None, "0.3"))[1]
+
+
+def _runs_of(steps, op, key):
+    """The rows of one operation and one (variant, loss dtype, beta2)."""
+    g = steps[(steps["operation"] == op[0]) & (steps["modulus"] == op[1]) & (steps["variant"] == key[0])
+              & (steps["loss_dtype"] == key[1])]
+    return g if key[2] is None else g[g["beta2"] == key[2]]
 
 
 def _operations(steps) -> list[tuple[str, int]]:
@@ -130,8 +135,7 @@ def _line_figure(steps, ys: list[tuple[str, dict]], ylabel: str, title: str, pat
     for i, op in enumerate(ops):
         for j, key in enumerate(keys):
             ax = axes[i][j]
-            g = steps[(steps["operation"] == op[0]) & (steps["modulus"] == op[1]) & (steps["variant"] == key[0])
-                      & (steps["loss_dtype"] == key[1])]
+            g = _runs_of(steps, op, key)
             for y, line in ys:
                 _seed_lines(ax, g, y, _colour(key), seeds, **line)
             ax.set_title(f"{_label(key)}" + (f"\n{_op_text(op)}" if len(ops) > 1 else ""), fontsize=10,
@@ -168,8 +172,7 @@ def claim_figure(steps, path_stem: Path, smoke_test: bool = False) -> list[Path]
     fig, axes = plt.subplots(len(rows), len(seeds), figsize=(3.3 * len(seeds), 2.1 * len(rows) + 1.3),
                              squeeze=False, sharey=True, layout="constrained")
     for i, (op, key) in enumerate(rows):
-        g = steps[(steps["operation"] == op[0]) & (steps["modulus"] == op[1]) & (steps["variant"] == key[0])
-                  & (steps["loss_dtype"] == key[1])]
+        g = _runs_of(steps, op, key)
         for j, seed in enumerate(seeds):
             ax = axes[i][j]
             run = g[g["seed"] == seed].sort_values("epoch")
@@ -192,7 +195,7 @@ def claim_figure(steps, path_stem: Path, smoke_test: bool = False) -> list[Path]
             if i == 0:
                 ax.set_title(f"seed {seed}", fontsize=10)
             if j == 0:
-                ax.set_ylabel(_label(key) + _beta2_text(g) + (f"\n{_op_text(op)}" if len(ops) > 1 else ""), fontsize=9,
+                ax.set_ylabel(_label(key) + (f"\n{_op_text(op)}" if len(ops) > 1 else ""), fontsize=9,
                               color=_colour(key), fontweight="bold")
             if i == len(rows) - 1:
                 ax.set_xlabel("epoch")

@@ -51,7 +51,7 @@ def _run_key(spec: RunSpec) -> dict:
 
 def _sorted(df):
     order = {v: i for i, v in enumerate(VARIANTS)}
-    by = KEYS + ["epoch"] if "epoch" in df else KEYS
+    by = KEYS[:2] + (["beta2"] if "beta2" in df else []) + KEYS[2:] + (["epoch"] if "epoch" in df else [])
     return df.sort_values(by, key=lambda c: c.map(order) if c.name == "variant" else c,
                           kind="stable").reset_index(drop=True)
 
