@@ -86,6 +86,10 @@ def parse_args(argv):
                         "its graphs from Inductor's on-disk cache instead of compiling them again (default where the "
                         "runs compile; --no-compile-first launches every run at once, each compiling its own)")
     p.add_argument("--deadline", type=float, default=None, help="launch no run after this many seconds")
+    p.add_argument("--commit", default=None, metavar="SHA",
+                   help="the commit every run of the slice must come from: a finished run whose summary.json names "
+                        "another (or no) commit is trained again, its folder first moved aside to "
+                        "<folder>.by-<that commit's first 7 digits> (nothing is deleted)")
     p.add_argument("--mps", action="store_true",
                    help="run the grid's processes under CUDA MPS (nvidia-cuda-mps-control), started and stopped here")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS)
@@ -259,6 +263,26 @@ def chosen_runs(cfg: dict, args) -> list:
     return grid
 
 
+def set_aside_other_commits(grid: list, res: Path, commit: str) -> list[Path]:
+    """Move each finished run of `grid` not trained by `commit` (a full or abbreviated SHA) out of
+    the way, so that it trains again; return where each went."""
+    moved = []
+    for run in grid:
+        folder = res / run.path
+        if not (folder / "summary.json").exists():
+            continue
+        theirs = json.loads((folder / "summary.json").read_text()).get("provenance", {}).get("git_commit") or ""
+        if theirs and (theirs.startswith(commit) or commit.startswith(theirs)):
+            continue
+        aside, n = folder.with_name(f"{folder.name}.by-{theirs[:7] or 'unknown'}"), 1
+        while aside.exists():
+            n += 1
+            aside = folder.with_name(f"{folder.name}.by-{theirs[:7] or 'unknown'}.{n}")
+        folder.rename(aside)
+        moved.append(aside)
+    return moved
+
+
 def resume_step(folder: Path) -> int | None:
     """The step a run folder's checkpoint resumes from; None without one, or when it cannot be
     read (its run then says so; here it counts as a fresh start)."""
@@ -377,6 +401,9 @@ def main(argv=None) -> dict:
     t_data = time.time() - start
     runtime = write_runtime(cfg, res / "runtime.json")
     grid = chosen_runs(cfg, args)
+    if args.commit:
+        moved = set_aside_other_commits(grid, res, args.commit)
+        print(f"{len(moved)} finished runs of other commits set aside (<run>.by-<commit>), to train again", flush=True)
     todo = [r for r in grid if not (res / r.path / "summary.json").exists()]
     print(f"{len(grid)} runs in the slice, {len(todo)} to train, {args.jobs} at a time", flush=True)
     lock, done, failed, skipped = threading.Lock(), [], [], []

@@ -692,3 +692,51 @@ def test_bench_cpu_job_compare_ignores_machine_measurements_only(tmp_path):
     assert len(compared) == 2 and diffs == [] and {"wall_time_s", "git_commit"} <= skipped
     _, diffs, _ = bench.compare_tables(tmp_path / "a", tmp_path / "c")
     assert diffs == ["tables/runs.csv line 2: final_val_loss", "tables/summary_depth.csv line 3: mean"]
+
+
+def test_bench_grid_commit_trains_again_every_run_of_another_commit_and_keeps_its_folder(monkeypatch, tmp_path):
+    """--commit SHA: a finished run trained by SHA (full or abbreviated) is skipped; one trained by another
+    commit, or with no commit on record, is moved aside to <folder>.by-<commit> (never deleted) and trained
+    again, so that a grid split over leases ends with every run from one commit."""
+    import json
+
+    from stabilab.experiment import load_experiment
+
+    bench_grid = _load("bench_grid")
+    cfg = load_experiment(str(BENCH.parent / "config.yaml"))
+    res = tmp_path / "results" / cfg["name"]
+    grid = [r for r in bench_grid.runs(cfg) if r.study == "lr" and r.variant == "baseline" and r.seed == 0][:4]
+    assert len(grid) >= 3
+    commits = ["abc1234def", "0123456789ab", None]
+    for run, commit in zip(grid, commits):
+        folder = res / run.path
+        folder.mkdir(parents=True)
+        provenance = {"git_commit": commit} if commit else {}
+        (folder / "summary.json").write_text(json.dumps({"provenance": provenance}))
+        (folder / "metrics.jsonl").write_text("{}\n")
+    trained = []
+
+    def fake_cli(args, log, append=False):
+        if args[0] == "train":
+            out = Path(args[args.index("--out") + 1])
+            trained.append(str(out.relative_to(res)))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "summary.json").write_text(json.dumps({"provenance": {"git_commit": "abc1234def"}}))
+        return 0
+
+    monkeypatch.setattr(bench_grid, "run_cli", fake_cli)
+    monkeypatch.setattr(bench_grid, "prepare_data", lambda cfg, res: None)
+    monkeypatch.setattr(bench_grid, "REPO", tmp_path)
+    monkeypatch.setattr(bench_grid, "report", lambda args, cfg, res, trained, wall, t_data, failed, skipped: trained)
+    lrs = [str(r.lr) for r in grid]
+    bench_grid.main(["--config", str(BENCH.parent / "config.yaml"), "--studies", "lr", "--variants", "baseline",
+                     "--seeds", "0", "--lrs", *lrs, "--jobs", "1", "--no-report", "--commit", "abc1234"])
+    assert sorted(trained) == sorted(r.path for r in grid[1:])  # the run of abc1234 was kept
+    other, unknown = res / grid[1].path, res / grid[2].path
+    assert (other.with_name(other.name + ".by-0123456") / "metrics.jsonl").exists()
+    assert (unknown.with_name(unknown.name + ".by-unknown") / "summary.json").exists()
+    # the same again moves nothing: every run is now of abc1234
+    trained.clear()
+    bench_grid.main(["--config", str(BENCH.parent / "config.yaml"), "--studies", "lr", "--variants", "baseline",
+                     "--seeds", "0", "--lrs", *lrs, "--jobs", "1", "--no-report", "--commit", "abc1234def"])
+    assert trained == []
