@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -740,3 +741,52 @@ def test_bench_grid_commit_trains_again_every_run_of_another_commit_and_keeps_it
     bench_grid.main(["--config", str(BENCH.parent / "config.yaml"), "--studies", "lr", "--variants", "baseline",
                      "--seeds", "0", "--lrs", *lrs, "--jobs", "1", "--no-report", "--commit", "abc1234def"])
     assert trained == []
+
+
+def test_grid_session_script_trains_its_grids_in_a_detached_chain_and_packs_their_records(tmp_path):
+    """benchmarks/sessions/grid.sh, as a lent GPU runs it (nvidia-smi and the MPS daemon faked): `start`
+    copies the tree, unpacks each grid's shards into results/<config name>/data, launches the grids one
+    after another in a chain that outlives the call, and packs every record of those presets (no
+    checkpoints, no shards) with COMMIT as each run's commit; `wait` on a machine with no session says so."""
+    import json
+    import subprocess
+    import tarfile
+
+    repo, fake, out, session = tmp_path / "repo", tmp_path / "bin", tmp_path / "out", tmp_path / "session"
+    for path in (fake, out, repo / "configs", repo / ".carry", repo / "benchmarks" / "sessions"):
+        path.mkdir(parents=True)
+    root = BENCH.parent
+    shutil.copytree(root / "src", repo / "src")
+    shutil.copy(root / "config.yaml", repo / "configs" / "tiny.yaml")
+    for script in ("bench_grid.py", "sessions/grid.sh"):
+        shutil.copy(BENCH / script, repo / "benchmarks" / script)
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'FAKE GPU, 81559, 0'\n")
+    (fake / "nvidia-cuda-mps-control").write_text("#!/bin/sh\nexit 0\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    with tarfile.open(repo / ".carry" / "none.tar.xz", "w:xz"):
+        pass  # the default config's shards are made on the spot from the embedded corpus
+    path = f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}"  # python3: this interpreter's
+    env = {**os.environ, "PATH": path, "OUT": str(out), "GRID_SESSION_DIR": str(session),
+           "COMMIT": "abc1234"}
+    grid = "-- train.steps=12 train.eval_every=6 train.batch_size=2 train.grad_accum=1"
+    jobs = [f"tiny none 1 --studies lr --variants baseline --seeds 0 --lrs 0.01 {grid}",
+            f"tiny none 1 --studies lr --variants oec_center --seeds 0 --lrs 0.01 {grid}"]
+    script = ["bash", "benchmarks/sessions/grid.sh"]
+    done = subprocess.run([*script, "start", "300", *jobs], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "nothing running" in done.stdout
+    with tarfile.open(out / "records.tar.xz") as tar:
+        names = tar.getnames()
+        summaries = sorted(n for n in names if n.endswith("summary.json"))
+        assert summaries == ["results/default/runs/lr/baseline/L2_lr0.01_s0/summary.json",
+                             "results/default/runs/lr/oec_center/L2_lr0.01_s0/summary.json"]
+        assert not [n for n in names if "/data/" in n or n.endswith(("ckpt.pt", "model.pt"))]
+        commits = {json.load(tar.extractfile(n))["provenance"]["git_commit"] for n in summaries}
+    assert commits == {"abc1234"}
+    with tarfile.open(out / "logs.tar.xz") as tar:
+        assert {"1-tiny.log", "2-tiny.log", "chain.sh"} <= set(tar.getnames())
+    shutil.rmtree(session)
+    waited = subprocess.run([*script, "wait", "5"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert waited.returncode == 3 and "no session on this machine" in waited.stdout

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One lent GPU: preset grids (or slices of them) trained by one commit, in a detached chain that
+# outlives the call, under one MPS server; each call waits, then packs every run record so far (no
+# checkpoints or weights), the grid reports and the logs into $OUT. A grid split over leases is
+# finished by the same start command in the next lease: runs with a summary.json of COMMIT are
+# skipped, runs of any other commit are moved aside and trained again (bench_grid --commit).
+#
+# Usage (repo root on the GPU machine; carried: .whl/ (pydantic's wheels) and .carry/<name>.tar.xz,
+# the token shards and tokenizer.json of each preset, as `tar cf - shards tokenizer.json | xz` in
+# results/<preset>/data):
+#   COMMIT=<sha> benchmarks/sessions/grid.sh start SECONDS "PRESET SHARDS JOBS [bench_grid args]" ...
+#   benchmarks/sessions/grid.sh wait SECONDS                 # until it prints "nothing running"
+# Each quoted job is one bench_grid launch; the jobs run one after another (a later one starts when
+# the one before ends); bench_grid's overrides go after "--" (e.g. "oec shards 8 --seeds 2 -- key=value"):
+#   COMMIT=$(git log -1 --format=%H -- src pyproject.toml) benchmarks/sessions/grid.sh start 540 \
+#     "early_warning_replication shards 8" "two_instabilities shards 12 --seeds 2"
+# Before the call, here: the tree that travels (tracked and untracked files, the carried paths) must
+# stay under 64 MiB, so move results/ and figures/ out of the checkout except results/<preset> of the
+# grids being trained (their finished runs must travel, or they train again); move them back after.
+# COMMIT is the last commit that changed the code that trains (src/, pyproject.toml), which every
+# run records as its provenance: commits of results and docs in between leave it unchanged, so a
+# grid split over leases records one commit. Check before each call that the tree's code is that
+# commit's: `git diff --quiet $COMMIT -- src pyproject.toml && git diff --quiet -- src pyproject.toml`.
+set -uo pipefail
+W=${GRID_SESSION_DIR:-/root/grid_session}  # the session's folder, outside the synced tree
+R=$W/repo
+mode=${1:-}
+seconds=${2:-540}
+t0=$(date +%s)
+
+if [ "$mode" = start ]; then
+  [ -n "${COMMIT:-}" ] || { echo "COMMIT is not set (the commit of the training code)"; exit 2; }
+  shift 2
+  [ $# -gt 0 ] || { echo "no grid given: \"PRESET SHARDS JOBS [bench_grid args]\""; exit 2; }
+  rm -rf "$W" && mkdir -p "$W/mps/pipe" "$W/mps/log" "$W/bench" && cp -a . "$R" || exit 1
+  if compgen -G ".whl/*.whl" > /dev/null; then  # the wheels the GPU machine lacks (pydantic)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$W/site" .whl/*.whl || exit 1
+  fi
+  cat > "$W/env.sh" <<ENV
+export PYTHONPATH=$W/site:$R/src PYTHONUNBUFFERED=1 STABILAB_GIT_COMMIT=$COMMIT STABILAB_GIT_DIRTY=0
+export CUDA_MPS_PIPE_DIRECTORY=$W/mps/pipe CUDA_MPS_LOG_DIRECTORY=$W/mps/log
+ENV
+  . "$W/env.sh"
+  : > "$W/chain.sh"
+  : > "$W/names"
+  i=0
+  for job in "$@"; do
+    i=$((i + 1))
+    read -r preset shards jobs extra <<< "$job"
+    [ -f "configs/$preset.yaml" ] && [ -f ".carry/$shards.tar.xz" ] || { echo "no configs/$preset.yaml or .carry/$shards.tar.xz"; exit 2; }
+    name=$(cd "$R" && python3 -c "from stabilab.experiment import load_experiment as l; print(l('configs/$preset.yaml')['name'])") || exit 1
+    echo "$name" >> "$W/names"  # results/<name>/: the config's name
+    mkdir -p "$R/results/$name/data" && tar xJf ".carry/$shards.tar.xz" -C "$R/results/$name/data" || exit 1
+    echo "python3 benchmarks/bench_grid.py --config configs/$preset.yaml --jobs $jobs --threads 1 --retries 3" \
+      "--commit $COMMIT --no-report --out $W/bench/$i-$preset ${extra:-} > $W/$i-$preset.log 2>&1" >> "$W/chain.sh"
+  done
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  cat "$W/chain.sh"
+  nvidia-cuda-mps-control -d || exit 1
+  cd "$R"
+  setsid nohup bash "$W/chain.sh" > "$W/chain.log" 2>&1 < /dev/null &
+  setsid nohup bash -c "while true; do nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
+    --format=csv,noheader >> $W/gpu_util.csv; sleep 10; done" > /dev/null 2>&1 < /dev/null &
+  disown -a
+elif [ "$mode" != wait ]; then
+  echo "usage: grid.sh start SECONDS \"PRESET SHARDS JOBS [args]\"... | grid.sh wait SECONDS"; exit 2
+fi
+
+. "$W/env.sh" 2>/dev/null || { echo "no session on this machine (started fresh?): nothing to wait for"; exit 3; }
+cd "$R"
+while [ $(( $(date +%s) - t0 )) -lt "$seconds" ]; do
+  if ! pgrep -f "$W/chain.sh" > /dev/null; then echo "nothing running"; break; fi
+  sleep 20
+  echo "$(( $(date +%s) - t0 )) s: $(find results -name summary.json -newer "$W/env.sh" | wc -l) runs finished" \
+    "this session; $(tail -1 "$W/gpu_util.csv" 2>/dev/null)"
+done
+for log in "$W"/*.log; do echo "== $log"; tail -3 "$log"; done
+# every run record of these presets so far (no checkpoints, weights, shards, nor the runs of other
+# commits set aside, which stay where they came from), the grid reports and logs
+tar cJf "$OUT/records.tar.xz" --exclude=ckpt.pt --exclude=model.pt --exclude=data --exclude='*.by-*' \
+  $(sort -u "$W/names" | sed 's|^|results/|')
+tar cJf "$OUT/logs.tar.xz" -C "$W" bench chain.sh gpu_util.csv $(cd "$W" && ls *.log) 2>/dev/null
+ls -la "$OUT"
