@@ -769,7 +769,7 @@ def test_grid_session_script_trains_its_grids_in_a_detached_chain_and_packs_thei
     path = f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}"  # python3: this interpreter's
     env = {**os.environ, "PATH": path, "OUT": str(out), "GRID_SESSION_DIR": str(session),
            "COMMIT": "abc1234"}
-    grid = "-- train.steps=12 train.eval_every=6 train.batch_size=2 train.grad_accum=1"
+    grid = "-- train.steps=12 train.eval_every=6 train.batch_size=2 train.grad_accum=1 studies.lr.seeds=[0,1]"
     jobs = [f"tiny none 1 --studies lr --variants baseline --seeds 0 --lrs 0.01 {grid}",
             f"tiny none 1 --studies lr --variants oec_center --seeds 0 --lrs 0.01 {grid}"]
     script = ["bash", "benchmarks/sessions/grid.sh"]

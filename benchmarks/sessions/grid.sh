@@ -41,7 +41,7 @@ export PYTHONPATH=$W/site:$R/src PYTHONUNBUFFERED=1 STABILAB_GIT_COMMIT=$COMMIT 
 export CUDA_MPS_PIPE_DIRECTORY=$W/mps/pipe CUDA_MPS_LOG_DIRECTORY=$W/mps/log
 ENV
   . "$W/env.sh"
-  : > "$W/chain.sh"
+  echo "set -f  # no globbing: overrides hold [lists]" > "$W/chain.sh"
   : > "$W/names"
   i=0
   for job in "$@"; do
