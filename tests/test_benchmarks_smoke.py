@@ -747,7 +747,8 @@ def test_grid_session_script_trains_its_grids_in_a_detached_chain_and_packs_thei
     """benchmarks/sessions/grid.sh, as a lent GPU runs it (nvidia-smi and the MPS daemon faked): `start`
     copies the tree, unpacks each grid's shards into results/<config name>/data, launches the grids one
     after another in a chain that outlives the call, and packs every record of those presets (no
-    checkpoints, no shards) with COMMIT as each run's commit; `wait` on a machine with no session says so."""
+    checkpoints, no shards, nothing that came with the tree) with COMMIT as each run's commit; a "cmd:" job
+    runs as given; `wait` on a machine with no session says so."""
     import json
     import subprocess
     import tarfile
@@ -771,7 +772,10 @@ def test_grid_session_script_trains_its_grids_in_a_detached_chain_and_packs_thei
            "COMMIT": "abc1234"}
     grid = "-- train.steps=12 train.eval_every=6 train.batch_size=2 train.grad_accum=1 studies.lr.seeds=[0,1]"
     jobs = [f"tiny none 1 --studies lr --variants baseline --seeds 0 --lrs 0.01 {grid}",
-            f"tiny none 1 --studies lr --variants oec_center --seeds 0 --lrs 0.01 {grid}"]
+            f"tiny none 1 --studies lr --variants oec_center --seeds 0 --lrs 0.01 {grid}",
+            "cmd:mkdir -p results/probe && echo measured > results/probe/out.txt"]
+    (repo / "results" / "committed").mkdir(parents=True)
+    (repo / "results" / "committed" / "old.txt").write_text("a record that came with the tree\n")
     script = ["bash", "benchmarks/sessions/grid.sh"]
     done = subprocess.run([*script, "start", "300", *jobs], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -782,11 +786,12 @@ def test_grid_session_script_trains_its_grids_in_a_detached_chain_and_packs_thei
         summaries = sorted(n for n in names if n.endswith("summary.json"))
         assert summaries == ["results/default/runs/lr/baseline/L2_lr0.01_s0/summary.json",
                              "results/default/runs/lr/oec_center/L2_lr0.01_s0/summary.json"]
+        assert "results/probe/out.txt" in names and "results/committed/old.txt" not in names  # this session's only
         assert not [n for n in names if "/data/" in n or n.endswith(("ckpt.pt", "model.pt"))]
         commits = {json.load(tar.extractfile(n))["provenance"]["git_commit"] for n in summaries}
     assert commits == {"abc1234"}
     with tarfile.open(out / "logs.tar.xz") as tar:
-        assert {"1-tiny.log", "2-tiny.log", "chain.sh"} <= set(tar.getnames())
+        assert {"1-tiny.log", "2-tiny.log", "3-cmd.log", "chain.sh"} <= set(tar.getnames())
     shutil.rmtree(session)
     waited = subprocess.run([*script, "wait", "5"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
     assert waited.returncode == 3 and "no session on this machine" in waited.stdout

@@ -10,8 +10,9 @@
 # results/<preset>/data):
 #   COMMIT=<sha> benchmarks/sessions/grid.sh start SECONDS "PRESET SHARDS JOBS [bench_grid args]" ...
 #   benchmarks/sessions/grid.sh wait SECONDS                 # until it prints "nothing running"
-# Each quoted job is one bench_grid launch; the jobs run one after another (a later one starts when
-# the one before ends); bench_grid's overrides go after "--" (e.g. "oec shards 8 --seeds 2 -- key=value"):
+# Each quoted job is one bench_grid launch, or "cmd:<command>" any other command (run in the tree's
+# copy); the jobs run one after another (a later one starts when the one before ends); bench_grid's
+# overrides go after "--" (e.g. "oec shards 8 --seeds 2 -- key=value"):
 #   COMMIT=$(git log -1 --format=%H -- src pyproject.toml) benchmarks/sessions/grid.sh start 540 \
 #     "early_warning_replication shards 8" "two_instabilities shards 12 --seeds 2"
 # Before the call, here: the tree that travels (tracked and untracked files, the carried paths) must
@@ -42,14 +43,16 @@ export CUDA_MPS_PIPE_DIRECTORY=$W/mps/pipe CUDA_MPS_LOG_DIRECTORY=$W/mps/log
 ENV
   . "$W/env.sh"
   echo "set -f  # no globbing: overrides hold [lists]" > "$W/chain.sh"
-  : > "$W/names"
   i=0
   for job in "$@"; do
     i=$((i + 1))
+    if [[ "$job" == cmd:* ]]; then  # any other command, run in the tree's copy as it stands
+      echo "${job#cmd:} > $W/$i-cmd.log 2>&1" >> "$W/chain.sh"
+      continue
+    fi
     read -r preset shards jobs extra <<< "$job"
     [ -f "configs/$preset.yaml" ] && [ -f ".carry/$shards.tar.xz" ] || { echo "no configs/$preset.yaml or .carry/$shards.tar.xz"; exit 2; }
     name=$(cd "$R" && python3 -c "from stabilab.experiment import load_experiment as l; print(l('configs/$preset.yaml')['name'])") || exit 1
-    echo "$name" >> "$W/names"  # results/<name>/: the config's name
     mkdir -p "$R/results/$name/data" && tar xJf ".carry/$shards.tar.xz" -C "$R/results/$name/data" || exit 1
     echo "python3 benchmarks/bench_grid.py --config configs/$preset.yaml --jobs $jobs --threads 1 --retries 3" \
       "--commit $COMMIT --no-report --out $W/bench/$i-$preset ${extra:-} > $W/$i-$preset.log 2>&1" >> "$W/chain.sh"
@@ -75,9 +78,10 @@ while [ $(( $(date +%s) - t0 )) -lt "$seconds" ]; do
     "this session; $(tail -1 "$W/gpu_util.csv" 2>/dev/null)"
 done
 for log in "$W"/*.log; do echo "== $log"; tail -3 "$log"; done
-# every run record of these presets so far (no checkpoints, weights, shards, nor the runs of other
-# commits set aside, which stay where they came from), the grid reports and logs
-tar cJf "$OUT/records.tar.xz" --exclude=ckpt.pt --exclude=model.pt --exclude=data --exclude='*.by-*' \
-  $(sort -u "$W/names" | sed 's|^|results/|')
+# every file this session wrote under results/ (no checkpoints, weights or shards; the runs of other
+# commits set aside stay where they came from), the grid reports and logs
+find results -type f -newer "$W/env.sh" ! -name ckpt.pt ! -name model.pt ! -path '*/data/*' ! -path '*.by-*' \
+  > "$W/written"
+tar cJf "$OUT/records.tar.xz" -T "$W/written"
 tar cJf "$OUT/logs.tar.xz" -C "$W" bench chain.sh gpu_util.csv $(cd "$W" && ls *.log) 2>/dev/null
 ls -la "$OUT"
