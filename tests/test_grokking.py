@@ -205,6 +205,9 @@ def test_cli_train_and_report_write_every_output(tmp_path):
     assert len(steps) == 4 * 5 and len(summary) == 4
     assert list(summary["variant"]) == list(GC.VARIANTS)
     assert all(v == "never" or str(v).isdigit() for v in summary["epochs_to_95"])
+    # each row names the commit that trained its run (a verdict compares runs of one commit)
+    trained_by = [json.loads((Path(r) / "summary.json").read_text())["provenance"]["git_commit"] for r in runs]
+    assert list(summary["git_commit"].fillna("")) == [c or "" for c in trained_by]
     for name in GF.FIGURES:
         for ext in ("png", "pdf"):
             assert (tmp_path / "f" / f"{name}.{ext}").stat().st_size > 1000

@@ -69,7 +69,8 @@ def build_tables(run_dirs: list[Path]):
         rows.append({**key, "epochs_to_95": _never(summary["epochs_to_95"]),
                      "train_epochs_to_95": _never(summary["train_epochs_to_95"]),
                      **{c: summary.get(c) for c in SUMMARY_COLUMNS},
-                     "lr": spec.lr, "beta2": spec.beta2})
+                     "lr": spec.lr, "beta2": spec.beta2,
+                     "git_commit": summary.get("provenance", {}).get("git_commit")})  # the code that trained it
     return _sorted(pd.DataFrame(steps)), _sorted(pd.DataFrame(rows))
 
 
