@@ -748,7 +748,8 @@ def test_grid_session_script_trains_its_grids_in_a_detached_chain_and_packs_thei
     copies the tree, unpacks each grid's shards into results/<config name>/data, launches the grids one
     after another in a chain that outlives the call, and packs every record of those presets (no
     checkpoints, no shards, nothing that came with the tree) with COMMIT as each run's commit; a "cmd:" job
-    runs as given; `wait` on a machine with no session says so."""
+    runs as given, and one marked "bg:" beside the rest (the chain waits for it); `wait` on a machine with no
+    session says so."""
     import json
     import subprocess
     import tarfile
@@ -773,7 +774,7 @@ def test_grid_session_script_trains_its_grids_in_a_detached_chain_and_packs_thei
     grid = "-- train.steps=12 train.eval_every=6 train.batch_size=2 train.grad_accum=1 studies.lr.seeds=[0,1]"
     jobs = [f"tiny none 1 --studies lr --variants baseline --seeds 0 --lrs 0.01 {grid}",
             f"tiny none 1 --studies lr --variants oec_center --seeds 0 --lrs 0.01 {grid}",
-            "cmd:mkdir -p results/probe && echo measured > results/probe/out.txt"]
+            "bg:cmd:sleep 3 && mkdir -p results/probe && echo measured > results/probe/out.txt"]
     (repo / "results" / "committed").mkdir(parents=True)
     (repo / "results" / "committed" / "old.txt").write_text("a record that came with the tree\n")
     script = ["bash", "benchmarks/sessions/grid.sh"]

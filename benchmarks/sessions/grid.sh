@@ -11,8 +11,9 @@
 #   COMMIT=<sha> benchmarks/sessions/grid.sh start SECONDS "PRESET SHARDS JOBS [bench_grid args]" ...
 #   benchmarks/sessions/grid.sh wait SECONDS                 # until it prints "nothing running"
 # Each quoted job is one bench_grid launch, or "cmd:<command>" any other command (run in the tree's
-# copy); the jobs run one after another (a later one starts when the one before ends); bench_grid's
-# overrides go after "--" (e.g. "oec shards 8 --seeds 2 -- key=value"):
+# copy); the jobs run one after another (a later one starts when the one before ends), except that a
+# job marked "bg:" runs beside the ones after it; bench_grid's overrides go after "--" (e.g.
+# "oec shards 8 --seeds 2 -- key=value"):
 #   COMMIT=$(git log -1 --format=%H -- src pyproject.toml) benchmarks/sessions/grid.sh start 540 \
 #     "early_warning_replication shards 8" "two_instabilities shards 12 --seeds 2"
 # Before the call, here: the tree that travels (tracked and untracked files, the carried paths) must
@@ -46,8 +47,10 @@ ENV
   i=0
   for job in "$@"; do
     i=$((i + 1))
+    amp=""
+    if [[ "$job" == bg:* ]]; then job=${job#bg:}; amp=" &"; fi  # beside the jobs after it
     if [[ "$job" == cmd:* ]]; then  # any other command, run in the tree's copy as it stands
-      echo "${job#cmd:} > $W/$i-cmd.log 2>&1" >> "$W/chain.sh"
+      echo "( ${job#cmd:} ) > $W/$i-cmd.log 2>&1$amp" >> "$W/chain.sh"
       continue
     fi
     read -r preset shards jobs extra <<< "$job"
@@ -55,8 +58,9 @@ ENV
     name=$(cd "$R" && python3 -c "from stabilab.experiment import load_experiment as l; print(l('configs/$preset.yaml')['name'])") || exit 1
     mkdir -p "$R/results/$name/data" && tar xJf ".carry/$shards.tar.xz" -C "$R/results/$name/data" || exit 1
     echo "python3 benchmarks/bench_grid.py --config configs/$preset.yaml --jobs $jobs --threads 1 --retries 3" \
-      "--commit $COMMIT --no-report --out $W/bench/$i-$preset ${extra:-} > $W/$i-$preset.log 2>&1" >> "$W/chain.sh"
+      "--commit $COMMIT --no-report --out $W/bench/$i-$preset ${extra:-} > $W/$i-$preset.log 2>&1$amp" >> "$W/chain.sh"
   done
+  echo "wait" >> "$W/chain.sh"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   cat "$W/chain.sh"
   nvidia-cuda-mps-control -d || exit 1
