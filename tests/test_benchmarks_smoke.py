@@ -743,6 +743,8 @@ def test_bench_grid_commit_trains_again_every_run_of_another_commit_and_keeps_it
     assert trained == []
 
 
+@pytest.mark.skipif(shutil.which("xz") is None or shutil.which("bash") is None,
+                    reason="needs bash and xz, as a GPU machine has")
 def test_grid_session_script_trains_its_grids_in_a_detached_chain_and_packs_their_records(tmp_path):
     """benchmarks/sessions/grid.sh, as a lent GPU runs it (nvidia-smi and the MPS daemon faked): `start`
     copies the tree, unpacks each grid's shards into results/<config name>/data, launches the grids one
