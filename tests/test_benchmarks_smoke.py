@@ -776,7 +776,8 @@ def test_grid_session_script_trains_its_grids_in_a_detached_chain_and_packs_thei
     grid = "-- train.steps=12 train.eval_every=6 train.batch_size=2 train.grad_accum=1 studies.lr.seeds=[0,1]"
     jobs = [f"tiny none 1 --studies lr --variants baseline --seeds 0 --lrs 0.01 {grid}",
             f"tiny none 1 --studies lr --variants oec_center --seeds 0 --lrs 0.01 {grid}",
-            "bg:cmd:sleep 3 && mkdir -p results/probe && echo measured > results/probe/out.txt"]
+            "bg:cmd:sleep 3 && mkdir -p results/probe && echo measured > results/probe/out.txt"
+            " && echo weights > results/probe/init.pt"]
     (repo / "results" / "committed").mkdir(parents=True)
     (repo / "results" / "committed" / "old.txt").write_text("a record that came with the tree\n")
     script = ["bash", "benchmarks/sessions/grid.sh"]
@@ -790,11 +791,21 @@ def test_grid_session_script_trains_its_grids_in_a_detached_chain_and_packs_thei
         assert summaries == ["results/default/runs/lr/baseline/L2_lr0.01_s0/summary.json",
                              "results/default/runs/lr/oec_center/L2_lr0.01_s0/summary.json"]
         assert "results/probe/out.txt" in names and "results/committed/old.txt" not in names  # this session's only
+        assert "results/probe/init.pt" not in names  # weights stay behind, listed in left_out.txt
         assert not [n for n in names if "/data/" in n or n.endswith(("ckpt.pt", "model.pt"))]
         commits = {json.load(tar.extractfile(n))["provenance"]["git_commit"] for n in summaries}
     assert commits == {"abc1234"}
     with tarfile.open(out / "logs.tar.xz") as tar:
-        assert {"1-tiny.log", "2-tiny.log", "3-cmd.log", "chain.sh"} <= set(tar.getnames())
+        assert {"1-tiny.log", "2-tiny.log", "3-cmd.log", "chain.sh", "chain.log"} <= set(tar.getnames())
+        assert "results/probe/init.pt" in tar.extractfile("left_out.txt").read().decode()
+        assert tar.extractfile("chain.log").read().decode().count("exit 0") == 3  # each job's exit status
+    # a second start over a finished session keeps the first one's folder
+    again = subprocess.run([*script, "start", "300", jobs[0]], cwd=repo, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0 and len(list(tmp_path.glob("session.*"))) == 1, again.stdout + again.stderr
+    bad = subprocess.run([*script, "start", "300", "nosuch none 1"], cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "no configs/nosuch.yaml" in bad.stdout and (session / "env.sh").exists()
     shutil.rmtree(session)
     waited = subprocess.run([*script, "wait", "5"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
     assert waited.returncode == 3 and "no session on this machine" in waited.stdout
