@@ -121,3 +121,59 @@ def test_stabilab_verdicts_puts_the_verdicts_first_on_the_reports_front_page(tmp
     assert page.count("<table") == verdicts["verdict"].nunique() + 1  # one per claim, then the headline table
     assert page.count("n = 2 &lt; 3: not tested") == (verdicts["reading"] == "n = 2 < 3: not tested").sum() > 0
     assert "μ-centering lowers LR sensitivity" in page or "mu-centering lowers LR sensitivity" in page
+
+
+def _grok_summary(acc: dict) -> pd.DataFrame:
+    """A grokking_summary.csv frame: acc[(variant, beta2)] = final test accuracies of seeds 0, 1, 2, ..."""
+    return pd.DataFrame([{"operation": "add", "modulus": 113, "variant": variant, "seed": seed, "beta2": beta2,
+                          "final_test_acc": a, "git_commit": "abcdef0123"}
+                         for (variant, beta2), accs in acc.items() for seed, a in enumerate(accs)])
+
+
+def test_a_grokking_verdict_pairs_seeds_within_each_beta2_never_across():
+    """study: grokking, by: [beta2]: one row per beta2, each pairing the arms' runs of that beta2 seed by seed;
+    a beta2 where one arm has fewer than 3 seeds is not tested, one where an arm has no run gives no row."""
+    from stabilab.verdicts import grokking_rows
+
+    summary = _grok_summary({("softmax_fp32", 0.99): [0.01, 0.04, 0.02], ("stablemax", 0.99): [0.78, 0.93, 0.91],
+                             ("softmax_fp32", 0.999): [0.50, 0.01], ("stablemax", 0.999): [0.86, 0.98],
+                             ("stablemax", 0.9): [0.5, 0.5, 0.5]})
+    spec = {"metric": "final_test_acc", "arms": ["softmax_fp32", "stablemax"], "by": ["beta2"]}
+    rows = {r["beta2"]: r for r in grokking_rows("v", spec, summary)}
+    assert set(rows) == {0.99, 0.999}
+    assert rows[0.99]["reading"] == "higher in 3 of 3 seeds" and rows[0.99]["git_commit"] == "abcdef0"
+    assert rows[0.99]["diff_min"] == pytest.approx(0.77) and rows[0.99]["diff_max"] == pytest.approx(0.89)
+    assert rows[0.999]["reading"] == "n = 2 < 3: not tested"
+    # without `by`, runs of one seed at two beta2 would be paired as one: refused
+    with pytest.raises(UserError, match="a seed of one arm appears twice"):
+        grokking_rows("v", {**spec, "by": []}, summary)
+    with pytest.raises(UserError, match="'colour' is not a column of grokking_summary.csv"):
+        grokking_rows("v", {**spec, "by": ["colour"]}, summary)
+    with pytest.raises(UserError, match="no grokking run of variant 'perpgrad'"):
+        grokking_rows("v", {**spec, "arms": ["perpgrad", "stablemax"]}, summary)
+
+
+def test_stabilab_verdicts_of_a_grokking_preset_reads_its_summary_table(tmp_path, capsys):
+    """configs/grokking_beta2.yaml's verdict over the committed two-preset report: both beta2 rows, StableMax
+    higher in 3 of 3 seeds at each; a grokking verdict's arms must be grokking variants."""
+    import shutil
+    from pathlib import Path
+
+    from stabilab.cli import main
+    from stabilab.config import deep_merge
+    from stabilab.experiment import load_experiment, validate
+
+    root = Path(__file__).resolve().parents[1]
+    tables = tmp_path / "t"
+    tables.mkdir()
+    shutil.copy(root / "results/grokking_beta2/grokking/beside_official/grokking_summary.csv", tables)
+    assert main(["verdicts", "--config", str(root / "configs/grokking_beta2.yaml"), "--tables", str(tables)]) == 0
+    out = capsys.readouterr().out
+    assert "add mod 113, beta2 0.99: +0.8562" in out and "add mod 113, beta2 0.999: +0.9324" in out
+    verdicts = pd.read_csv(tables / "verdicts.csv")
+    assert list(verdicts["reading"]) == ["higher in 3 of 3 seeds"] * 2 and set(verdicts["n"]) == {3}
+    config = load_experiment(root / "configs/grokking_beta2.yaml")
+    with pytest.raises(UserError, match="verdicts.stablemax_vs_softmax.arms: perpgrad not a grokking variant"):
+        validate(deep_merge(config, {"verdicts": {"stablemax_vs_softmax": {"arms": ["perpgrad", "stablemax"]}}}))
+    with pytest.raises(UserError, match="no grokking section"):
+        validate({**config, "grokking": None})

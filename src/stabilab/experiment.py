@@ -159,7 +159,7 @@ class VerdictSection(Section):
     """One claim's comparison (verdicts.py): arms[1] - arms[0] over seeds, in one study."""
 
     claim: str = knob("", "the claim as the README's verdict row states it")
-    study: Name = knob(..., "the study whose runs are compared")
+    study: Name = knob(..., "the study whose runs are compared ('grokking': the grokking runs' summary table)")
     metric: str = knob("final_val_loss", "a column of runs.csv (over lr, best_lr) or steps.csv (over step)")
     arms: list[Name] = knob(..., "two variants: the difference is the second minus the first, per seed",
                             min_length=2, max_length=2)
@@ -168,6 +168,8 @@ class VerdictSection(Section):
               "(metric lr_sensitivity, lr_sensitivity_oec or best_val_loss, per seed)")
     lrs: Literal["all", "sub"] = knob("all", "over sweep: the study's lrs, or its sensitivity_lrs")
     select: str = knob("final_val_loss", "over best_lr: the runs.csv column whose lowest mean picks an arm's LR")
+    by: list[str] = knob([], "study grokking: grokking_summary.csv columns within whose values the arms are "
+                             "paired (e.g. [beta2]), beside the operation")
 
 
 class Experiment(Section):
@@ -236,6 +238,15 @@ def validate(config: dict) -> None:
             raise UserError(f"studies.{name}.sensitivity_lrs: {', '.join(f'{lr:g}' for lr in outside)} "
                             f"not among its lrs")
     for name, verdict in (config.get("verdicts") or {}).items():
+        if verdict["study"] == "grokking":
+            variants = (config.get("grokking") or {}).get("variants")
+            if variants is None:
+                raise UserError(f"verdicts.{name}.study: grokking, but the experiment has no grokking section")
+            missing = [arm for arm in verdict["arms"] if arm not in variants]
+            if missing:
+                raise UserError(f"verdicts.{name}.arms: {', '.join(missing)} not a grokking variant "
+                                f"({', '.join(variants)})")
+            continue
         study = config.get("studies", {}).get(verdict["study"])
         if study is None:
             raise UserError(f"verdicts.{name}.study: no study '{verdict['study']}' "

@@ -13,6 +13,9 @@ batch order) and where to compare them:
   or best_val_loss; `tables.sweep_values`), over the study's LRs or, with `lrs: sub`, its
   `sensitivity_lrs`.
 
+`study: grokking` compares grokking runs instead, from a grok-report's grokking_summary.csv (metric
+one of its columns, e.g. final_test_acc), per operation and per value of the columns in `by`.
+
 What a row says (`reading`), by rule, never by eye: with n >= 3 seeds in both arms, "<b> lower"
 ("higher") "in n of n seeds" when every paired difference has the same sign, else "no difference
 measured" (the gap is inside the seed-to-seed spread); with n < 3, "n < 3: not tested". Beside it:
@@ -147,6 +150,33 @@ def verdict_rows(name: str, spec: dict, runs, steps, study_spec: dict | None = N
     return rows
 
 
+def grokking_rows(name: str, spec: dict, summary) -> list[dict]:
+    """The rows of one grokking verdict from a grokking_summary.csv frame: arms paired by seed within
+    each operation (and modulus) and each value of the `by` columns."""
+    metric, (arm_a, arm_b) = spec["metric"], spec["arms"]
+    by = ["operation", "modulus", *spec.get("by", [])]
+    for column in (metric, *by):
+        if column not in summary:
+            raise UserError(f"verdict {name}: '{column}' is not a column of grokking_summary.csv")
+    for arm in (arm_a, arm_b):
+        if arm not in set(summary["variant"]):
+            raise UserError(f"verdict {name}: no grokking run of variant '{arm}'")
+    base = {"verdict": name, "claim": spec.get("claim", ""), "study": "grokking", "metric": metric,
+            "a": arm_a, "b": arm_b}
+    rows = []
+    for key, cell in summary.groupby(by):
+        twice = cell[cell["variant"].isin([arm_a, arm_b])].duplicated(["variant", "seed"])
+        if twice.any():
+            raise UserError(f"verdict {name}: a seed of one arm appears twice within {dict(zip(by, key))}: "
+                            "name the column that tells those runs apart in `by` (e.g. beta2)")
+        a = _values(cell[cell["variant"] == arm_a], metric)
+        b = _values(cell[cell["variant"] == arm_b], metric)
+        if a and b:
+            rows.append({**base, **_codes(cell[cell["variant"].isin([arm_a, arm_b])]), **dict(zip(by, key)),
+                         **paired(a, b)})
+    return rows
+
+
 def _best_lr(frame, spec: dict) -> float:
     """The LR of the arm's lowest mean `select` (default final_val_loss; a diverged run counts +inf)."""
     select = spec.get("select", "final_val_loss")
@@ -157,9 +187,12 @@ def _best_lr(frame, spec: dict) -> float:
     return min(means, key=lambda lr: (means[lr], lr))
 
 
-def where(r) -> str:
+def where(r, by: tuple = ()) -> str:
     """Where a verdicts.csv row compares (a row of `itertuples`): 'L12 LR 0.002', 'L6 LR 0.003 vs 0.01',
-    'L12 LRs 0.003 0.01 0.03', 'L12 LR 0.003 step 500'."""
+    'L12 LRs 0.003 0.01 0.03', 'L12 LR 0.003 step 500'; a grokking row: 'add mod 113, beta2 0.99'."""
+    if r.study == "grokking":
+        return ", ".join([f"{r.operation} mod {r.modulus}"] + [f"{c} {getattr(r, c):g}" if isinstance(
+            getattr(r, c), float) else f"{c} {getattr(r, c)}" for c in by])
     text = f"L{r.depth} " + (f"LRs {getattr(r, 'lrs', '')}" if r.lr_a != r.lr_a else f"LR {r.lr_a:g}" + (
         f" vs {r.lr_b:g}" if r.lr_b != r.lr_a else ""))
     return text + (f" step {int(r.step)}" if r.step == r.step else "")
@@ -176,10 +209,21 @@ def write_verdicts(config: dict, tables: str | Path):
     specs = config.get("verdicts") or {}
     if not specs:
         raise UserError(f"experiment '{config.get('name')}' declares no verdicts (a `verdicts:` section)")
-    runs, steps = load_tables(tables)
-    studies = config.get("studies") or {}
-    rows = [row for name, spec in specs.items()
-            for row in verdict_rows(name, spec, runs, steps, studies.get(spec["study"]))]
+    rows = []
+    grokking = {name: spec for name, spec in specs.items() if spec["study"] == "grokking"}
+    if grokking:
+        from .grokking.report import TABLES
+
+        path = tables / TABLES[1]
+        if not path.exists():
+            raise UserError(f"table missing: {path} (a grok-report's tables folder holds it)")
+        summary = pd.read_csv(path)
+        rows += [row for name, spec in grokking.items() for row in grokking_rows(name, spec, summary)]
+    if len(grokking) < len(specs):
+        runs, steps = load_tables(tables)
+        studies = config.get("studies") or {}
+        rows += [row for name, spec in specs.items() if name not in grokking
+                 for row in verdict_rows(name, spec, runs, steps, studies.get(spec["study"]))]
     frame = pd.DataFrame(rows)
     with atomic_path(tables / "verdicts.csv") as tmp:
         frame.to_csv(tmp, index=False)

@@ -15,13 +15,17 @@ def cmd_verdicts(args) -> None:
     from .verdicts import where, write_verdicts
 
     exp = _experiment(args)
-    tables = Path(args.tables or f"{RESULTS.format(name=exp['name'])}/tables")
+    specs = exp.get("verdicts") or {}
+    only_grokking = bool(specs) and all(spec["study"] == "grokking" for spec in specs.values())
+    folder = "grokking/tables" if only_grokking else "tables"
+    tables = Path(args.tables or f"{RESULTS.format(name=exp['name'])}/{folder}")
     frame = write_verdicts(exp, tables)
     for r in frame.itertuples(index=False):
         reading = f"{r.b} {r.reading}" if r.reading.startswith(("lower", "higher")) else r.reading
         if getattr(r, "best_lr_inside_grid", True) is False:
             reading += " (a best LR at the grid's edge)"
-        print(f"{r.verdict}: {r.b} - {r.a}, {r.metric}, {where(r)}: {r.diff_mean:+.4f} "
+        by = tuple(specs.get(r.verdict, {}).get("by", ()))
+        print(f"{r.verdict}: {r.b} - {r.a}, {r.metric}, {where(r, by)}: {r.diff_mean:+.4f} "
               f"[{r.diff_min:+.4f}, {r.diff_max:+.4f}]: {reading}")
     print(f"verdicts: {len(frame)} rows -> {tables / 'verdicts.csv'}")
     if (tables / "studies.json").exists():  # the report's front page shows the verdicts first
