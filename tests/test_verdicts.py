@@ -149,6 +149,8 @@ def test_a_grokking_verdict_pairs_seeds_within_each_beta2_never_across():
         grokking_rows("v", {**spec, "by": []}, summary)
     with pytest.raises(UserError, match="'colour' is not a column of grokking_summary.csv"):
         grokking_rows("v", {**spec, "by": ["colour"]}, summary)
+    with pytest.raises(UserError, match="no operation / modulus / beta2 where both softmax_fp32 and stablemax"):
+        grokking_rows("v", spec, _grok_summary({("softmax_fp32", 0.999): [0.0] * 3, ("stablemax", 0.99): [0.9] * 3}))
     with pytest.raises(UserError, match="no grokking run of variant 'perpgrad'"):
         grokking_rows("v", {**spec, "arms": ["perpgrad", "stablemax"]}, summary)
 

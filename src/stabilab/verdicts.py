@@ -174,6 +174,9 @@ def grokking_rows(name: str, spec: dict, summary) -> list[dict]:
         if a and b:
             rows.append({**base, **_codes(cell[cell["variant"].isin([arm_a, arm_b])]), **dict(zip(by, key)),
                          **paired(a, b)})
+    if not rows:
+        raise UserError(f"verdict {name}: no {' / '.join(by)} where both {arm_a} and {arm_b} have runs in this "
+                        "table (a grok-report of both arms' runs holds them)")
     return rows
 
 
