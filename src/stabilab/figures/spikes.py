@@ -164,7 +164,7 @@ def spike_counts(t: StudyTables):
     columns = [(f"gss_spikes_{k}", name) for k, name in kinds] or [("spike_count", "total-norm spikes")]
     lrs = sorted(float(x) for x in runs["lr"].unique()) if len(runs) else []
     variants = [v for v in t.variants if v in set(runs["variant"])]
-    per_panel = max(3.2, 1.2 + 0.2 * len(variants) * len(columns))
+    per_panel = max(3.2, 1.2 + max(0.2 * len(variants), 0.95) * len(columns))  # room for each kind's label
     fig, axes = plt.subplots(1, max(1, len(lrs)), figsize=(per_panel * max(1, len(lrs)), 4.6), squeeze=False,
                              sharey=True, layout="constrained")
     seeds = sorted(int(s) for s in runs["seed"].unique())
