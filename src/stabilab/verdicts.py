@@ -215,12 +215,9 @@ def write_verdicts(config: dict, tables: str | Path):
     rows = []
     grokking = {name: spec for name, spec in specs.items() if spec["study"] == "grokking"}
     if grokking:
-        from .grokking.report import TABLES
+        from .grokking.report import TABLES, read_table
 
-        path = tables / TABLES[1]
-        if not path.exists():
-            raise UserError(f"table missing: {path} (a grok-report's tables folder holds it)")
-        summary = pd.read_csv(path)
+        summary = read_table(tables, TABLES[1])
         rows += [row for name, spec in grokking.items() for row in grokking_rows(name, spec, summary)]
     if len(grokking) < len(specs):
         runs, steps = load_tables(tables)

@@ -90,13 +90,18 @@ def report(runs: list[str | Path], tables_dir: str | Path, figures_dir: str | Pa
             "figures": [str(p) for p in figures]}
 
 
-def figures_from_tables(tables_dir: str | Path, figures_dir: str | Path, smoke_test: bool = False) -> list[Path]:
-    """Redraw the figures from a grokking_steps.csv alone (no run folders, no training)."""
+def read_table(tables_dir: str | Path, name: str):
+    """One of a grok-report's TABLES as a DataFrame; a missing one is a one-line error."""
     import pandas as pd
 
+    path = Path(tables_dir) / name
+    if not path.exists():
+        raise UserError(f"table missing: {path} (a grok-report's tables folder holds it)")
+    return pd.read_csv(path)
+
+
+def figures_from_tables(tables_dir: str | Path, figures_dir: str | Path, smoke_test: bool = False) -> list[Path]:
+    """Redraw the figures from a grokking_steps.csv alone (no run folders, no training)."""
     from .figures import make_figures
 
-    path = Path(tables_dir) / TABLES[0]
-    if not path.exists():
-        raise UserError(f"table missing: {path}")
-    return make_figures(pd.read_csv(path), Path(figures_dir), smoke_test)
+    return make_figures(read_table(tables_dir, TABLES[0]), Path(figures_dir), smoke_test)
