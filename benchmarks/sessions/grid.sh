@@ -110,12 +110,11 @@ for log in "$W"/[0-9]*.log; do echo "== $log"; tail -3 "$log"; done
 # what this session wrote under results/, but no weights or checkpoints (*.pt), files being written
 # (*.tmp), shards (*/data/*), runs of other commits set aside (*.by-*) or anything over 8 MB: those
 # are listed in left_out.txt instead. The logs first, so that they come back whatever follows.
-find results -type f -newer "$W/env.sh" ! -path '*/data/*' ! -path '*.by-*' \( -name '*.pt' -o -name '*.pt.*' \
-  -o -name '*.tmp' -o -size +8M \) -printf '%s %p\n' > "$W/left_out.txt"
+# (one find: each file it meets goes to exactly one of the two lists)
+find results -type f -newer "$W/env.sh" ! -path '*/data/*' ! -path '*.by-*' \( \( -name '*.pt' -o -name '*.pt.*' \
+  -o -name '*.tmp' -o -size +8M \) -fprintf "$W/left_out.txt" '%s %p\n' -o -fprint "$W/written" \)
 tar cJf "$OUT/logs.tar.xz" -C "$W" bench chain.sh chain.log gpu_util.csv left_out.txt mps/log \
   $(cd "$W" && ls [0-9]*.log 2> /dev/null)
-find results -type f -newer "$W/env.sh" ! -path '*/data/*' ! -path '*.by-*' ! -name '*.pt' ! -name '*.pt.*' \
-  ! -name '*.tmp' -size -8M > "$W/written"
 XZ_OPT=-T0 tar cJf "$OUT/records.tar.xz" -T "$W/written"
 if [ "$(stat -c %s "$OUT/records.tar.xz")" -ge 16000000 ]; then  # the largest file that comes back: 16 MiB
   split -b 15M -d "$OUT/records.tar.xz" "$OUT/records.tar.xz.part" && rm "$OUT/records.tar.xz"
